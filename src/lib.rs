@@ -1,0 +1,15 @@
+//! membridge: a FUSE daemon that mounts in place over a directory of SQLite
+//! databases and replicates them transaction by transaction through S3.
+//!
+//! The data path reads top to bottom: a write enters [`fs`], is classified and
+//! passed through, is turned into a transaction by [`sqlite`], stored by
+//! [`journal`], shipped by [`replica`] through [`remote`]. On a secondary the
+//! same path runs backwards.
+
+pub mod config;
+pub mod fs;
+pub mod journal;
+pub mod remote;
+pub mod replica;
+pub mod sqlite;
+pub mod status;
