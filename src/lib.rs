@@ -7,6 +7,7 @@
 //! same path runs backwards.
 
 pub mod config;
+pub mod daemon;
 pub mod fs;
 pub mod journal;
 pub mod remote;

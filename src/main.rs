@@ -1,1 +1,183 @@
-fn main() {}
+//! membridge CLI: parse, load config, dispatch. Exit codes follow the old tool:
+//! 0 ok, 1 error, 2 refused on the primary, 3 refused on a secondary.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use membridge::config::{self, Config, Layers};
+use membridge::daemon;
+
+#[derive(Parser)]
+#[command(name = "membridge", version, about = "Replicate ~/.claude-mem through S3, transaction by transaction")]
+struct Cli {
+    /// Config file (default ~/.claude-mem-minio/config.env; only read, never written)
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// S3 endpoint URL (MINIO_ENDPOINT)
+    #[arg(long, global = true)]
+    endpoint: Option<String>,
+    /// Bucket (MINIO_BUCKET)
+    #[arg(long, global = true)]
+    bucket: Option<String>,
+    /// Project id (CLAUDE_PROJECT_ID)
+    #[arg(long, global = true)]
+    project: Option<String>,
+    /// This node's id (MEMBRIDGE_NODE_ID)
+    #[arg(long, global = true)]
+    node_id: Option<String>,
+    /// State directory root (MEMBRIDGE_STATE_DIR)
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Any config key, e.g. `-o MEMBRIDGE_POLL_MS=500` (repeatable)
+    #[arg(short = 'o', long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Log format of the daemon
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount in place over DIR (default ~/.claude-mem)
+    Mount {
+        dir: Option<PathBuf>,
+        /// Stay in the foreground and log to stderr
+        #[arg(long)]
+        foreground: bool,
+        /// FUSE worker threads
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Unmount DIR and wait for the daemon to finish
+    Unmount {
+        dir: Option<PathBuf>,
+        /// Detach now even if files are open; the daemon exits when they close
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Show the mounted daemon's state
+    Status {
+        dir: Option<PathBuf>,
+        /// Print status.json as is
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check config, bucket, credentials and conditional writes
+    Doctor,
+}
+
+fn default_dir() -> PathBuf {
+    config::home_dir()
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".claude-mem")
+}
+
+fn flags(cli: &Cli) -> Result<BTreeMap<String, String>, String> {
+    let mut m = BTreeMap::new();
+    for kv in &cli.set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("-o {kv:?}: expected KEY=VALUE"))?;
+        if !config::KEYS.iter().any(|(name, _, _)| *name == k) {
+            return Err(format!("-o {kv:?}: unknown config key {k}"));
+        }
+        m.insert(k.to_string(), v.to_string());
+    }
+    let named = [
+        ("MEMBRIDGE_CONFIG", cli.config.as_ref().map(|p| p.display().to_string())),
+        ("MINIO_ENDPOINT", cli.endpoint.clone()),
+        ("MINIO_BUCKET", cli.bucket.clone()),
+        ("CLAUDE_PROJECT_ID", cli.project.clone()),
+        ("MEMBRIDGE_NODE_ID", cli.node_id.clone()),
+        ("MEMBRIDGE_STATE_DIR", cli.state_dir.as_ref().map(|p| p.display().to_string())),
+    ];
+    for (k, v) in named {
+        if let Some(v) = v {
+            m.insert(k.to_string(), v);
+        }
+    }
+    Ok(m)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, String> {
+    let layers = Layers::load(flags(cli)?);
+    Config::from_layers(&layers).map_err(|e| e.to_string())
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match &cli.cmd {
+        Cmd::Mount {
+            dir,
+            foreground,
+            threads,
+        } => {
+            let cfg = load(&cli)?;
+            init_logging(cli.log_format);
+            let args = daemon::MountArgs {
+                dir: dir.clone().unwrap_or_else(default_dir),
+                foreground: *foreground,
+                threads: *threads,
+            };
+            daemon::mount(&cfg, &args).map_err(|e| format!("{e:#}"))
+        }
+        Cmd::Unmount { dir, lazy } => {
+            let dir = dir.clone().unwrap_or_else(default_dir);
+            daemon::unmount(&dir, *lazy).map_err(|e| format!("{e:#}"))
+        }
+        Cmd::Status { dir, json } => {
+            let dir = dir.clone().unwrap_or_else(default_dir);
+            let doc = daemon::read_status(&dir).map_err(|e| {
+                format!("{}: not mounted or not a membridge mount ({e:#})", dir.display())
+            })?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            } else {
+                print!("{}", membridge::status::render_text(&doc));
+            }
+            Ok(())
+        }
+        Cmd::Doctor => {
+            let cfg = load(&cli)?;
+            doctor(&cfg)
+        }
+    }
+}
+
+fn doctor(_cfg: &Config) -> Result<(), String> {
+    Err("doctor: not wired yet".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("membridge: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,154 @@
-//! placeholder
+//! The daemon's live state, published as `.membridge/status.json`.
+//!
+//! Every component updates its part of one document; the filesystem renders it
+//! on open, so `cat .membridge/status.json` always shows one consistent state.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ClassGlobs, Config};
+use crate::fs::virt::VirtualFiles;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DbStatus {
+    pub head_txid: u64,
+    pub uploaded_txid: u64,
+    pub applied_txid: u64,
+    pub backlog: u64,
+    pub lag_seconds: Option<f64>,
+    pub last_upload: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusDoc {
+    pub version: String,
+    pub pid: u32,
+    pub node_id: String,
+    pub canonical_id: String,
+    pub mount_dir: String,
+    pub started_at: String,
+    /// "starting" until the mount serves requests, then "ready".
+    pub state: String,
+    pub role: String,
+    pub policy: String,
+    pub epoch: Option<u64>,
+    pub primary: Option<String>,
+    pub classes: ClassGlobsDoc,
+    pub databases: BTreeMap<String, DbStatus>,
+    pub log_file: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassGlobsDoc {
+    pub replicated_databases: Vec<String>,
+    pub replicated_files: Vec<String>,
+    pub local: String,
+}
+
+impl From<&ClassGlobs> for ClassGlobsDoc {
+    fn from(c: &ClassGlobs) -> Self {
+        ClassGlobsDoc {
+            replicated_databases: c.databases.clone(),
+            replicated_files: c.files.clone(),
+            local: "everything else".into(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Status(Arc<RwLock<StatusDoc>>);
+
+impl Status {
+    pub fn new(cfg: &Config, mount_dir: &std::path::Path, log_file: Option<String>) -> Status {
+        Status(Arc::new(RwLock::new(StatusDoc {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            node_id: cfg.node_id.clone(),
+            canonical_id: cfg.canonical_id.clone(),
+            mount_dir: mount_dir.display().to_string(),
+            started_at: chrono::Utc::now().to_rfc3339(),
+            state: "starting".into(),
+            role: cfg.configured_role().into(),
+            policy: cfg.policy.name().into(),
+            epoch: None,
+            primary: match &cfg.policy {
+                crate::config::Policy::Pinned { primary } => Some(primary.clone()),
+                crate::config::Policy::Disabled => Some(cfg.node_id.clone()),
+                crate::config::Policy::Auto { .. } => None,
+            },
+            classes: (&cfg.classes).into(),
+            databases: BTreeMap::new(),
+            log_file,
+            last_error: None,
+        })))
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut StatusDoc)) {
+        f(&mut self.0.write().unwrap());
+    }
+
+    pub fn snapshot(&self) -> StatusDoc {
+        self.0.read().unwrap().clone()
+    }
+}
+
+impl VirtualFiles for Status {
+    fn names(&self) -> &'static [&'static str] {
+        &["status.json", "primary"]
+    }
+
+    fn content(&self, name: &str) -> Option<Vec<u8>> {
+        let doc = self.0.read().unwrap();
+        match name {
+            "status.json" => {
+                let mut v = serde_json::to_vec_pretty(&*doc).ok()?;
+                v.push(b'\n');
+                Some(v)
+            }
+            "primary" => {
+                let p = match &doc.primary {
+                    Some(p) if *p != doc.node_id => format!("{p}\n"),
+                    _ => String::new(),
+                };
+                Some(p.into_bytes())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `membridge status` without `--json`: the fields an operator looks at first.
+pub fn render_text(d: &StatusDoc) -> String {
+    let mut s = format!(
+        "mount:     {} ({}, pid {})\nnode:      {}\nproject:   {}\nrole:      {} (policy {})\nprimary:   {}\nepoch:     {}\n",
+        d.mount_dir,
+        d.state,
+        d.pid,
+        d.node_id,
+        d.canonical_id,
+        d.role,
+        d.policy,
+        d.primary.as_deref().unwrap_or("-"),
+        d.epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+    );
+    for (name, db) in &d.databases {
+        s += &format!(
+            "db {name}: head {} uploaded {} applied {} backlog {} lag {}\n",
+            db.head_txid,
+            db.uploaded_txid,
+            db.applied_txid,
+            db.backlog,
+            db.lag_seconds
+                .map(|l| format!("{l:.1}s"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    if let Some(e) = &d.last_error {
+        s += &format!("last error: {e}\n");
+    }
+    s
+}

@@ -1,1 +1,897 @@
-//! placeholder
+//! The FUSE filesystem: a passthrough over the directory the mount covers.
+//!
+//! Every operation is an `*at()` call relative to the directory fd opened before
+//! mounting, so the daemon still reaches the files the mount hides and unmounting
+//! leaves the directory holding the latest bytes. POSIX byte-range locks are left
+//! to the kernel (FUSE_POSIX_LOCKS is not negotiated): every locker is on this
+//! host, and the kernel's own lock table gives exact F_SETLK/F_SETLKW/F_GETLK
+//! semantics, blocking waits included, without a round trip per lock — SQLite
+//! takes several locks per transaction.
+
+pub mod class;
+pub mod inode;
+pub mod mount;
+mod sys;
+pub mod virt;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
+    Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
+};
+
+use class::{Classifier, PathClass};
+use inode::{Inode, InodeTable, ROOT};
+use virt::{VirtualFiles, VIRT_DIR_INO};
+
+/// How long the kernel may cache entries and attributes. Everything that changes
+/// a file goes through this mount, and the kernel updates sizes on its own writes.
+const TTL: Duration = Duration::from_secs(1);
+
+/// File handles of directories and virtual files live above every possible fd.
+const HANDLE_BASE: u64 = 1 << 40;
+
+enum Handle {
+    Dir(Vec<(OsString, u64, FileType)>),
+    Virtual(Vec<u8>),
+}
+
+pub struct MemFs {
+    inodes: InodeTable,
+    classifier: Classifier,
+    virt: Arc<dyn VirtualFiles>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    /// Running as root: created files are handed to the requesting user.
+    as_root: bool,
+}
+
+fn err(e: i32) -> Errno {
+    Errno::from_i32(e)
+}
+
+fn ts(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn dirent_type(d: u8) -> FileType {
+    match d {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_BLK => FileType::BlockDevice,
+        libc::DT_SOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+pub(crate) fn attr_of(ino: u64, st: &libc::stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: ts(st.st_atime, st.st_atime_nsec),
+        mtime: ts(st.st_mtime, st.st_mtime_nsec),
+        ctime: ts(st.st_ctime, st.st_ctime_nsec),
+        crtime: ts(st.st_ctime, st.st_ctime_nsec),
+        kind: file_type(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn time_spec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            }
+        }
+    }
+}
+
+impl MemFs {
+    /// `root_fd` is the `O_PATH` fd of the directory, opened before it was covered.
+    pub fn new(
+        root_fd: std::os::fd::OwnedFd,
+        classifier: Classifier,
+        virt: Arc<dyn VirtualFiles>,
+    ) -> std::io::Result<MemFs> {
+        let st = sys::fstat(root_fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
+        Ok(MemFs {
+            inodes: InodeTable::new(root_fd, (st.st_dev, st.st_ino)),
+            classifier,
+            virt,
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(HANDLE_BASE),
+            as_root: nix::unistd::geteuid().is_root(),
+        })
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
+        self.inodes.get(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn child_class(&self, parent: u64, name: &OsStr) -> PathClass {
+        match self.inodes.rel_path(parent) {
+            Some(p) => self.classifier.classify(&p.join(name)),
+            None => PathClass::Local,
+        }
+    }
+
+    /// Look `name` up under `parent` in the backing dir and take a kernel reference.
+    fn do_lookup(&self, parent: &Inode, name: &OsStr) -> Result<FileAttr, Errno> {
+        let c = sys::cstr(name).map_err(err)?;
+        let fd = sys::open_path_at(parent.fd(), &c).map_err(err)?;
+        let st = sys::fstat(fd.as_raw_fd()).map_err(err)?;
+        let class = self.child_class(parent.ino, name);
+        let node = self.inodes.remember(fd, &st, parent.ino, name, class);
+        Ok(attr_of(node.ino, &st))
+    }
+
+    fn new_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, h);
+        fh
+    }
+
+    /// New files belong to the user who created them, not to a root daemon.
+    fn hand_over(&self, req: &Request, dir: RawFd, name: &std::ffi::CStr) {
+        if self.as_root && (req.uid() != 0 || req.gid() != 0) {
+            unsafe {
+                libc::fchownat(
+                    dir,
+                    name.as_ptr(),
+                    req.uid(),
+                    req.gid(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                );
+            }
+        }
+    }
+
+    fn is_virtual(ino: INodeNo) -> bool {
+        ino.0 >= VIRT_DIR_INO
+    }
+
+    /// `.membridge` is reserved at the root: nothing real may take its name.
+    fn reserved(parent: INodeNo, name: &OsStr) -> bool {
+        parent.0 == ROOT && name == virt::DIR_NAME
+    }
+}
+
+impl Filesystem for MemFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_EXPORT_SUPPORT;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if Self::reserved(parent, name) {
+            return reply.entry(&TTL, &self.virt.dir_attr(), Generation(0));
+        }
+        if parent.0 == VIRT_DIR_INO {
+            return match self.virt.lookup(name) {
+                Some(a) => reply.entry(&Duration::ZERO, &a, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
+        let parent = match self.node(parent) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        match self.do_lookup(&parent, name) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if !Self::is_virtual(ino) {
+            self.inodes.forget(ino.0, nlookup);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if Self::is_virtual(ino) {
+            return match self.virt.attr(ino.0) {
+                Some(a) => reply.attr(&Duration::ZERO, &a),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
+        let st = match fh {
+            Some(fh) if fh.0 < HANDLE_BASE => sys::fstat(fh.0 as RawFd),
+            _ => match self.node(ino) {
+                Ok(n) => sys::fstat(n.fd()),
+                Err(e) => return reply.error(e),
+            },
+        };
+        match st {
+            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if Self::is_virtual(ino) {
+            return reply.error(Errno::EROFS);
+        }
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let open_fd = fh.filter(|f| f.0 < HANDLE_BASE).map(|f| f.0 as RawFd);
+        let result = (|| -> Result<(), i32> {
+            if let Some(mode) = mode {
+                sys::chmod_path_fd(node.fd(), mode)?;
+            }
+            if uid.is_some() || gid.is_some() {
+                sys::chown_fd(node.fd(), uid, gid)?;
+            }
+            if let Some(size) = size {
+                match open_fd {
+                    Some(fd) => sys::ftruncate(fd, size)?,
+                    None => sys::truncate_path_fd(node.fd(), size)?,
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                sys::utimens(node.fd(), node.is_symlink, [time_spec(atime), time_spec(mtime)])?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            return reply.error(err(e));
+        }
+        match sys::fstat(node.fd()) {
+            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino).and_then(|n| sys::readlink(n.fd()).map_err(err)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make(req, parent, name, reply, |dir, c| {
+            sys::mknod_at(dir, c, mode & !umask, rdev)
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make(req, parent, name, reply, |dir, c| {
+            sys::mkdir_at(dir, c, mode & !umask)
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, false, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(parent, name, true, reply);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = match sys::cstr(target.as_os_str()) {
+            Ok(t) => t,
+            Err(e) => return reply.error(err(e)),
+        };
+        self.make(req, parent, link_name, reply, |dir, c| {
+            sys::symlink_at(&target, dir, c)
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if Self::reserved(parent, name)
+            || Self::reserved(newparent, newname)
+            || Self::is_virtual(parent)
+            || Self::is_virtual(newparent)
+        {
+            return reply.error(Errno::EPERM);
+        }
+        let (p, np) = match (self.node(parent), self.node(newparent)) {
+            (Ok(p), Ok(np)) => (p, np),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let (old_c, new_c) = match (sys::cstr(name), sys::cstr(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if let Err(e) = sys::rename_at(p.fd(), &old_c, np.fd(), &new_c, flags.bits()) {
+            return reply.error(err(e));
+        }
+        // The moved node keeps its fd; its name and class follow it. With
+        // RENAME_EXCHANGE the node now under the old name moves the other way.
+        for (dir, dir_ino, c, nm) in [
+            (&np, newparent.0, &new_c, newname),
+            (&p, parent.0, &old_c, name),
+        ] {
+            if let Ok(st) = sys::fstatat(dir.fd(), c) {
+                if let Some(n) = self.inodes.by_key(&st) {
+                    let class = self.child_class(dir_ino, nm);
+                    self.inodes.relocate(n.ino, dir_ino, nm, class);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        self.make(req, newparent, newname, reply, |dir, c| {
+            sys::link_at(node.fd(), dir, c)
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if Self::is_virtual(ino) {
+            if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                return reply.error(Errno::EROFS);
+            }
+            return match self.virt.render(ino.0) {
+                Some(bytes) => {
+                    let fh = self.new_handle(Handle::Virtual(bytes));
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                }
+                None => reply.error(Errno::ENOENT),
+            };
+        }
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match sys::reopen(node.fd(), flags.0) {
+            Ok(fd) => reply.opened(
+                FileHandle(fd.into_raw_fd() as u64),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if fh.0 >= HANDLE_BASE {
+            let handles = self.handles.lock().unwrap();
+            return match handles.get(&fh.0) {
+                Some(Handle::Virtual(bytes)) => {
+                    let start = (offset as usize).min(bytes.len());
+                    let end = (start + size as usize).min(bytes.len());
+                    reply.data(&bytes[start..end])
+                }
+                _ => reply.error(Errno::EBADF),
+            };
+        }
+        let mut buf = vec![0u8; size as usize];
+        match sys::pread(fh.0 as RawFd, &mut buf, offset) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if fh.0 >= HANDLE_BASE {
+            return reply.error(Errno::EBADF);
+        }
+        match sys::pwrite(fh.0 as RawFd, data, offset) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 >= HANDLE_BASE {
+            self.handles.lock().unwrap().remove(&fh.0);
+        } else {
+            sys::close(fh.0 as RawFd);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 >= HANDLE_BASE {
+            return reply.ok();
+        }
+        match sys::fsync(fh.0 as RawFd, datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == VIRT_DIR_INO {
+            let entries = self
+                .virt
+                .entries()
+                .into_iter()
+                .map(|(n, i)| (OsString::from(n), i, FileType::RegularFile))
+                .collect();
+            let fh = self.new_handle(Handle::Dir(entries));
+            return reply.opened(FileHandle(fh), FopenFlags::empty());
+        }
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match sys::read_dir(node.fd()) {
+            Ok(list) => {
+                let mut entries: Vec<(OsString, u64, FileType)> = list
+                    .into_iter()
+                    .filter(|(n, _, _)| !(ino.0 == ROOT && n.as_slice() == virt::DIR_NAME.as_bytes()))
+                    .map(|(n, i, t)| (OsString::from_vec(n), i, dirent_type(t)))
+                    .collect();
+                if ino.0 == ROOT {
+                    entries.push((virt::DIR_NAME.into(), VIRT_DIR_INO, FileType::Directory));
+                }
+                let fh = self.new_handle(Handle::Dir(entries));
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let handles = self.handles.lock().unwrap();
+        let Some(Handle::Dir(entries)) = handles.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        // Offsets 1 and 2 are "." and ".."; entry i has offset i + 3.
+        let dots = [(".", ino.0, FileType::Directory), ("..", ino.0, FileType::Directory)];
+        for (i, (name, eino, kind)) in dots.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*eino), i as u64 + 1, *kind, name) {
+                return reply.ok();
+            }
+        }
+        let skip = (offset as usize).saturating_sub(2);
+        for (i, (name, eino, kind)) in entries.iter().enumerate().skip(skip) {
+            if reply.add(INodeNo(*eino), i as u64 + 3, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if Self::is_virtual(ino) {
+            return reply.ok();
+        }
+        let res = self.node(ino).and_then(|n| {
+            let fd = sys::reopen(n.fd(), libc::O_RDONLY | libc::O_DIRECTORY).map_err(err)?;
+            sys::fsync(fd.as_raw_fd(), datasync).map_err(err)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let root = self.inodes.get(ROOT).expect("root is never forgotten");
+        match sys::statvfs(root.fd()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if Self::is_virtual(ino) {
+            return reply.error(Errno::EROFS);
+        }
+        let res = self.node(ino).and_then(|n| {
+            let c = sys::cstr(name).map_err(err)?;
+            sys::setxattr(n.fd(), &c, value, flags).map_err(err)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if Self::is_virtual(ino) {
+            return reply.error(Errno::NO_XATTR);
+        }
+        let res = self.node(ino).and_then(|n| {
+            let c = sys::cstr(name).map_err(err)?;
+            sys::getxattr(n.fd(), &c, size as usize).map_err(err)
+        });
+        xattr_reply(res, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if Self::is_virtual(ino) {
+            return xattr_reply(Ok(Vec::new()), size, reply);
+        }
+        let res = self
+            .node(ino)
+            .and_then(|n| sys::listxattr(n.fd(), size as usize).map_err(err));
+        xattr_reply(res, size, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if Self::is_virtual(ino) {
+            return reply.error(Errno::EROFS);
+        }
+        let res = self.node(ino).and_then(|n| {
+            let c = sys::cstr(name).map_err(err)?;
+            sys::removexattr(n.fd(), &c).map_err(err)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Mounted with default_permissions: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        if Self::reserved(parent, name) || Self::is_virtual(parent) {
+            return reply.error(Errno::EACCES);
+        }
+        let p = match self.node(parent) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let c = match sys::cstr(name) {
+            Ok(c) => c,
+            Err(e) => return reply.error(err(e)),
+        };
+        let file = match sys::create_at(p.fd(), &c, flags, mode & !umask) {
+            Ok(f) => f,
+            Err(e) => return reply.error(err(e)),
+        };
+        self.hand_over(req, p.fd(), &c);
+        match self.do_lookup(&p, name) {
+            Ok(attr) => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(file.into_raw_fd() as u64),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if fh.0 >= HANDLE_BASE {
+            return reply.error(Errno::EBADF);
+        }
+        match sys::fallocate(fh.0 as RawFd, mode, offset, length) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        if fh.0 >= HANDLE_BASE {
+            return reply.error(Errno::EBADF);
+        }
+        match sys::lseek(fh.0 as RawFd, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        if fh_in.0 >= HANDLE_BASE || fh_out.0 >= HANDLE_BASE {
+            return reply.error(Errno::EBADF);
+        }
+        let len = len.min(u32::MAX as u64 / 2);
+        match sys::copy_file_range(fh_in.0 as RawFd, offset_in, fh_out.0 as RawFd, offset_out, len)
+        {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
+
+impl MemFs {
+    /// Shared tail of mkdir/mknod/symlink/link: create, hand over, look up.
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+        op: impl FnOnce(RawFd, &std::ffi::CStr) -> Result<(), i32>,
+    ) {
+        if Self::reserved(parent, name) || Self::is_virtual(parent) {
+            return reply.error(Errno::EEXIST);
+        }
+        let p = match self.node(parent) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let c = match sys::cstr(name) {
+            Ok(c) => c,
+            Err(e) => return reply.error(err(e)),
+        };
+        if let Err(e) = op(p.fd(), &c) {
+            return reply.error(err(e));
+        }
+        self.hand_over(req, p.fd(), &c);
+        match self.do_lookup(&p, name) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        if Self::reserved(parent, name) || Self::is_virtual(parent) {
+            return reply.error(Errno::EPERM);
+        }
+        let res = self.node(parent).and_then(|p| {
+            let c = sys::cstr(name).map_err(err)?;
+            sys::unlink_at(p.fd(), &c, dir).map_err(err)
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+fn xattr_reply(res: Result<Vec<u8>, Errno>, size: u32, reply: ReplyXattr) {
+    match res {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(e),
+    }
+}

@@ -1,0 +1,208 @@
+//! The mount daemon's lifecycle: background start, readiness, signals, shutdown.
+//!
+//! `membridge mount` without `--foreground` re-executes itself in the foreground
+//! as a new session leader with its output sent to the log file, and waits on a
+//! pipe until the child reports the mount usable (or why it failed), so the
+//! command's exit status tells the truth and a script can use the mount at once.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::config::Config;
+use crate::fs::class::Classifier;
+use crate::fs::{mount, MemFs};
+use crate::status::Status;
+
+const READY_FD_ENV: &str = "MEMBRIDGE_READY_FD";
+
+pub struct MountArgs {
+    pub dir: PathBuf,
+    pub foreground: bool,
+    pub threads: usize,
+}
+
+pub fn log_file(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("membridge.log")
+}
+
+/// `membridge mount`: in the background unless asked otherwise.
+pub fn mount(cfg: &Config, args: &MountArgs) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+    if args.foreground || std::env::var_os(READY_FD_ENV).is_some() {
+        return run_foreground(cfg, args);
+    }
+    spawn_background(cfg)
+}
+
+fn spawn_background(cfg: &Config) -> Result<()> {
+    let log = log_file(cfg);
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening log file {}", log.display()))?;
+    let (rd, wr) = nix::unistd::pipe().context("creating readiness pipe")?;
+    nix::fcntl::fcntl(
+        rd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    let exe = std::env::current_exe().context("locating the membridge binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(READY_FD_ENV, wr.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the daemon")?;
+    drop(wr);
+    let mut msg = String::new();
+    std::fs::File::from(rd)
+        .read_to_string(&mut msg)
+        .context("waiting for the daemon")?;
+    match msg.trim().strip_prefix("ready ") {
+        Some(dir) => {
+            println!(
+                "membridge: mounted {dir} (pid {}); logs: {}",
+                child.id(),
+                log.display()
+            );
+            Ok(())
+        }
+        None if msg.trim().is_empty() => bail!(
+            "the daemon exited before mounting; see {}",
+            log.display()
+        ),
+        None => bail!("{}", msg.trim()),
+    }
+}
+
+fn tell_parent(msg: &str) {
+    if let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let _ = writeln!(f, "{msg}");
+        // dropping `f` closes the pipe: the parent's read ends
+    }
+}
+
+fn run_foreground(cfg: &Config, args: &MountArgs) -> Result<()> {
+    match serve(cfg, args) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tell_parent(&format!("error: {e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// Block the shutdown signals in every thread; one thread waits for them.
+fn block_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    let _ = set.thread_block();
+    set
+}
+
+fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
+    let signals = block_signals();
+    let (dir, root_fd) = mount::prepare(&args.dir).map_err(|e| anyhow!(e))?;
+    // Hold no directory busy: every path from here on is absolute or fd-relative.
+    std::env::set_current_dir("/")?;
+    let log = std::env::var_os(READY_FD_ENV).map(|_| log_file(cfg).display().to_string());
+    let status = Status::new(cfg, &dir, log);
+    let classifier = Classifier::new(&cfg.classes.databases, &cfg.classes.files);
+    let fs = MemFs::new(root_fd, classifier, Arc::new(status.clone()))?;
+    let mut session = mount::mount(fs, &dir, args.threads)
+        .with_context(|| format!("mounting {}", dir.display()))?;
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!(signal = ?sig, "shutting down: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::error!(error = %e, "unmount failed");
+                }
+            }
+        })?;
+    status.update(|s| s.state = "ready".into());
+    tracing::info!(dir = %dir.display(), node = %cfg.node_id, canonical_id = %cfg.canonical_id, "mounted");
+    tell_parent(&format!("ready {}", dir.display()));
+    session.run().context("FUSE session")?;
+    tracing::info!(dir = %dir.display(), "unmounted; exiting");
+    Ok(())
+}
+
+/// `membridge unmount`: unmount, then wait for the daemon to finish its work.
+pub fn unmount(dir: &Path, lazy: bool) -> Result<()> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let pid = read_status(&dir).ok().map(|s| s.pid);
+    match mount::state(&dir) {
+        mount::MountState::NotMounted => bail!("{} is not mounted", dir.display()),
+        mount::MountState::Foreign => {
+            bail!("{} is not a membridge mount; refusing to unmount it", dir.display())
+        }
+        mount::MountState::Stale => {
+            mount::detach(&dir).with_context(|| format!("clearing stale mount {}", dir.display()))?;
+            println!("membridge: cleared stale mount {}", dir.display());
+            return Ok(());
+        }
+        mount::MountState::Live => {}
+    }
+    let res = if lazy {
+        mount::detach(&dir)
+    } else {
+        mount::unmount(&dir)
+    };
+    if let Err(e) = res {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            bail!(
+                "{} is busy: files on it are still open (close them, or use --lazy to detach now and finish when they close)",
+                dir.display()
+            );
+        }
+        return Err(anyhow!(e)).with_context(|| format!("unmounting {}", dir.display()));
+    }
+    if let Some(pid) = pid {
+        wait_exit(pid, Duration::from_secs(60));
+    }
+    println!("membridge: unmounted {}", dir.display());
+    Ok(())
+}
+
+fn wait_exit(pid: u32, limit: Duration) {
+    let start = Instant::now();
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    while start.elapsed() < limit {
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn read_status(dir: &Path) -> Result<crate::status::StatusDoc> {
+    let p = dir.join(".membridge/status.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
