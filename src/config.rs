@@ -61,24 +61,88 @@ impl fmt::Debug for Secret {
 /// Every key membridge understands: name, whether secret, what it means, an example.
 /// The README's configuration table is generated from the same facts.
 pub const KEYS: &[(&str, &str, &str)] = &[
-    ("MINIO_ENDPOINT", "S3 endpoint URL (http or https; `host:port` means https unless MINIO_SECURE=0)", "http://127.0.0.1:9000"),
+    (
+        "MINIO_ENDPOINT",
+        "S3 endpoint URL (http or https; `host:port` means https unless MINIO_SECURE=0)",
+        "http://127.0.0.1:9000",
+    ),
     ("MINIO_ACCESS_KEY", "S3 access key", "minioadmin"),
-    ("MINIO_SECRET_KEY", "S3 secret key (never printed)", "minioadmin"),
-    ("MINIO_BUCKET", "bucket holding `projects/<canonical_id>/`", "claude-mem"),
+    (
+        "MINIO_SECRET_KEY",
+        "S3 secret key (never printed)",
+        "minioadmin",
+    ),
+    (
+        "MINIO_BUCKET",
+        "bucket holding `projects/<canonical_id>/`",
+        "claude-mem",
+    ),
     ("MINIO_REGION", "S3 region (default us-east-1)", "us-east-1"),
-    ("MINIO_SECURE", "for an endpoint without scheme: 1 = https (default), 0 = http", "0"),
-    ("CLAUDE_PROJECT_ID", "project name; canonical_id = hex(sha256(it))[..16]", "my-project"),
-    ("MEMBRIDGE_NODE_ID", "this node's id (default: hostname)", "laptop"),
-    ("PRIMARY_NODE_ID", "pinned policy: only this node may hold the lease", "rpi4b"),
-    ("LEADERSHIP_ENABLED", "0 disables the lease (single writer guaranteed by you)", "1"),
-    ("LEADERSHIP_LEASE_SECONDS", "lease TTL in seconds (default 30)", "30"),
-    ("LEADERSHIP_CANDIDATE", "auto policy: 0 keeps this node from ever taking the lease", "1"),
-    ("MEMBRIDGE_REPLICATE", "globs of replicated SQLite databases (default claude-mem.db)", "claude-mem.db,*.sqlite3"),
-    ("MEMBRIDGE_REPLICATE_FILES", "globs of files replicated as whole versions (default none)", "settings.json"),
-    ("MEMBRIDGE_POLL_MS", "secondary manifest poll interval in ms (default 1000)", "1000"),
-    ("MEMBRIDGE_CACHE_MB", "read-through page cache size in MiB (default 64)", "64"),
-    ("MEMBRIDGE_STATE_DIR", "state dir root (default $XDG_STATE_HOME/membridge)", "/var/lib/membridge"),
-    ("MEMBRIDGE_RETENTION_DAYS", "keep segments/snapshots this long (default 7)", "7"),
+    (
+        "MINIO_SECURE",
+        "for an endpoint without scheme: 1 = https (default), 0 = http",
+        "0",
+    ),
+    (
+        "CLAUDE_PROJECT_ID",
+        "project name; canonical_id = hex(sha256(it))[..16]",
+        "my-project",
+    ),
+    (
+        "MEMBRIDGE_NODE_ID",
+        "this node's id (default: hostname)",
+        "laptop",
+    ),
+    (
+        "PRIMARY_NODE_ID",
+        "pinned policy: only this node may hold the lease",
+        "rpi4b",
+    ),
+    (
+        "LEADERSHIP_ENABLED",
+        "0 disables the lease (single writer guaranteed by you)",
+        "1",
+    ),
+    (
+        "LEADERSHIP_LEASE_SECONDS",
+        "lease TTL in seconds (default 30)",
+        "30",
+    ),
+    (
+        "LEADERSHIP_CANDIDATE",
+        "auto policy: 0 keeps this node from ever taking the lease",
+        "1",
+    ),
+    (
+        "MEMBRIDGE_REPLICATE",
+        "globs of replicated SQLite databases (default claude-mem.db)",
+        "claude-mem.db,*.sqlite3",
+    ),
+    (
+        "MEMBRIDGE_REPLICATE_FILES",
+        "globs of files replicated as whole versions (default none)",
+        "settings.json",
+    ),
+    (
+        "MEMBRIDGE_POLL_MS",
+        "secondary manifest poll interval in ms (default 1000)",
+        "1000",
+    ),
+    (
+        "MEMBRIDGE_CACHE_MB",
+        "read-through page cache size in MiB (default 64)",
+        "64",
+    ),
+    (
+        "MEMBRIDGE_STATE_DIR",
+        "state dir root (default $XDG_STATE_HOME/membridge)",
+        "/var/lib/membridge",
+    ),
+    (
+        "MEMBRIDGE_RETENTION_DAYS",
+        "keep segments/snapshots this long (default 7)",
+        "7",
+    ),
 ];
 
 /// Raw layered key/value lookup. Flags win over the environment, which wins over the file.
@@ -241,7 +305,8 @@ pub fn parse_env_file(text: &str) -> BTreeMap<String, String> {
         let k = k.trim();
         let mut v = v.trim();
         if v.len() >= 2
-            && ((v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\'')))
+            && ((v.starts_with('"') && v.ends_with('"'))
+                || (v.starts_with('\'') && v.ends_with('\'')))
         {
             v = &v[1..v.len() - 1];
         } else if let Some(i) = v.find(" #") {
@@ -347,8 +412,7 @@ impl Config {
         let policy = if !l.flag("LEADERSHIP_ENABLED", true)? {
             Policy::Disabled
         } else if let Some((primary, src)) = l.get("PRIMARY_NODE_ID") {
-            validate_node_id(&primary)
-                .map_err(|why| l.malformed("PRIMARY_NODE_ID", &src, why))?;
+            validate_node_id(&primary).map_err(|why| l.malformed("PRIMARY_NODE_ID", &src, why))?;
             Policy::Pinned { primary }
         } else {
             Policy::Auto {
@@ -411,9 +475,17 @@ fn globs(l: &Layers, key: &'static str, default: &[&str]) -> Result<Vec<String>,
         return Ok(default.iter().map(|s| s.to_string()).collect());
     };
     let mut out = Vec::new();
-    for g in raw.split([',', ' ']).map(str::trim).filter(|g| !g.is_empty()) {
+    for g in raw
+        .split([',', ' '])
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+    {
         if g.starts_with('/') || g.split('/').any(|c| c == "..") {
-            return Err(l.malformed(key, &src, format!("{g:?} must be relative to the mount dir")));
+            return Err(l.malformed(
+                key,
+                &src,
+                format!("{g:?} must be relative to the mount dir"),
+            ));
         }
         if g == ".membridge" || g.starts_with(".membridge/") {
             return Err(l.malformed(key, &src, format!("{g:?} is membridge's own virtual dir")));
@@ -437,7 +509,9 @@ pub fn normalize_endpoint(raw: &str, secure: bool) -> Result<String, String> {
     }
     let rest = rest.trim_end_matches('/');
     if rest.contains('/') || rest.contains('?') || rest.contains('#') {
-        return Err(format!("{raw:?}: expected scheme://host[:port] with no path"));
+        return Err(format!(
+            "{raw:?}: expected scheme://host[:port] with no path"
+        ));
     }
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => {
@@ -557,8 +631,14 @@ mod tests {
         env.insert("MINIO_BUCKET".into(), "from-env".into());
         env.insert("MINIO_REGION".into(), "env-region".into());
         let l = Layers::from_parts(flags, env);
-        assert_eq!(l.get("MINIO_BUCKET").unwrap(), ("from-flag".into(), Source::Flag));
-        assert_eq!(l.get("MINIO_REGION").unwrap(), ("env-region".into(), Source::Env));
+        assert_eq!(
+            l.get("MINIO_BUCKET").unwrap(),
+            ("from-flag".into(), Source::Flag)
+        );
+        assert_eq!(
+            l.get("MINIO_REGION").unwrap(),
+            ("env-region".into(), Source::Env)
+        );
         let mut l2 = l.clone();
         l2.env.clear();
         assert_eq!(l2.get("MINIO_REGION").unwrap().1, Source::File(f));
@@ -610,13 +690,22 @@ mod tests {
         let c = Config::from_layers(&layers(&env)).unwrap();
         assert_eq!(c.configured_role(), "primary");
         env.push(("LEADERSHIP_ENABLED", "0"));
-        assert_eq!(Config::from_layers(&layers(&env)).unwrap().policy, Policy::Disabled);
+        assert_eq!(
+            Config::from_layers(&layers(&env)).unwrap().policy,
+            Policy::Disabled
+        );
     }
 
     #[test]
     fn endpoint_normalization() {
-        assert_eq!(normalize_endpoint("host:9000", false).unwrap(), "http://host:9000");
-        assert_eq!(normalize_endpoint("host:9000", true).unwrap(), "https://host:9000");
+        assert_eq!(
+            normalize_endpoint("host:9000", false).unwrap(),
+            "http://host:9000"
+        );
+        assert_eq!(
+            normalize_endpoint("host:9000", true).unwrap(),
+            "https://host:9000"
+        );
         assert_eq!(normalize_endpoint("HTTP://h/", true).unwrap(), "http://h");
         assert!(normalize_endpoint("http://", true).is_err());
     }

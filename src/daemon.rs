@@ -84,10 +84,9 @@ fn spawn_background(cfg: &Config) -> Result<()> {
             );
             Ok(())
         }
-        None if msg.trim().is_empty() => bail!(
-            "the daemon exited before mounting; see {}",
-            log.display()
-        ),
+        None if msg.trim().is_empty() => {
+            bail!("the daemon exited before mounting; see {}", log.display())
+        }
         None => bail!("{}", msg.trim()),
     }
 }
@@ -160,10 +159,14 @@ pub fn unmount(dir: &Path, lazy: bool) -> Result<()> {
     match mount::state(&dir) {
         mount::MountState::NotMounted => bail!("{} is not mounted", dir.display()),
         mount::MountState::Foreign => {
-            bail!("{} is not a membridge mount; refusing to unmount it", dir.display())
+            bail!(
+                "{} is not a membridge mount; refusing to unmount it",
+                dir.display()
+            )
         }
         mount::MountState::Stale => {
-            mount::detach(&dir).with_context(|| format!("clearing stale mount {}", dir.display()))?;
+            mount::detach(&dir)
+                .with_context(|| format!("clearing stale mount {}", dir.display()))?;
             println!("membridge: cleared stale mount {}", dir.display());
             return Ok(());
         }

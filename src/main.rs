@@ -11,7 +11,11 @@ use membridge::config::{self, Config, Layers};
 use membridge::daemon;
 
 #[derive(Parser)]
-#[command(name = "membridge", version, about = "Replicate ~/.claude-mem through S3, transaction by transaction")]
+#[command(
+    name = "membridge",
+    version,
+    about = "Replicate ~/.claude-mem through S3, transaction by transaction"
+)]
 struct Cli {
     /// Config file (default ~/.claude-mem-minio/config.env; only read, never written)
     #[arg(long, global = true, value_name = "FILE")]
@@ -95,12 +99,18 @@ fn flags(cli: &Cli) -> Result<BTreeMap<String, String>, String> {
         m.insert(k.to_string(), v.to_string());
     }
     let named = [
-        ("MEMBRIDGE_CONFIG", cli.config.as_ref().map(|p| p.display().to_string())),
+        (
+            "MEMBRIDGE_CONFIG",
+            cli.config.as_ref().map(|p| p.display().to_string()),
+        ),
         ("MINIO_ENDPOINT", cli.endpoint.clone()),
         ("MINIO_BUCKET", cli.bucket.clone()),
         ("CLAUDE_PROJECT_ID", cli.project.clone()),
         ("MEMBRIDGE_NODE_ID", cli.node_id.clone()),
-        ("MEMBRIDGE_STATE_DIR", cli.state_dir.as_ref().map(|p| p.display().to_string())),
+        (
+            "MEMBRIDGE_STATE_DIR",
+            cli.state_dir.as_ref().map(|p| p.display().to_string()),
+        ),
     ];
     for (k, v) in named {
         if let Some(v) = v {
@@ -151,7 +161,10 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Status { dir, json } => {
             let dir = dir.clone().unwrap_or_else(default_dir);
             let doc = daemon::read_status(&dir).map_err(|e| {
-                format!("{}: not mounted or not a membridge mount ({e:#})", dir.display())
+                format!(
+                    "{}: not mounted or not a membridge mount ({e:#})",
+                    dir.display()
+                )
             })?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());

@@ -101,7 +101,10 @@ mod tests {
     fn default_classes() {
         let c = Classifier::new(&["claude-mem.db".into()], &["settings.json".into()]);
         let cl = |p: &str| c.classify(Path::new(p));
-        assert_eq!(cl("claude-mem.db"), PathClass::Database("claude-mem.db".into()));
+        assert_eq!(
+            cl("claude-mem.db"),
+            PathClass::Database("claude-mem.db".into())
+        );
         assert_eq!(
             cl("claude-mem.db-wal"),
             PathClass::Sidecar("claude-mem.db".into(), Sidecar::Wal)
@@ -119,7 +122,10 @@ mod tests {
     #[test]
     fn globs_do_not_cross_directories() {
         let c = Classifier::new(&["*.db".into(), "dbs/**/*.sqlite".into()], &[]);
-        assert!(matches!(c.classify(Path::new("a.db")), PathClass::Database(_)));
+        assert!(matches!(
+            c.classify(Path::new("a.db")),
+            PathClass::Database(_)
+        ));
         assert_eq!(c.classify(Path::new("x/a.db")), PathClass::Local);
         assert!(matches!(
             c.classify(Path::new("dbs/p/q.sqlite")),

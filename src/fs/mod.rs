@@ -26,9 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
     Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use class::{Classifier, PathClass};
@@ -301,7 +301,11 @@ impl Filesystem for MemFs {
                 }
             }
             if atime.is_some() || mtime.is_some() {
-                sys::utimens(node.fd(), node.is_symlink, [time_spec(atime), time_spec(mtime)])?;
+                sys::utimens(
+                    node.fd(),
+                    node.is_symlink,
+                    [time_spec(atime), time_spec(mtime)],
+                )?;
             }
             Ok(())
         })();
@@ -315,7 +319,10 @@ impl Filesystem for MemFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.node(ino).and_then(|n| sys::readlink(n.fd()).map_err(err)) {
+        match self
+            .node(ino)
+            .and_then(|n| sys::readlink(n.fd()).map_err(err))
+        {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e),
         }
@@ -577,7 +584,9 @@ impl Filesystem for MemFs {
             Ok(list) => {
                 let mut entries: Vec<(OsString, u64, FileType)> = list
                     .into_iter()
-                    .filter(|(n, _, _)| !(ino.0 == ROOT && n.as_slice() == virt::DIR_NAME.as_bytes()))
+                    .filter(|(n, _, _)| {
+                        !(ino.0 == ROOT && n.as_slice() == virt::DIR_NAME.as_bytes())
+                    })
                     .map(|(n, i, t)| (OsString::from_vec(n), i, dirent_type(t)))
                     .collect();
                 if ino.0 == ROOT {
@@ -603,7 +612,10 @@ impl Filesystem for MemFs {
             return reply.error(Errno::EBADF);
         };
         // Offsets 1 and 2 are "." and ".."; entry i has offset i + 3.
-        let dots = [(".", ino.0, FileType::Directory), ("..", ino.0, FileType::Directory)];
+        let dots = [
+            (".", ino.0, FileType::Directory),
+            ("..", ino.0, FileType::Directory),
+        ];
         for (i, (name, eino, kind)) in dots.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*eino), i as u64 + 1, *kind, name) {
                 return reply.ok();
@@ -834,8 +846,13 @@ impl Filesystem for MemFs {
             return reply.error(Errno::EBADF);
         }
         let len = len.min(u32::MAX as u64 / 2);
-        match sys::copy_file_range(fh_in.0 as RawFd, offset_in, fh_out.0 as RawFd, offset_out, len)
-        {
+        match sys::copy_file_range(
+            fh_in.0 as RawFd,
+            offset_in,
+            fh_out.0 as RawFd,
+            offset_out,
+            len,
+        ) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(err(e)),
         }

@@ -116,7 +116,8 @@ fn fusermount(args: &[&str], dir: &Path) -> io::Result<()> {
 pub fn prepare(dir: &Path) -> Result<(PathBuf, OwnedFd), String> {
     if let MountState::Stale = state(dir) {
         tracing::warn!(dir = %dir.display(), "clearing stale mount left by a dead daemon");
-        detach(dir).map_err(|e| format!("{}: stale mount could not be cleared: {e}", dir.display()))?;
+        detach(dir)
+            .map_err(|e| format!("{}: stale mount could not be cleared: {e}", dir.display()))?;
     }
     let dir = dir
         .canonicalize()
@@ -129,9 +130,8 @@ pub fn prepare(dir: &Path) -> Result<(PathBuf, OwnedFd), String> {
                 dir.display()
             ))
         }
-        MountState::Stale => {
-            detach(&dir).map_err(|e| format!("{}: stale mount could not be cleared: {e}", dir.display()))?
-        }
+        MountState::Stale => detach(&dir)
+            .map_err(|e| format!("{}: stale mount could not be cleared: {e}", dir.display()))?,
         MountState::Foreign | MountState::NotMounted => {}
     }
     if !dir.is_dir() {

@@ -12,7 +12,9 @@ use std::os::unix::ffi::OsStrExt;
 pub type SysResult<T> = Result<T, i32>;
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn check(ret: libc::c_int) -> SysResult<libc::c_int> {
@@ -185,20 +187,11 @@ pub fn chown_fd(path_fd: RawFd, uid: Option<u32>, gid: Option<u32>) -> SysResult
 }
 
 /// `times`: (atime, mtime) as `timespec` (UTIME_OMIT / UTIME_NOW allowed).
-pub fn utimens(
-    path_fd: RawFd,
-    is_symlink: bool,
-    times: [libc::timespec; 2],
-) -> SysResult<()> {
+pub fn utimens(path_fd: RawFd, is_symlink: bool, times: [libc::timespec; 2]) -> SysResult<()> {
     if is_symlink {
         // A symlink's own times: reachable only with AT_EMPTY_PATH on its O_PATH fd.
         check(unsafe {
-            libc::utimensat(
-                path_fd,
-                EMPTY.as_ptr(),
-                times.as_ptr(),
-                libc::AT_EMPTY_PATH,
-            )
+            libc::utimensat(path_fd, EMPTY.as_ptr(), times.as_ptr(), libc::AT_EMPTY_PATH)
         })
         .map(drop)
     } else {
@@ -221,8 +214,15 @@ pub fn mkdir_at(dir: RawFd, name: &CStr, mode: u32) -> SysResult<()> {
 }
 
 pub fn mknod_at(dir: RawFd, name: &CStr, mode: u32, rdev: u32) -> SysResult<()> {
-    check(unsafe { libc::mknodat(dir, name.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) })
-        .map(drop)
+    check(unsafe {
+        libc::mknodat(
+            dir,
+            name.as_ptr(),
+            mode as libc::mode_t,
+            rdev as libc::dev_t,
+        )
+    })
+    .map(drop)
 }
 
 pub fn symlink_at(target: &CStr, dir: RawFd, name: &CStr) -> SysResult<()> {

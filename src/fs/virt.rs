@@ -48,7 +48,10 @@ impl dyn VirtualFiles {
     }
 
     pub fn lookup(&self, name: &OsStr) -> Option<FileAttr> {
-        let (_, ino) = self.entries().into_iter().find(|(n, _)| OsStr::new(n) == name)?;
+        let (_, ino) = self
+            .entries()
+            .into_iter()
+            .find(|(n, _)| OsStr::new(n) == name)?;
         self.attr(ino)
     }
 

@@ -1,0 +1,520 @@
+//! The in-place passthrough mount, through a real FUSE mount: POSIX behaviour,
+//! SQLite under concurrency in WAL and DELETE modes, mmap, locks, crash recovery.
+
+#[path = "support/mount.rs"]
+mod mount;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mount::Mount;
+
+/// A config that never needs the bucket (the passthrough alone is tested here).
+fn env() -> Vec<(String, String)> {
+    [
+        ("MINIO_ENDPOINT", "http://127.0.0.1:9"),
+        ("MINIO_ACCESS_KEY", "test"),
+        ("MINIO_SECRET_KEY", "test-secret"),
+        ("MINIO_BUCKET", "membridge-test"),
+        ("CLAUDE_PROJECT_ID", "passthrough"),
+        ("MEMBRIDGE_NODE_ID", "node-a"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn errno_of(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// Re-run this test binary as a child process playing one role (SQLite writer,
+/// reader, lock holder...), so concurrency is across real processes.
+fn spawn_worker(role: &str, args: &[&str]) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "worker_entry",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MB_WORKER", role)
+        .env("MB_WORKER_ARGS", args.join("\u{1f}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn worker")
+}
+
+/// A worker's reports: its stdout lines that start with `@@ ` (libtest prints
+/// its own lines around them).
+fn finish(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "worker failed: {stdout}");
+    reports(&stdout)
+}
+
+fn reports(stdout: &str) -> String {
+    stdout
+        .split('\n')
+        .filter_map(|l| l.split_once("@@ ").map(|(_, r)| r))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+#[ignore = "entry point of worker processes spawned by the other tests"]
+fn worker_entry() {
+    let Ok(role) = std::env::var("MB_WORKER") else {
+        return;
+    };
+    let args: Vec<String> = std::env::var("MB_WORKER_ARGS")
+        .unwrap_or_default()
+        .split('\u{1f}')
+        .map(String::from)
+        .collect();
+    match role.as_str() {
+        "sql-writer" => sql_writer(&args[0], &args[1], args[2].parse().unwrap()),
+        "sql-reader" => sql_reader(&args[0], &args[1]),
+        "lock-holder" => lock_holder(&args[0], args[1].parse().unwrap()),
+        "mmap-reader" => mmap_reader(&args[0], args[1].parse().unwrap()),
+        other => panic!("unknown worker role {other}"),
+    }
+}
+
+fn open_db(path: &str, mode: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(30)).unwrap();
+    let got: String = c
+        .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(got.to_lowercase(), mode.to_lowercase());
+    c.execute_batch("PRAGMA synchronous=NORMAL").unwrap();
+    c
+}
+
+/// Each transaction inserts one row and bumps a running total, so a reader can
+/// check that it never sees half a transaction.
+fn sql_writer(path: &str, mode: &str, n: u32) {
+    let mut c = open_db(path, mode);
+    for i in 0..n {
+        let tx = c.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO t(v, pad) VALUES (?1, randomblob(200))",
+            [i as i64],
+        )
+        .unwrap();
+        tx.execute("UPDATE total SET n = n + 1, s = s + ?1", [i as i64])
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    println!("@@ wrote {n}");
+}
+
+fn sql_reader(path: &str, mode: &str) {
+    let c = open_db(path, mode);
+    let mut seen = 0i64;
+    let mut checks = 0;
+    let stop = Path::new(path).with_extension("done");
+    loop {
+        let done = stop.exists();
+        let (count, sum, n, s): (i64, i64, i64, i64) = c
+            .query_row(
+                "SELECT (SELECT count(*) FROM t), (SELECT coalesce(sum(v),0) FROM t), n, s FROM total",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!((count, sum), (n, s), "reader saw a partial transaction");
+        assert!(count >= seen, "row count went backwards");
+        seen = count;
+        checks += 1;
+        if done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    println!("@@ checked {checks} snapshots, last {seen}");
+}
+
+fn lock_holder(path: &str, hold_ms: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 100,
+        l_len: 10,
+        l_pid: 0,
+    };
+    assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+    println!("\n@@ locked");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_millis(hold_ms));
+    drop(f); // closing releases the lock
+}
+
+fn mmap_reader(path: &str, len: usize) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
+    println!("\n@@ {}", String::from_utf8_lossy(&bytes[..11]));
+}
+
+fn setup_db(path: &Path, mode: &str) {
+    let c = open_db(path.to_str().unwrap(), mode);
+    c.execute_batch(
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER, pad BLOB);
+         CREATE TABLE total(n INTEGER, s INTEGER);
+         INSERT INTO total VALUES (0, 0);",
+    )
+    .unwrap();
+}
+
+fn integrity_and_count(path: &Path) -> (String, i64) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    (ok, n)
+}
+
+fn concurrent_sqlite(mode: &str) {
+    const N: u32 = 2000;
+    let m = Mount::with_files(env(), &[]);
+    let db = m.dir.join("claude-mem.db");
+    setup_db(&db, mode);
+    let dbs = db.to_str().unwrap();
+    let readers: Vec<_> = (0..2)
+        .map(|_| spawn_worker("sql-reader", &[dbs, mode]))
+        .collect();
+    let writer = spawn_worker("sql-writer", &[dbs, mode, &N.to_string()]);
+    let out = finish(writer);
+    assert!(out.contains(&format!("wrote {N}")), "{out}");
+    fs::write(db.with_extension("done"), b"").unwrap();
+    for r in readers {
+        let out = finish(r);
+        assert!(out.contains("checked"), "{out}");
+    }
+    assert_eq!(integrity_and_count(&db), ("ok".into(), N as i64));
+    m.unmount();
+    assert!(!m.is_mounted());
+    assert_eq!(integrity_and_count(&db), ("ok".into(), N as i64));
+}
+
+#[test]
+fn sqlite_wal_one_writer_two_readers() {
+    concurrent_sqlite("wal");
+}
+
+#[test]
+fn sqlite_delete_one_writer_two_readers() {
+    concurrent_sqlite("delete");
+}
+
+#[test]
+fn files_before_mount_stay_and_writes_land_in_dir() {
+    let m = Mount::with_files(
+        env(),
+        &[("keep.txt", b"before"), ("logs/old.log", b"line1\n")],
+    );
+    assert_eq!(fs::read(m.dir.join("keep.txt")).unwrap(), b"before");
+    assert_eq!(fs::read(m.dir.join("logs/old.log")).unwrap(), b"line1\n");
+    let mut names: Vec<_> = fs::read_dir(&m.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".membridge", "keep.txt", "logs"]);
+
+    fs::write(m.dir.join("new.txt"), b"through the mount").unwrap();
+    fs::create_dir(m.dir.join("chroma")).unwrap();
+    fs::write(m.dir.join("chroma/x.bin"), vec![7u8; 300_000]).unwrap();
+    let status = m.status();
+    assert_eq!(status["node_id"], "node-a");
+    assert_eq!(status["canonical_id"], "f534b1417999d48f");
+    assert_eq!(
+        status["classes"]["replicated_databases"][0],
+        "claude-mem.db"
+    );
+    m.unmount();
+    assert_eq!(
+        fs::read(m.dir.join("new.txt")).unwrap(),
+        b"through the mount"
+    );
+    assert_eq!(
+        fs::read(m.dir.join("chroma/x.bin")).unwrap(),
+        vec![7u8; 300_000]
+    );
+    assert_eq!(fs::read(m.dir.join("keep.txt")).unwrap(), b"before");
+    assert!(
+        !m.dir.join(".membridge").exists(),
+        "virtual dir must not reach the disk"
+    );
+}
+
+#[test]
+fn posix_semantics_and_errnos() {
+    let m = Mount::with_files(env(), &[("a", b"aaa"), ("b", b"bbb")]);
+    let d = &m.dir;
+    // atomic rename over an existing file
+    fs::rename(d.join("a"), d.join("b")).unwrap();
+    assert_eq!(fs::read(d.join("b")).unwrap(), b"aaa");
+    assert_eq!(
+        errno_of(fs::metadata(d.join("a")).unwrap_err()),
+        libc::ENOENT
+    );
+    // O_APPEND from two handles interleaves without overwriting
+    let mut f1 = OpenOptions::new().append(true).open(d.join("b")).unwrap();
+    let mut f2 = OpenOptions::new().append(true).open(d.join("b")).unwrap();
+    f1.write_all(b"1").unwrap();
+    f2.write_all(b"2").unwrap();
+    f1.write_all(b"3").unwrap();
+    assert_eq!(fs::read(d.join("b")).unwrap(), b"aaa123");
+    // O_EXCL
+    let e = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(d.join("b"))
+        .unwrap_err();
+    assert_eq!(errno_of(e), libc::EEXIST);
+    // rmdir of a non-empty dir, unlink of a dir
+    fs::create_dir_all(d.join("x/y")).unwrap();
+    assert_eq!(
+        errno_of(fs::remove_dir(d.join("x")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno_of(fs::remove_file(d.join("x")).unwrap_err()),
+        libc::EISDIR
+    );
+    // symlink, readlink, hard link
+    std::os::unix::fs::symlink("b", d.join("s")).unwrap();
+    assert_eq!(fs::read_link(d.join("s")).unwrap(), Path::new("b"));
+    assert_eq!(fs::read(d.join("s")).unwrap(), b"aaa123");
+    fs::hard_link(d.join("b"), d.join("h")).unwrap();
+    assert_eq!(fs::metadata(d.join("h")).unwrap().nlink(), 2);
+    // chmod, truncate, utimens
+    fs::set_permissions(d.join("b"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(d.join("b")).unwrap().mode() & 0o777, 0o600);
+    let f = OpenOptions::new().write(true).open(d.join("b")).unwrap();
+    f.set_len(2).unwrap();
+    assert_eq!(fs::read(d.join("b")).unwrap(), b"aa");
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    f.set_times(fs::FileTimes::new().set_modified(t)).unwrap();
+    assert_eq!(fs::metadata(d.join("b")).unwrap().mtime(), 1_000_000_000);
+    // read at offsets, seek
+    let mut r = fs::File::open(d.join("h")).unwrap();
+    r.seek(SeekFrom::Start(1)).unwrap();
+    let mut s = String::new();
+    r.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "a");
+    // statfs answers with the backing filesystem's numbers
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(d.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut sv) }, 0);
+    assert!(sv.f_blocks > 0 && sv.f_bsize > 0);
+    // the virtual dir is read-only and cannot be shadowed
+    assert!(fs::write(d.join(".membridge/status.json"), b"x").is_err());
+    assert!(fs::create_dir(d.join(".membridge")).is_err());
+    // rename within and across directories
+    fs::rename(d.join("x"), d.join("z")).unwrap();
+    fs::write(d.join("z/y/f"), b"deep").unwrap();
+    fs::rename(d.join("z/y/f"), d.join("f")).unwrap();
+    assert_eq!(fs::read(d.join("f")).unwrap(), b"deep");
+    drop((f1, f2, f, r));
+    m.unmount();
+    assert_eq!(fs::read(d.join("f")).unwrap(), b"deep");
+    assert!(d.join("z/y").is_dir());
+}
+
+#[test]
+fn shared_mmap_write_is_visible_to_another_process() {
+    let m = Mount::with_files(env(), &[("claude-mem.db-shm", &[0u8; 32768])]);
+    let path = m.dir.join("claude-mem.db-shm");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let len = 32768;
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    unsafe { std::ptr::copy_nonoverlapping(b"hello mmap!".as_ptr(), p as *mut u8, 11) };
+    let out = finish(spawn_worker(
+        "mmap-reader",
+        &[path.to_str().unwrap(), &len.to_string()],
+    ));
+    assert_eq!(out.trim_end(), "hello mmap!");
+    assert_eq!(unsafe { libc::msync(p, len, libc::MS_SYNC) }, 0);
+    unsafe { libc::munmap(p, len) };
+    drop(f);
+    m.unmount();
+    assert_eq!(&fs::read(&path).unwrap()[..11], b"hello mmap!");
+}
+
+#[test]
+fn fcntl_locks_block_and_fail_across_processes() {
+    let m = Mount::with_files(env(), &[("lockfile", &[0u8; 4096])]);
+    let path = m.dir.join("lockfile");
+    let mut holder = spawn_worker("lock-holder", &[path.to_str().unwrap(), "1500"]);
+    let mut reader = std::io::BufReader::new(holder.stdout.take().unwrap());
+    loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0,
+            "lock holder exited before locking"
+        );
+        if line.trim_end() == "@@ locked" {
+            break;
+        }
+    }
+
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 105,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // F_GETLK reports the holder
+    let mut probe = fl;
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut probe) },
+        0
+    );
+    assert_eq!(probe.l_type, libc::F_WRLCK as i16);
+    assert_eq!(probe.l_pid as u32, holder.id());
+    // F_SETLK fails at once
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
+    assert_eq!(r, -1);
+    let e = std::io::Error::last_os_error().raw_os_error().unwrap();
+    assert!(e == libc::EAGAIN || e == libc::EACCES, "errno {e}");
+    // a range that does not overlap is free
+    let mut other = fl;
+    other.l_start = 0;
+    other.l_len = 50;
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &other) },
+        0
+    );
+    // F_SETLKW waits until the holder lets go
+    let t = Instant::now();
+    fl.l_type = libc::F_WRLCK as i16;
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) },
+        0
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited > Duration::from_millis(500),
+        "F_SETLKW returned after {waited:?}"
+    );
+    holder.wait().unwrap();
+}
+
+#[test]
+fn kill_9_then_mount_again_recovers() {
+    let m = Mount::with_files(env(), &[("keep.txt", b"safe")]);
+    let db = m.dir.join("claude-mem.db");
+    setup_db(&db, "wal");
+    {
+        let c = open_db(db.to_str().unwrap(), "wal");
+        for i in 0..100 {
+            c.execute("INSERT INTO t(v) VALUES (?1)", [i]).unwrap();
+        }
+    }
+    let pid = m.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        errno_of(fs::metadata(m.dir.join("keep.txt")).unwrap_err()),
+        libc::ENOTCONN,
+        "a killed daemon leaves a stale mount"
+    );
+    m.mount(); // clears the stale mount itself
+    assert_ne!(m.pid(), pid);
+    assert_eq!(fs::read(m.dir.join("keep.txt")).unwrap(), b"safe");
+    assert_eq!(integrity_and_count(&db), ("ok".into(), 100));
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    let m = Mount::with_files(env(), &[]);
+    fs::write(m.dir.join("x"), b"1").unwrap();
+    let pid = nix::unistd::Pid::from_raw(m.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (m.is_mounted() || nix::sys::signal::kill(pid, None).is_ok()) && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!m.is_mounted(), "SIGTERM left the mount in place");
+    assert!(
+        nix::sys::signal::kill(pid, None).is_err(),
+        "daemon still running"
+    );
+    assert_eq!(fs::read(m.dir.join("x")).unwrap(), b"1");
+}
+
+#[test]
+fn mounting_twice_is_refused_and_unmount_of_unmounted_fails() {
+    let m = Mount::with_files(env(), &[]);
+    let out = m.run(&["mount", m.dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already mounted"));
+    m.unmount();
+    let out = m.run(&["unmount", m.dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not mounted"));
+}
