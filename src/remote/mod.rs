@@ -4,8 +4,10 @@
 //! and compare-and-swap on the ETag).
 //!
 //! - [`keys`]: the bucket layout under `projects/<canonical_id>/` (DESIGN §3).
+//! - [`s3`]: the production implementation on aws-sdk-s3 (MinIO, SeaweedFS, AWS).
 //! - [`memory`]: an in-process implementation with the same contract, for unit
 //!   tests of the modules above this one.
+//! - [`retry`]: the bounded retry policy shared by the implementations.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,9 +17,13 @@ use chrono::{DateTime, Utc};
 
 pub mod keys;
 pub mod memory;
+pub mod retry;
+pub mod s3;
 
 pub use keys::Layout;
 pub use memory::MemoryStore;
+pub use retry::RetryPolicy;
+pub use s3::{S3Options, S3Store};
 
 /// A boxed future, so that [`ObjectStore`] stays object safe (`Arc<dyn ObjectStore>`)
 /// without pulling in a proc-macro crate.
@@ -140,7 +146,7 @@ impl StoreError {
 /// concurrent `IfMatch` puts carrying the same ETag at most one succeeds; a
 /// successful `put` returns the new version's ETag; reads after a successful
 /// write see it. Transient failures are retried inside the store, bounded by its
-/// retry policy; what comes out is final for this call.
+/// [`RetryPolicy`]; what comes out is final for this call.
 pub trait ObjectStore: Send + Sync {
     /// Human-readable location for logs and `doctor`, e.g.
     /// `http://127.0.0.1:9000 (bucket claude-mem)`. Never contains credentials.
