@@ -7,6 +7,8 @@
 //! same path runs backwards.
 
 pub mod config;
+/// `membridge doctor`: configuration, bucket and conditional-write checks.
+pub mod doctor;
 pub mod fs;
 pub mod journal;
 pub mod remote;
