@@ -14,6 +14,12 @@
 //!   on AWS; both are [`StoreError::PreconditionFailed`].
 //! - HEAD responses carry no error body, so a 404 from HEAD cannot tell a missing
 //!   key from a missing bucket; it is reported as [`StoreError::NotFound`].
+//!
+//! Every object is written with one PutObject (up to 5 GiB), never multipart:
+//! a conditional multipart completion is not atomic on every S3-compatible server.
+//! SeaweedFS serialises conditional writes to one key behind a lock that waiters
+//! poll about once a second, so there a contended CAS costs the losers up to a
+//! second each; uncontended writes are not delayed.
 
 use std::fmt;
 use std::future::Future;
