@@ -8,6 +8,8 @@
 
 pub mod config;
 pub mod daemon;
+/// `membridge doctor`: configuration, bucket and conditional-write checks.
+pub mod doctor;
 pub mod fs;
 pub mod journal;
 pub mod remote;

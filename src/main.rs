@@ -121,8 +121,11 @@ fn flags(cli: &Cli) -> Result<BTreeMap<String, String>, String> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "info,fuser=error,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_s3=warn",
+        )
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -180,8 +183,17 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-fn doctor(_cfg: &Config) -> Result<(), String> {
-    Err("doctor: not wired yet".into())
+fn doctor(cfg: &Config) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let report = rt.block_on(membridge::doctor::run(cfg, &mut std::io::stdout()));
+    if report.passed() {
+        Ok(())
+    } else {
+        Err("doctor: some checks failed".into())
+    }
 }
 
 fn main() -> ExitCode {

@@ -1,8 +1,7 @@
 //! The in-place passthrough mount, through a real FUSE mount: POSIX behaviour,
 //! SQLite under concurrency in WAL and DELETE modes, mmap, locks, crash recovery.
 
-#[path = "support/mount.rs"]
-mod mount;
+mod common;
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -12,21 +11,15 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mount::Mount;
+use common::mount::Mount;
+use common::SeaweedFs;
 
-/// A config that never needs the bucket (the passthrough alone is tested here).
+/// Each test mounts against its own bucket on the shared SeaweedFS.
 fn env() -> Vec<(String, String)> {
-    [
-        ("MINIO_ENDPOINT", "http://127.0.0.1:9"),
-        ("MINIO_ACCESS_KEY", "test"),
-        ("MINIO_SECRET_KEY", "test-secret"),
-        ("MINIO_BUCKET", "membridge-test"),
-        ("CLAUDE_PROJECT_ID", "passthrough"),
-        ("MEMBRIDGE_NODE_ID", "node-a"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("pass"), "passthrough");
+    env.push(("MEMBRIDGE_NODE_ID".into(), "node-a".into()));
+    env
 }
 
 fn errno_of(e: std::io::Error) -> i32 {

@@ -1,7 +1,5 @@
 //! A real membridge mount over a temp dir, always unmounted on drop.
 
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
