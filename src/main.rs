@@ -78,7 +78,11 @@ enum Cmd {
         json: bool,
     },
     /// Check config, bucket, credentials and conditional writes
-    Doctor,
+    Doctor {
+        /// Create the bucket first if it does not exist (first set-up)
+        #[arg(long)]
+        create_bucket: bool,
+    },
 }
 
 fn default_dir() -> PathBuf {
@@ -176,18 +180,27 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::Doctor => {
+        Cmd::Doctor { create_bucket } => {
             let cfg = load(&cli)?;
-            doctor(&cfg)
+            doctor(&cfg, *create_bucket)
         }
     }
 }
 
-fn doctor(cfg: &Config) -> Result<(), String> {
+fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
+    if create_bucket {
+        let store = membridge::remote::S3Store::new(
+            &cfg.s3,
+            membridge::remote::S3Options::interactive(),
+        );
+        rt.block_on(store.create_bucket())
+            .map_err(|e| format!("creating bucket {}: {e}", cfg.s3.bucket))?;
+        println!("[ok]   bucket {} exists", cfg.s3.bucket);
+    }
     let report = rt.block_on(membridge::doctor::run(cfg, &mut std::io::stdout()));
     if report.passed() {
         Ok(())
