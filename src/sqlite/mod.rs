@@ -5,3 +5,7 @@
 
 pub mod checksum;
 pub mod header;
+pub mod wal;
+
+#[cfg(test)]
+pub(crate) mod testvfs;
