@@ -5,6 +5,7 @@
 
 pub mod checksum;
 pub mod header;
+pub mod rollback;
 pub mod wal;
 
 #[cfg(test)]
