@@ -468,6 +468,12 @@ pub fn encode_segment(meta: &SegmentMeta, txns: &[Txn]) -> Result<Vec<u8>, Codec
     check_name(&meta.db_name, "database name", false)?;
     check_name(&meta.node_id, "node id", true)?;
     check_sequence(txns, meta.page_size)?;
+    let pages: usize = txns.iter().map(|t| t.pages.len()).sum();
+    if txns.len() > u32::MAX as usize || pages > u32::MAX as usize {
+        return Err(CodecError::BadHeader(
+            "too many transactions or pages for one segment",
+        ));
+    }
     encode_segment_unchecked(meta, txns)
 }
 
@@ -597,7 +603,9 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-type BodyDecoder<'a> = zstd::stream::read::Decoder<'a, &'a [u8]>;
+/// The decompressor, limited to the declared `raw_len` so that a lying header
+/// or a decompression bomb cannot make the reader produce more than that.
+type BodyDecoder<'a> = io::Take<zstd::stream::read::Decoder<'a, &'a [u8]>>;
 
 /// Streaming segment decoder: verifies the header and the whole-file CRC up
 /// front, then yields transactions one at a time (so restore can stop at any
@@ -635,7 +643,8 @@ impl<'a> SegmentReader<'a> {
         let body = &bytes[header.header_len as usize..end];
         let dec = zstd::stream::read::Decoder::with_buffer(body)
             .map_err(|e| decompress_err(Region::File, e))?
-            .single_frame();
+            .single_frame()
+            .take(header.raw_len);
         Ok(Self {
             header,
             body: Counting { inner: dec, n: 0 },
@@ -751,6 +760,8 @@ impl<'a> SegmentReader<'a> {
         let mut probe = [0u8; 1];
         let extra = self
             .body
+            .inner
+            .get_mut()
             .read(&mut probe)
             .map_err(|e| decompress_err(Region::File, e))?;
         if extra != 0 {
@@ -789,7 +800,7 @@ impl<'a> SegmentReader<'a> {
             });
         }
         let header = self.header.clone();
-        let rest = self.body.inner.finish();
+        let rest = self.body.inner.into_inner().finish();
         if !rest.is_empty() {
             return Err(CodecError::TrailingBytes {
                 what: "segment body",
@@ -898,10 +909,11 @@ impl SnapshotHeader {
         Ok(((pgno - 1) / g, (pgno - 1) % g))
     }
 
-    /// Pages in frame `frame` (the last one may be short).
+    /// Pages in frame `frame` (the last one may be short; 0 past the end).
     fn pages_in_frame(&self, frame: u32) -> u32 {
-        let g = u32::from(self.pages_per_frame);
-        (self.page_count - frame * g).min(g)
+        let g = u64::from(self.pages_per_frame);
+        let first = u64::from(frame) * g;
+        (u64::from(self.page_count).saturating_sub(first)).min(g) as u32
     }
 }
 
