@@ -703,3 +703,24 @@ fn pages_beyond_commit_size_dropped() {
     assert_eq!(txns[0].pages.keys().copied().collect::<Vec<_>>(), vec![1]);
     assert_eq!((txns[0].first_frame, txns[0].commit_frame), (1, 3));
 }
+
+/// Pins: the WAL header stores a 65536-byte page size as 65536 (the database
+/// header stores it as 1), and such a WAL is captured like any other.
+#[test]
+fn real_wal_64k_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.db");
+    let c = Connection::open(&path).unwrap();
+    c.execute_batch("PRAGMA page_size=65536;").unwrap();
+    let base = setup(&c, &path);
+    c.execute("INSERT INTO t(v) VALUES (randomblob(100000))", [])
+        .unwrap();
+    let wal = std::fs::read(wal_path(&path)).unwrap();
+    assert_eq!(&wal[8..12], &65536u32.to_be_bytes());
+    let txns = WalTracker::new().scan(&wal).unwrap();
+    assert_eq!(txns.len(), 1);
+    assert_eq!(txns[0].page_size, 65536);
+    let mut img = base;
+    apply(&mut img, &txns);
+    check_image(dir.path(), &img, &c);
+}
