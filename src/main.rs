@@ -193,10 +193,8 @@ fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     if create_bucket {
-        let store = membridge::remote::S3Store::new(
-            &cfg.s3,
-            membridge::remote::S3Options::interactive(),
-        );
+        let store =
+            membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
         rt.block_on(store.create_bucket())
             .map_err(|e| format!("creating bucket {}: {e}", cfg.s3.bucket))?;
         println!("[ok]   bucket {} exists", cfg.s3.bucket);
