@@ -1,1 +1,3 @@
-//! placeholder
+//! Replication: the primary's capture and uploader, the secondary's follower.
+
+pub mod manifest;

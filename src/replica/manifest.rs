@@ -1,0 +1,170 @@
+//! `manifest.json`: the one mutable object that says what is published.
+//!
+//! Segments and snapshots are immutable and written create-only; the manifest is
+//! only ever advanced by `If-Match` compare-and-swap, so a publication is the
+//! moment the manifest names it. Objects the manifest does not reach (a crashed
+//! upload, a fenced primary's tail) are ignored by readers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
+
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub canonical_id: String,
+    /// Epoch of the lease under which the manifest was last advanced.
+    pub epoch: u64,
+    /// Where each epoch's history starts: txids at or above `start_txid` (per
+    /// database) belong to that epoch. Segments of another epoch in that range
+    /// are a deposed primary's and are ignored.
+    #[serde(default)]
+    pub epochs: Vec<EpochStart>,
+    pub updated_at: String,
+    pub updated_by: String,
+    pub databases: BTreeMap<String, DbManifest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochStart {
+    pub epoch: u64,
+    /// First txid of this epoch, per database.
+    pub start_txid: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbManifest {
+    /// A new generation starts from a fresh snapshot when history could not be
+    /// continued (e.g. the database was changed outside membridge).
+    pub generation: u64,
+    pub head_txid: u64,
+    /// Whole-database checksum at `head_txid`, hex.
+    pub head_checksum: String,
+    pub page_size: u32,
+    pub size_pages: u32,
+    pub snapshot: Option<SnapshotRef>,
+    /// Older snapshots still within retention, oldest first (point-in-time restore).
+    #[serde(default)]
+    pub older_snapshots: Vec<SnapshotRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    pub txid: u64,
+    pub key: String,
+    pub checksum: String,
+    pub size_pages: u32,
+    pub taken_at: String,
+}
+
+pub fn hex64(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+pub fn parse_hex64(s: &str) -> Option<u64> {
+    u64::from_str_radix(s, 16).ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{key}: not a membridge manifest: {why}")]
+    Malformed { key: String, why: String },
+    #[error("{key}: belongs to project {found}, not {expected}")]
+    ForeignProject {
+        key: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{key}: format {0} is newer than this membridge understands ({FORMAT})", .found)]
+    TooNew { key: String, found: u32 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Manifest {
+    pub fn new(canonical_id: &str, node: &str, epoch: u64) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            canonical_id: canonical_id.to_string(),
+            epoch,
+            epochs: Vec::new(),
+            updated_at: chrono::Utc::now().to_rfc3339(),
+            updated_by: node.to_string(),
+            databases: BTreeMap::new(),
+        }
+    }
+
+    pub fn parse(key: &str, body: &[u8], canonical_id: &str) -> Result<Manifest, ManifestError> {
+        let m: Manifest = serde_json::from_slice(body).map_err(|e| ManifestError::Malformed {
+            key: key.to_string(),
+            why: e.to_string(),
+        })?;
+        if m.format > FORMAT {
+            return Err(ManifestError::TooNew {
+                key: key.to_string(),
+                found: m.format,
+            });
+        }
+        if m.canonical_id != canonical_id {
+            return Err(ManifestError::ForeignProject {
+                key: key.to_string(),
+                found: m.canonical_id,
+                expected: canonical_id.to_string(),
+            });
+        }
+        Ok(m)
+    }
+
+    /// The epoch that owns `txid` of `db` according to the epoch history.
+    pub fn epoch_of(&self, db: &str, txid: u64) -> Option<u64> {
+        self.epochs
+            .iter()
+            .filter(|e| e.start_txid.get(db).is_some_and(|s| *s <= txid))
+            .map(|e| e.epoch)
+            .max()
+    }
+}
+
+/// A manifest as read, with the ETag that a compare-and-swap must name.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub manifest: Manifest,
+    pub etag: String,
+}
+
+/// Read the manifest; `None` if the project has none yet.
+pub async fn load(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    canonical_id: &str,
+) -> Result<Option<Versioned>, ManifestError> {
+    let key = layout.manifest();
+    match store.get(&key).await {
+        Ok(got) => Ok(Some(Versioned {
+            manifest: Manifest::parse(&key, &got.body, canonical_id)?,
+            etag: got.etag,
+        })),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Write `next` if the manifest is still at `prev` (its ETag), or create it if
+/// `prev` is `None`. A lost race is `StoreError::PreconditionFailed`.
+pub async fn swap(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    prev: Option<&str>,
+    next: &Manifest,
+) -> Result<String, StoreError> {
+    let body = serde_json::to_vec_pretty(next).expect("manifest serializes");
+    let mode = match prev {
+        Some(etag) => PutMode::IfMatch(etag.to_string()),
+        None => PutMode::CreateOnly,
+    };
+    store.put(&layout.manifest(), body.into(), mode).await
+}
