@@ -1,6 +1,8 @@
-//! The local journal of captured transactions and the object formats the
-//! journal is shipped in (segments and snapshots, see docs/FORMAT.md).
+//! The local journal (captured transactions, durable before the committing write
+//! returns) and the segment/snapshot codecs of the bucket's objects.
 
 pub mod codec;
+pub mod store;
 
 pub use codec::Txn;
+pub use store::{DbHead, Journal, WalMark};

@@ -1,0 +1,398 @@
+//! The local journal: every captured transaction, durable before the write that
+//! committed it returns to SQLite, until the bucket and a snapshot cover it.
+//!
+//! A SQLite database of the daemon's own, in the state directory (never inside
+//! the mount). WAL mode with `synchronous=NORMAL`, the same durability SQLite
+//! gives claude-mem itself: a committed row survives a daemon or application
+//! crash. Pages are stored zstd-compressed.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::codec::Txn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("local journal: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("local journal: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("local journal: corrupt pages of {db} txid {txid}: {why}")]
+    Corrupt { db: String, txid: u64, why: String },
+}
+
+pub type Result<T> = std::result::Result<T, JournalError>;
+
+/// Where the WAL stood at the last captured WAL transaction: lets recovery
+/// find committed frames that reached the file but not the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalMark {
+    pub salt1: u32,
+    pub salt2: u32,
+    pub commit_frame: u32,
+}
+
+/// A database's row: the head of its history and what has been published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbHead {
+    pub name: String,
+    pub page_size: u32,
+    pub generation: u64,
+    pub head_txid: u64,
+    pub head_checksum: u64,
+    pub size_pages: u32,
+    pub uploaded_txid: u64,
+    /// Txid of the local base image (the last snapshot taken).
+    pub base_txid: u64,
+    pub wal: Option<WalMark>,
+}
+
+pub struct Journal {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS dbs(
+  name TEXT PRIMARY KEY,
+  page_size INTEGER NOT NULL,
+  generation INTEGER NOT NULL,
+  head_txid INTEGER NOT NULL,
+  head_checksum INTEGER NOT NULL,
+  size_pages INTEGER NOT NULL,
+  uploaded_txid INTEGER NOT NULL,
+  base_txid INTEGER NOT NULL,
+  wal_salt1 INTEGER, wal_salt2 INTEGER, wal_commit_frame INTEGER
+);
+CREATE TABLE IF NOT EXISTS txns(
+  db TEXT NOT NULL,
+  txid INTEGER NOT NULL,
+  epoch INTEGER NOT NULL,
+  size_pages INTEGER NOT NULL,
+  pre INTEGER NOT NULL,
+  post INTEGER NOT NULL,
+  ts INTEGER NOT NULL,
+  page_count INTEGER NOT NULL,
+  raw_bytes INTEGER NOT NULL,
+  pages BLOB NOT NULL,
+  PRIMARY KEY(db, txid)
+) WITHOUT ROWID;
+";
+
+fn encode_pages(pages: &[(u32, Bytes)]) -> std::io::Result<Vec<u8>> {
+    let mut raw = Vec::with_capacity(pages.iter().map(|(_, p)| p.len() + 4).sum());
+    for (pgno, page) in pages {
+        raw.extend_from_slice(&pgno.to_be_bytes());
+        raw.extend_from_slice(page);
+    }
+    zstd::bulk::compress(&raw, 1)
+}
+
+fn decode_pages(
+    db: &str,
+    txid: u64,
+    blob: &[u8],
+    count: usize,
+    raw_len: usize,
+) -> Result<Vec<(u32, Bytes)>> {
+    let corrupt = |why: String| JournalError::Corrupt {
+        db: db.to_string(),
+        txid,
+        why,
+    };
+    let mut raw = Vec::with_capacity(raw_len);
+    zstd::stream::read::Decoder::new(blob)
+        .and_then(|mut d| d.read_to_end(&mut raw))
+        .map_err(|e| corrupt(e.to_string()))?;
+    if count == 0 || raw.len() != raw_len || raw_len % count != 0 {
+        return Err(corrupt(format!("{} bytes for {count} pages", raw.len())));
+    }
+    let rec = raw_len / count;
+    let raw = Bytes::from(raw);
+    Ok((0..count)
+        .map(|i| {
+            let r = raw.slice(i * rec..(i + 1) * rec);
+            (u32::from_be_bytes(r[..4].try_into().unwrap()), r.slice(4..))
+        })
+        .collect())
+}
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Journal> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Journal {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn head(&self, db: &str) -> Result<Option<DbHead>> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.query_row(
+            "SELECT name, page_size, generation, head_txid, head_checksum, size_pages,
+                    uploaded_txid, base_txid, wal_salt1, wal_salt2, wal_commit_frame
+             FROM dbs WHERE name = ?1",
+            [db],
+            row_head,
+        )
+        .optional()?)
+    }
+
+    pub fn heads(&self) -> Result<Vec<DbHead>> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare(
+            "SELECT name, page_size, generation, head_txid, head_checksum, size_pages,
+                    uploaded_txid, base_txid, wal_salt1, wal_salt2, wal_commit_frame
+             FROM dbs ORDER BY name",
+        )?;
+        let rows = st.query_map([], row_head)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Start (or restart, as a new generation) a database's history at `head`,
+    /// the state its base image holds. Drops transactions of the old generation.
+    pub fn start_generation(&self, head: &DbHead) -> Result<()> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM txns WHERE db = ?1", [&head.name])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO dbs(name, page_size, generation, head_txid, head_checksum,
+               size_pages, uploaded_txid, base_txid, wal_salt1, wal_salt2, wal_commit_frame)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                head.name,
+                head.page_size,
+                head.generation as i64,
+                head.head_txid as i64,
+                head.head_checksum as i64,
+                head.size_pages,
+                head.uploaded_txid as i64,
+                head.base_txid as i64,
+                head.wal.map(|w| w.salt1),
+                head.wal.map(|w| w.salt2),
+                head.wal.map(|w| w.commit_frame),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Append one captured transaction and advance the head, atomically.
+    pub fn append(&self, db: &str, txn: &Txn, wal: Option<WalMark>) -> Result<()> {
+        let blob = encode_pages(&txn.pages)?;
+        let raw: usize = txn.pages.iter().map(|(_, p)| p.len() + 4).sum();
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO txns(db, txid, epoch, size_pages, pre, post, ts, page_count, raw_bytes, pages)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                db,
+                txn.txid as i64,
+                txn.epoch as i64,
+                txn.db_size_pages,
+                txn.pre_checksum as i64,
+                txn.post_checksum as i64,
+                txn.timestamp_ms,
+                txn.pages.len() as i64,
+                raw as i64,
+                blob
+            ],
+        )?;
+        tx.execute(
+            "UPDATE dbs SET head_txid = ?2, head_checksum = ?3, size_pages = ?4,
+               wal_salt1 = ?5, wal_salt2 = ?6, wal_commit_frame = ?7 WHERE name = ?1",
+            params![
+                db,
+                txn.txid as i64,
+                txn.post_checksum as i64,
+                txn.db_size_pages,
+                wal.map(|w| w.salt1),
+                wal.map(|w| w.salt2),
+                wal.map(|w| w.commit_frame),
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Transactions after `after`, in order, until `max_raw_bytes` of page data
+    /// (at least one transaction) or `to` inclusive.
+    pub fn txns(&self, db: &str, after: u64, to: u64, max_raw_bytes: usize) -> Result<Vec<Txn>> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare_cached(
+            "SELECT txid, epoch, size_pages, pre, post, ts, page_count, raw_bytes, pages
+             FROM txns WHERE db = ?1 AND txid > ?2 AND txid <= ?3 ORDER BY txid",
+        )?;
+        let mut rows = st.query(params![db, after as i64, to.min(i64::MAX as u64) as i64])?;
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        while let Some(r) = rows.next()? {
+            let txid = r.get::<_, i64>(0)? as u64;
+            let raw = r.get::<_, i64>(7)? as usize;
+            if !out.is_empty() && total + raw > max_raw_bytes {
+                break;
+            }
+            total += raw;
+            let blob: Vec<u8> = r.get(8)?;
+            let pages = decode_pages(db, txid, &blob, r.get::<_, i64>(6)? as usize, raw)?;
+            out.push(Txn {
+                txid,
+                epoch: r.get::<_, i64>(1)? as u64,
+                db_size_pages: r.get(2)?,
+                pre_checksum: r.get::<_, i64>(3)? as u64,
+                post_checksum: r.get::<_, i64>(4)? as u64,
+                timestamp_ms: r.get(5)?,
+                pages,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn mark_uploaded(&self, db: &str, txid: u64) -> Result<()> {
+        let c = self.conn.lock().unwrap();
+        c.execute(
+            "UPDATE dbs SET uploaded_txid = max(uploaded_txid, ?2) WHERE name = ?1",
+            params![db, txid as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The base image now holds `txid`: transactions both uploaded and in the
+    /// base are no longer needed locally (the bucket keeps them for restore).
+    pub fn set_base(&self, db: &str, txid: u64) -> Result<()> {
+        let mut c = self.conn.lock().unwrap();
+        let tx = c.transaction()?;
+        tx.execute(
+            "UPDATE dbs SET base_txid = ?2 WHERE name = ?1",
+            params![db, txid as i64],
+        )?;
+        tx.execute(
+            "DELETE FROM txns WHERE db = ?1 AND txid <= ?2
+               AND txid <= (SELECT uploaded_txid FROM dbs WHERE name = ?1)",
+            params![db, txid as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Bytes of page data captured but not yet uploaded.
+    pub fn backlog(&self, db: &str) -> Result<(u64, u64)> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.query_row(
+            "SELECT count(*), coalesce(sum(raw_bytes), 0) FROM txns
+             WHERE db = ?1 AND txid > (SELECT uploaded_txid FROM dbs WHERE name = ?1)",
+            [db],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+}
+
+fn row_head(r: &rusqlite::Row<'_>) -> rusqlite::Result<DbHead> {
+    let wal = match (
+        r.get::<_, Option<u32>>(8)?,
+        r.get::<_, Option<u32>>(9)?,
+        r.get::<_, Option<u32>>(10)?,
+    ) {
+        (Some(salt1), Some(salt2), Some(commit_frame)) => Some(WalMark {
+            salt1,
+            salt2,
+            commit_frame,
+        }),
+        _ => None,
+    };
+    Ok(DbHead {
+        name: r.get(0)?,
+        page_size: r.get(1)?,
+        generation: r.get::<_, i64>(2)? as u64,
+        head_txid: r.get::<_, i64>(3)? as u64,
+        head_checksum: r.get::<_, i64>(4)? as u64,
+        size_pages: r.get(5)?,
+        uploaded_txid: r.get::<_, i64>(6)? as u64,
+        base_txid: r.get::<_, i64>(7)? as u64,
+        wal,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txn(txid: u64, pages: &[(u32, u8)]) -> Txn {
+        Txn {
+            txid,
+            epoch: 1,
+            db_size_pages: 4,
+            pre_checksum: txid,
+            post_checksum: txid + 1,
+            timestamp_ms: 1000 + txid as i64,
+            pages: pages
+                .iter()
+                .map(|(p, b)| (*p, Bytes::from(vec![*b; 512])))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn append_read_upload_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
+        let head = DbHead {
+            name: "claude-mem.db".into(),
+            page_size: 512,
+            generation: 1,
+            head_txid: 0,
+            head_checksum: 0,
+            size_pages: 1,
+            uploaded_txid: 0,
+            base_txid: 0,
+            wal: None,
+        };
+        j.start_generation(&head).unwrap();
+        let mark = WalMark {
+            salt1: 7,
+            salt2: 9,
+            commit_frame: 3,
+        };
+        for t in 1..=5 {
+            j.append(
+                "claude-mem.db",
+                &txn(t, &[(1, t as u8), (3, 0xee)]),
+                Some(mark),
+            )
+            .unwrap();
+        }
+        let h = j.head("claude-mem.db").unwrap().unwrap();
+        assert_eq!((h.head_txid, h.head_checksum, h.wal), (5, 6, Some(mark)));
+        let got = j.txns("claude-mem.db", 1, u64::MAX, usize::MAX).unwrap();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[0], txn(2, &[(1, 2), (3, 0xee)]));
+        // a byte budget still returns at least one transaction
+        assert_eq!(j.txns("claude-mem.db", 0, u64::MAX, 1).unwrap().len(), 1);
+        assert_eq!(j.backlog("claude-mem.db").unwrap().0, 5);
+        j.mark_uploaded("claude-mem.db", 3).unwrap();
+        assert_eq!(j.backlog("claude-mem.db").unwrap().0, 2);
+        j.set_base("claude-mem.db", 4).unwrap();
+        // only uploaded-and-in-base transactions are dropped
+        let left: Vec<u64> = j
+            .txns("claude-mem.db", 0, u64::MAX, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|t| t.txid)
+            .collect();
+        assert_eq!(left, [4, 5]);
+        // a reopened journal has the same head
+        drop(j);
+        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
+        assert_eq!(j.head("claude-mem.db").unwrap().unwrap().base_txid, 4);
+    }
+}
