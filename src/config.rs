@@ -139,6 +139,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "/var/lib/membridge",
     ),
     (
+        "MEMBRIDGE_SNAPSHOT_TXNS",
+        "take a snapshot after this many transactions (default 10000)",
+        "10000",
+    ),
+    (
         "MEMBRIDGE_RETENTION_DAYS",
         "keep segments/snapshots this long (default 7)",
         "7",
@@ -381,6 +386,7 @@ pub struct Config {
     pub poll_interval: Duration,
     pub cache_bytes: usize,
     pub retention: Duration,
+    pub snapshot_txns: u64,
     /// `<state root>/<canonical_id>`: the local journal, divergent copies, logs.
     pub state_dir: PathBuf,
     pub config_file: Option<PathBuf>,
@@ -422,6 +428,9 @@ impl Config {
         let ttl: u64 = l.parsed("LEADERSHIP_LEASE_SECONDS", 30, |v| (3..=86_400).contains(v))?;
         let poll_ms: u64 = l.parsed("MEMBRIDGE_POLL_MS", 1000, |v| (50..=600_000).contains(v))?;
         let cache_mb: usize = l.parsed("MEMBRIDGE_CACHE_MB", 64, |v| (1..=65_536).contains(v))?;
+        let snapshot_txns: u64 = l.parsed("MEMBRIDGE_SNAPSHOT_TXNS", 10_000, |v| {
+            (1..=100_000_000).contains(v)
+        })?;
         let retention_days: u64 = l.parsed("MEMBRIDGE_RETENTION_DAYS", 7, |v| *v <= 3650)?;
         let classes = ClassGlobs {
             databases: globs(l, "MEMBRIDGE_REPLICATE", &["claude-mem.db"])?,
@@ -449,6 +458,7 @@ impl Config {
             poll_interval: Duration::from_millis(poll_ms),
             cache_bytes: cache_mb << 20,
             retention: Duration::from_secs(retention_days * 86_400),
+            snapshot_txns,
             config_file: l.config_file().map(Path::to_path_buf),
         })
     }

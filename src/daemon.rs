@@ -17,9 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{SigSet, Signal};
 
+use std::sync::atomic::AtomicU64;
+
 use crate::config::Config;
 use crate::fs::class::Classifier;
 use crate::fs::{mount, MemFs};
+use crate::journal::Journal;
+use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
+use crate::replica::capture::Capture;
+use crate::replica::uploader::{Policy as UploadPolicy, Uploader};
 use crate::status::Status;
 
 const READY_FD_ENV: &str = "MEMBRIDGE_READY_FD";
@@ -130,7 +136,8 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let log = std::env::var_os(READY_FD_ENV).map(|_| log_file(cfg).display().to_string());
     let status = Status::new(cfg, &dir, log);
     let classifier = Classifier::new(&cfg.classes.databases, &cfg.classes.files);
-    let fs = MemFs::new(root_fd, classifier, Arc::new(status.clone()))?;
+    let replication = start_replication(cfg, &root_fd, &status)?;
+    let fs = MemFs::new(root_fd, classifier, Arc::new(status.clone()), replication)?;
     let mut session = mount::mount(fs, &dir, args.threads)
         .with_context(|| format!("mounting {}", dir.display()))?;
     let mut unmounter = session.unmount_callable();
@@ -150,6 +157,77 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     session.run().context("FUSE session")?;
     tracing::info!(dir = %dir.display(), "unmounted; exiting");
     Ok(())
+}
+
+/// Open the journal, reconcile every replicated database with it (before the
+/// mount serves anything), and start the uploader on its own runtime.
+fn start_replication(
+    cfg: &Config,
+    root_fd: &std::os::fd::OwnedFd,
+    status: &Status,
+) -> Result<Arc<Capture>> {
+    let journal = Arc::new(
+        Journal::open(&cfg.state_dir.join("journal.db")).context("opening the local journal")?,
+    );
+    let epoch = Arc::new(AtomicU64::new(0));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let base_dir = cfg.state_dir.join("base");
+    let capture = Arc::new(Capture::new(
+        root_fd.try_clone()?,
+        journal.clone(),
+        base_dir.clone(),
+        epoch.clone(),
+        wake.clone(),
+        status.clone(),
+    ));
+    let mut names: Vec<String> = journal.heads()?.into_iter().map(|h| h.name).collect();
+    let root = format!("/proc/self/fd/{}/", root_fd.as_raw_fd());
+    for pattern in &cfg.classes.databases {
+        for path in glob::glob(&format!("{root}{pattern}"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(rel) = path.to_str().and_then(|p| p.strip_prefix(&root)) {
+                names.push(rel.to_string());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    for db in &names {
+        if let Err(e) = capture.recover(db) {
+            // The mount still comes up; writes to this database fail until fixed.
+            tracing::error!(db = %db, error = %e, "cannot replicate this database");
+            status.update(|s| s.last_error = Some(e.to_string()));
+        }
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.s3, S3Options::default()));
+    let uploader = Uploader::new(
+        store,
+        Layout::for_config(cfg),
+        cfg.canonical_id.clone(),
+        cfg.node_id.clone(),
+        journal,
+        base_dir,
+        epoch,
+        wake,
+        status.clone(),
+        UploadPolicy {
+            retention: cfg.retention,
+            snapshot_txns: cfg.snapshot_txns,
+            ..UploadPolicy::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("membridge-io")
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("uploader".into())
+        .spawn(move || rt.block_on(uploader.run()))?;
+    Ok(capture)
 }
 
 /// `membridge unmount`: unmount, then wait for the daemon to finish its work.

@@ -39,7 +39,17 @@ pub struct StatusDoc {
     pub classes: ClassGlobsDoc,
     pub databases: BTreeMap<String, DbStatus>,
     pub log_file: Option<String>,
+    /// "ok", "unreachable" (bucket down: writes go on, backlog grows) or "error".
+    pub upload_state: String,
+    /// The last bucket outage; `to` is empty while it lasts.
+    pub last_outage: Option<Outage>,
     pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outage {
+    pub from: String,
+    pub to: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +93,8 @@ impl Status {
             classes: (&cfg.classes).into(),
             databases: BTreeMap::new(),
             log_file,
+            upload_state: "ok".into(),
+            last_outage: None,
             last_error: None,
         })))
     }

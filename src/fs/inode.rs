@@ -26,7 +26,7 @@ pub struct Inode {
     nlookup: AtomicU64,
     /// (parent node, name) of the last name this node was seen under.
     loc: Mutex<(u64, OsString)>,
-    class: RwLock<PathClass>,
+    class: RwLock<Arc<PathClass>>,
 }
 
 impl Inode {
@@ -34,7 +34,8 @@ impl Inode {
         self.fd.as_raw_fd()
     }
 
-    pub fn class(&self) -> PathClass {
+    /// Cheap to call on every read and write: one lock and a refcount.
+    pub fn class(&self) -> Arc<PathClass> {
         self.class.read().unwrap().clone()
     }
 
@@ -64,7 +65,7 @@ impl InodeTable {
             is_symlink: false,
             nlookup: AtomicU64::new(2),
             loc: Mutex::new((ROOT, OsString::new())),
-            class: RwLock::new(PathClass::Local),
+            class: RwLock::new(Arc::new(PathClass::Local)),
         });
         let mut maps = Maps::default();
         maps.by_key.insert(root_key, ROOT);
@@ -95,7 +96,7 @@ impl InodeTable {
             let node = maps.by_ino[ino].clone();
             node.nlookup.fetch_add(1, Ordering::Relaxed);
             *node.loc.lock().unwrap() = (parent, name.to_os_string());
-            *node.class.write().unwrap() = class;
+            *node.class.write().unwrap() = Arc::new(class);
             return node; // `fd` is a duplicate: dropped (closed) here
         }
         let ino = self.next.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +109,7 @@ impl InodeTable {
             is_symlink: fmt == libc::S_IFLNK,
             nlookup: AtomicU64::new(1),
             loc: Mutex::new((parent, name.to_os_string())),
-            class: RwLock::new(class),
+            class: RwLock::new(Arc::new(class)),
         });
         maps.by_key.insert(key, ino);
         maps.by_ino.insert(ino, node.clone());
@@ -139,7 +140,7 @@ impl InodeTable {
     pub fn relocate(&self, ino: u64, parent: u64, name: &OsStr, class: PathClass) {
         if let Some(node) = self.get(ino) {
             *node.loc.lock().unwrap() = (parent, name.to_os_string());
-            *node.class.write().unwrap() = class;
+            *node.class.write().unwrap() = Arc::new(class);
         }
     }
 

@@ -47,8 +47,54 @@ enum Handle {
     Virtual(Vec<u8>),
 }
 
+/// What replication sees of replicated paths. The filesystem knows nothing of
+/// SQLite or S3: it reports each mutation of a non-local path, in order, after
+/// it reached the backing file and before it is acknowledged, so a committed
+/// transaction is captured before SQLite learns it committed. An `Err(errno)`
+/// goes back to the caller.
+pub trait Replication: Send + Sync {
+    /// May this mutation of a replicated path happen at all (role gate)?
+    fn check_write(&self, _class: &PathClass) -> Result<(), i32> {
+        Ok(())
+    }
+    fn written(&self, class: &PathClass, offset: u64, len: u64) -> Result<(), i32>;
+    fn truncated(&self, class: &PathClass, len: u64) -> Result<(), i32>;
+    /// Unlinked, or renamed away.
+    fn removed(&self, class: &PathClass) -> Result<(), i32>;
+    /// Another file was renamed onto this path.
+    fn replaced(&self, class: &PathClass) -> Result<(), i32>;
+    /// fsync, or the last close of a handle that wrote.
+    fn synced(&self, class: &PathClass) -> Result<(), i32>;
+}
+
+/// Plain passthrough: nothing is replicated.
+pub struct NoReplication;
+
+impl Replication for NoReplication {
+    fn written(&self, _: &PathClass, _: u64, _: u64) -> Result<(), i32> {
+        Ok(())
+    }
+    fn truncated(&self, _: &PathClass, _: u64) -> Result<(), i32> {
+        Ok(())
+    }
+    fn removed(&self, _: &PathClass) -> Result<(), i32> {
+        Ok(())
+    }
+    fn replaced(&self, _: &PathClass) -> Result<(), i32> {
+        Ok(())
+    }
+    fn synced(&self, _: &PathClass) -> Result<(), i32> {
+        Ok(())
+    }
+}
+
+fn replicated(class: &PathClass) -> bool {
+    !matches!(class, PathClass::Local)
+}
+
 pub struct MemFs {
     inodes: InodeTable,
+    repl: Arc<dyn Replication>,
     classifier: Classifier,
     virt: Arc<dyn VirtualFiles>,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -139,10 +185,12 @@ impl MemFs {
         root_fd: std::os::fd::OwnedFd,
         classifier: Classifier,
         virt: Arc<dyn VirtualFiles>,
+        repl: Arc<dyn Replication>,
     ) -> std::io::Result<MemFs> {
         let st = sys::fstat(root_fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
         Ok(MemFs {
             inodes: InodeTable::new(root_fd, (st.st_dev, st.st_ino)),
+            repl,
             classifier,
             virt,
             handles: Mutex::new(HashMap::new()),
@@ -287,6 +335,7 @@ impl Filesystem for MemFs {
             Err(e) => return reply.error(e),
         };
         let open_fd = fh.filter(|f| f.0 < HANDLE_BASE).map(|f| f.0 as RawFd);
+        let class = node.class();
         let result = (|| -> Result<(), i32> {
             if let Some(mode) = mode {
                 sys::chmod_path_fd(node.fd(), mode)?;
@@ -295,9 +344,15 @@ impl Filesystem for MemFs {
                 sys::chown_fd(node.fd(), uid, gid)?;
             }
             if let Some(size) = size {
+                if replicated(&class) {
+                    self.repl.check_write(&class)?;
+                }
                 match open_fd {
                     Some(fd) => sys::ftruncate(fd, size)?,
                     None => sys::truncate_path_fd(node.fd(), size)?,
+                }
+                if replicated(&class) {
+                    self.repl.truncated(&class, size)?;
                 }
             }
             if atime.is_some() || mtime.is_some() {
@@ -407,8 +462,28 @@ impl Filesystem for MemFs {
             (Ok(a), Ok(b)) => (a, b),
             _ => return reply.error(Errno::EINVAL),
         };
+        let from = self.child_class(parent.0, name);
+        let to = self.child_class(newparent.0, newname);
+        for c in [&from, &to] {
+            if replicated(c) {
+                if let Err(e) = self.repl.check_write(c) {
+                    return reply.error(err(e));
+                }
+            }
+        }
         if let Err(e) = sys::rename_at(p.fd(), &old_c, np.fd(), &new_c, flags.bits()) {
             return reply.error(err(e));
+        }
+        let mut outcome = Ok(());
+        if replicated(&from) {
+            outcome = outcome.and(if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                self.repl.replaced(&from)
+            } else {
+                self.repl.removed(&from)
+            });
+        }
+        if replicated(&to) {
+            outcome = outcome.and(self.repl.replaced(&to));
         }
         // The moved node keeps its fd; its name and class follow it. With
         // RENAME_EXCHANGE the node now under the old name moves the other way.
@@ -423,7 +498,10 @@ impl Filesystem for MemFs {
                 }
             }
         }
-        reply.ok();
+        match outcome {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
     }
 
     fn link(
@@ -460,7 +538,21 @@ impl Filesystem for MemFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        match sys::reopen(node.fd(), flags.0) {
+        let class = node.class();
+        let truncating =
+            flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        if truncating && replicated(&class) {
+            if let Err(e) = self.repl.check_write(&class) {
+                return reply.error(err(e));
+            }
+        }
+        let opened = sys::reopen(node.fd(), flags.0);
+        if let (true, true, Ok(_)) = (truncating, replicated(&class), &opened) {
+            if let Err(e) = self.repl.truncated(&class, 0) {
+                return reply.error(err(e));
+            }
+        }
+        match opened {
             Ok(fd) => reply.opened(
                 FileHandle(fd.into_raw_fd() as u64),
                 FopenFlags::FOPEN_KEEP_CACHE,
@@ -501,7 +593,7 @@ impl Filesystem for MemFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -513,10 +605,31 @@ impl Filesystem for MemFs {
         if fh.0 >= HANDLE_BASE {
             return reply.error(Errno::EBADF);
         }
-        match sys::pwrite(fh.0 as RawFd, data, offset) {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(err(e)),
+        let class = match self.node(ino) {
+            Ok(n) => n.class(),
+            Err(e) => return reply.error(e),
+        };
+        if replicated(&class) {
+            if let Err(e) = self.repl.check_write(&class) {
+                return reply.error(err(e));
+            }
         }
+        let n = match sys::pwrite(fh.0 as RawFd, data, offset) {
+            Ok(n) => n,
+            Err(e) => return reply.error(err(e)),
+        };
+        if replicated(&class) {
+            // An O_APPEND handle wrote at the end, whatever `offset` said.
+            let at = if sys::is_append(fh.0 as RawFd) {
+                sys::lseek(fh.0 as RawFd, 0, libc::SEEK_END).map(|end| end as u64 - n as u64)
+            } else {
+                Ok(offset)
+            };
+            if let Err(e) = at.and_then(|at| self.repl.written(&class, at, n as u64)) {
+                return reply.error(err(e));
+            }
+        }
+        reply.written(n as u32)
     }
 
     fn flush(
@@ -533,17 +646,27 @@ impl Filesystem for MemFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         if fh.0 >= HANDLE_BASE {
             self.handles.lock().unwrap().remove(&fh.0);
-        } else {
-            sys::close(fh.0 as RawFd);
+            return reply.ok();
+        }
+        sys::close(fh.0 as RawFd);
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            if let Ok(n) = self.node(ino) {
+                let c = n.class();
+                if replicated(&c) {
+                    if let Err(e) = self.repl.synced(&c) {
+                        return reply.error(err(e));
+                    }
+                }
+            }
         }
         reply.ok();
     }
@@ -551,7 +674,7 @@ impl Filesystem for MemFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
@@ -559,9 +682,16 @@ impl Filesystem for MemFs {
         if fh.0 >= HANDLE_BASE {
             return reply.ok();
         }
-        match sys::fsync(fh.0 as RawFd, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
+        if let Err(e) = sys::fsync(fh.0 as RawFd, datasync) {
+            return reply.error(err(e));
+        }
+        let class = self.node(ino).map(|n| n.class());
+        match class {
+            Ok(c) if replicated(&c) => match self.repl.synced(&c) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(err(e)),
+            },
+            _ => reply.ok(),
         }
     }
 
@@ -775,6 +905,12 @@ impl Filesystem for MemFs {
             Ok(c) => c,
             Err(e) => return reply.error(err(e)),
         };
+        let class = self.child_class(parent.0, name);
+        if replicated(&class) {
+            if let Err(e) = self.repl.check_write(&class) {
+                return reply.error(err(e));
+            }
+        }
         let file = match sys::create_at(p.fd(), &c, flags, mode & !umask) {
             Ok(f) => f,
             Err(e) => return reply.error(err(e)),
@@ -894,9 +1030,17 @@ impl MemFs {
         if Self::reserved(parent, name) || Self::is_virtual(parent) {
             return reply.error(Errno::EPERM);
         }
+        let class = self.child_class(parent.0, name);
         let res = self.node(parent).and_then(|p| {
             let c = sys::cstr(name).map_err(err)?;
-            sys::unlink_at(p.fd(), &c, dir).map_err(err)
+            if replicated(&class) {
+                self.repl.check_write(&class).map_err(err)?;
+            }
+            sys::unlink_at(p.fd(), &c, dir).map_err(err)?;
+            if replicated(&class) {
+                self.repl.removed(&class).map_err(err)?;
+            }
+            Ok(())
         });
         match res {
             Ok(()) => reply.ok(),

@@ -367,3 +367,8 @@ pub fn removexattr(path_fd: RawFd, name: &CStr) -> SysResult<()> {
     let p = proc_path(path_fd);
     check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
 }
+
+pub fn is_append(fd: RawFd) -> bool {
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_APPEND != 0
+}

@@ -107,7 +107,7 @@ fn decode_pages(
     zstd::stream::read::Decoder::new(blob)
         .and_then(|mut d| d.read_to_end(&mut raw))
         .map_err(|e| corrupt(e.to_string()))?;
-    if count == 0 || raw.len() != raw_len || raw_len % count != 0 {
+    if count == 0 || raw.len() != raw_len || !raw_len.is_multiple_of(count) {
         return Err(corrupt(format!("{} bytes for {count} pages", raw.len())));
     }
     let rec = raw_len / count;
@@ -283,6 +283,17 @@ impl Journal {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Transactions and page bytes captured since the base image (snapshot cadence).
+    pub fn since_base(&self, db: &str) -> Result<(u64, u64)> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.query_row(
+            "SELECT count(*), coalesce(sum(raw_bytes), 0) FROM txns
+             WHERE db = ?1 AND txid > (SELECT base_txid FROM dbs WHERE name = ?1)",
+            [db],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
     }
 
     /// Bytes of page data captured but not yet uploaded.

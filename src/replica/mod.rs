@@ -1,3 +1,5 @@
 //! Replication: the primary's capture and uploader, the secondary's follower.
 
+pub mod capture;
 pub mod manifest;
+pub mod uploader;

@@ -1,0 +1,600 @@
+//! The primary's uploader: journal → segments → manifest, off the write path.
+//!
+//! Woken by each capture, it waits a short batching window, then writes what
+//! committed meanwhile as one create-only segment and advances `manifest.json`
+//! by compare-and-swap. While the bucket is unreachable the journal's backlog
+//! grows and writes go on; it drains when the bucket returns. Snapshots come
+//! from a local base image (the last snapshot) advanced with journaled
+//! transactions, so they never read the live database.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::manifest::{self, hex64, DbManifest, Manifest, SnapshotRef, Versioned};
+use crate::journal::codec::{self, SegmentMeta, SnapshotMeta};
+use crate::journal::{DbHead, Journal};
+use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
+use crate::sqlite::checksum::PageHashes;
+use crate::status::Status;
+
+/// Knobs; the defaults suit claude-mem's write rate.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Wait this long after a wake-up so one segment carries the burst.
+    pub batch_window: Duration,
+    /// Upper bound of page bytes per segment.
+    pub segment_bytes: usize,
+    /// Take a snapshot after this many transactions since the last one...
+    pub snapshot_txns: u64,
+    /// ...or this many page bytes.
+    pub snapshot_bytes: u64,
+    pub retention: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            batch_window: Duration::from_millis(200),
+            segment_bytes: 16 << 20,
+            snapshot_txns: 10_000,
+            snapshot_bytes: 256 << 20,
+            retention: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::store::JournalError),
+    #[error(transparent)]
+    Codec(#[from] codec::CodecError),
+    #[error("base image of {db}: {source}")]
+    Io { db: String, source: std::io::Error },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+type Result<T> = std::result::Result<T, UploadError>;
+
+pub struct Uploader {
+    store: Arc<dyn ObjectStore>,
+    layout: Layout,
+    canonical_id: String,
+    node_id: String,
+    journal: Arc<Journal>,
+    base_dir: PathBuf,
+    epoch: Arc<AtomicU64>,
+    wake: Arc<Notify>,
+    status: Status,
+    policy: Policy,
+    manifest: Option<Versioned>,
+    last_prune: Option<Instant>,
+}
+
+/// The base image of `db` at `txid`: the txid is in the name, so switching to a
+/// newer base is one journal update, and a crash leaves at worst a stray file.
+pub fn base_path(base_dir: &Path, db: &str, txid: u64) -> PathBuf {
+    let safe = db.replace('%', "%25").replace('/', "%2F");
+    base_dir.join(format!("{safe}@{txid:016x}.base"))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Uploader {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        layout: Layout,
+        canonical_id: String,
+        node_id: String,
+        journal: Arc<Journal>,
+        base_dir: PathBuf,
+        epoch: Arc<AtomicU64>,
+        wake: Arc<Notify>,
+        status: Status,
+        policy: Policy,
+    ) -> Uploader {
+        Uploader {
+            store,
+            layout,
+            canonical_id,
+            node_id,
+            journal,
+            base_dir,
+            epoch,
+            wake,
+            status,
+            policy,
+            manifest: None,
+            last_prune: None,
+        }
+    }
+
+    /// Run until the process ends. Failures are reported in status and retried
+    /// with backoff; nothing captured is dropped.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(500);
+        let mut outage_since: Option<chrono::DateTime<chrono::Utc>> = None;
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            tokio::time::sleep(self.policy.batch_window).await;
+            match self.round().await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(500);
+                    if let Some(since) = outage_since.take() {
+                        let now = chrono::Utc::now();
+                        tracing::info!(since = %since, "bucket reachable again; backlog drained");
+                        self.status.update(|s| {
+                            s.upload_state = "ok".into();
+                            s.last_outage = Some(crate::status::Outage {
+                                from: since.to_rfc3339(),
+                                to: Some(now.to_rfc3339()),
+                            });
+                            s.last_error = None;
+                        });
+                    }
+                }
+                Err(e) => {
+                    let unreachable = matches!(&e, UploadError::Store(se) if se.is_transient());
+                    tracing::warn!(error = %e, "upload failed; will retry (writes go on locally)");
+                    let now = chrono::Utc::now();
+                    let since = *outage_since.get_or_insert(now);
+                    self.manifest = None; // re-read: it may have moved meanwhile
+                    self.status.update(|s| {
+                        s.upload_state = if unreachable { "unreachable" } else { "error" }.into();
+                        s.last_error = Some(e.to_string());
+                        s.last_outage = Some(crate::status::Outage {
+                            from: since.to_rfc3339(),
+                            to: None,
+                        });
+                    });
+                    self.refresh_backlog();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(15));
+                }
+            }
+        }
+    }
+
+    fn refresh_backlog(&self) {
+        let Ok(heads) = self.journal.heads() else {
+            return;
+        };
+        for h in heads {
+            let backlog = self.journal.backlog(&h.name).map(|b| b.0).unwrap_or(0);
+            self.status.update(|s| {
+                let d = s.databases.entry(h.name.clone()).or_default();
+                d.head_txid = h.head_txid;
+                d.uploaded_txid = h.uploaded_txid;
+                d.backlog = backlog;
+            });
+        }
+    }
+
+    /// Publish everything the journal holds beyond the manifest.
+    pub async fn round(&mut self) -> Result<()> {
+        for head in self.journal.heads()? {
+            self.publish_db(head).await?;
+        }
+        self.refresh_backlog();
+        let due = self
+            .last_prune
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(600));
+        if due {
+            self.prune().await?;
+            self.last_prune = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    async fn current(&mut self) -> Result<Versioned> {
+        if let Some(v) = &self.manifest {
+            return Ok(v.clone());
+        }
+        let loaded = manifest::load(self.store.as_ref(), &self.layout, &self.canonical_id).await?;
+        let v = match loaded {
+            Some(v) => v,
+            None => {
+                let m = Manifest::new(
+                    &self.canonical_id,
+                    &self.node_id,
+                    self.epoch.load(Ordering::Relaxed),
+                );
+                let etag = manifest::swap(self.store.as_ref(), &self.layout, None, &m).await;
+                match etag {
+                    Ok(etag) => Versioned { manifest: m, etag },
+                    // Someone created it first: use theirs.
+                    Err(StoreError::PreconditionFailed { .. }) => {
+                        manifest::load(self.store.as_ref(), &self.layout, &self.canonical_id)
+                            .await?
+                            .ok_or_else(|| UploadError::Conflict("manifest vanished".into()))?
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        self.manifest = Some(v.clone());
+        Ok(v)
+    }
+
+    /// Advance the manifest with `f`, retrying on a lost race as long as the
+    /// database's head in the bucket is still the one we build on.
+    async fn advance(
+        &mut self,
+        db: &str,
+        expect_head: Option<u64>,
+        f: impl Fn(&mut Manifest),
+    ) -> Result<()> {
+        for _ in 0..5 {
+            let v = self.current().await?;
+            let found = v.manifest.databases.get(db).map(|d| d.head_txid);
+            if expect_head.is_some() && found != expect_head {
+                return Err(UploadError::Conflict(format!(
+                    "{db}: the manifest's head is {found:?}, this node built on {expect_head:?} (another writer?)"
+                )));
+            }
+            let mut next = v.manifest.clone();
+            f(&mut next);
+            next.updated_at = chrono::Utc::now().to_rfc3339();
+            next.updated_by = self.node_id.clone();
+            match manifest::swap(self.store.as_ref(), &self.layout, Some(&v.etag), &next).await {
+                Ok(etag) => {
+                    self.manifest = Some(Versioned {
+                        manifest: next,
+                        etag,
+                    });
+                    return Ok(());
+                }
+                Err(StoreError::PreconditionFailed { .. }) => self.manifest = None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(UploadError::Conflict(format!(
+            "{db}: manifest kept changing under us"
+        )))
+    }
+
+    async fn publish_db(&mut self, h: DbHead) -> Result<()> {
+        if h.page_size == 0 {
+            return Ok(());
+        }
+        let v = self.current().await?;
+        let in_bucket = v.manifest.databases.get(&h.name).cloned();
+        // A generation starts with its base snapshot.
+        let started = in_bucket
+            .as_ref()
+            .is_some_and(|d| d.generation == h.generation && d.head_txid >= h.base_txid);
+        if !started {
+            self.publish_snapshot(&h, h.base_txid, None).await?;
+        }
+        let mut uploaded = self
+            .journal
+            .head(&h.name)?
+            .map(|x| x.uploaded_txid.max(h.base_txid))
+            .unwrap_or(h.base_txid);
+        if let Some(d) = self
+            .manifest
+            .as_ref()
+            .and_then(|v| v.manifest.databases.get(&h.name))
+        {
+            uploaded = uploaded.max(d.head_txid.min(h.head_txid));
+        }
+        while uploaded < h.head_txid {
+            let txns =
+                self.journal
+                    .txns(&h.name, uploaded, h.head_txid, self.policy.segment_bytes)?;
+            let (Some(first), Some(last)) = (txns.first(), txns.last()) else {
+                break;
+            };
+            let (from, to, post, size) = (
+                first.txid,
+                last.txid,
+                last.post_checksum,
+                last.db_size_pages,
+            );
+            let meta = SegmentMeta {
+                db_name: h.name.clone(),
+                node_id: self.node_id.clone(),
+                page_size: h.page_size,
+                created_ms: now_ms(),
+            };
+            let body = codec::encode_segment(&meta, &txns)?;
+            let key = self.layout.segment(&h.name, from, to);
+            let bytes = body.len();
+            match self
+                .store
+                .put(&key, Bytes::from(body), PutMode::CreateOnly)
+                .await
+            {
+                Ok(_) => {}
+                Err(StoreError::PreconditionFailed { .. }) => {
+                    self.check_existing(&key, post).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let gen = h.generation;
+            let ps = h.page_size;
+            let name = h.name.clone();
+            self.advance(&h.name, Some(from - 1), |m| {
+                if let Some(d) = m.databases.get_mut(&name) {
+                    d.head_txid = to;
+                    d.head_checksum = hex64(post);
+                    d.size_pages = size;
+                    d.page_size = ps;
+                    d.generation = gen;
+                }
+            })
+            .await?;
+            self.journal.mark_uploaded(&h.name, to)?;
+            uploaded = to;
+            tracing::debug!(db = %h.name, from, to, bytes, "segment published");
+            self.status.update(|s| {
+                let d = s.databases.entry(h.name.clone()).or_default();
+                d.uploaded_txid = to;
+                d.last_upload = Some(chrono::Utc::now().to_rfc3339());
+                d.last_error = None;
+            });
+        }
+        let since = self.journal.since_base(&h.name)?;
+        if since.0 >= self.policy.snapshot_txns || since.1 >= self.policy.snapshot_bytes {
+            self.snapshot_now(&h.name).await?;
+        }
+        Ok(())
+    }
+
+    /// A create-only put found the key taken: fine if it is our own earlier
+    /// upload (a crash between the put and the manifest), a conflict otherwise.
+    async fn check_existing(&self, key: &str, post: u64) -> Result<()> {
+        let got = self.store.get(key).await?;
+        let h = codec::parse_segment_header(&got.body)?;
+        if h.post_checksum == post {
+            Ok(())
+        } else {
+            Err(UploadError::Conflict(format!(
+                "{key} already holds other transactions (written by node {}, epoch {}): another primary?",
+                h.node_id, h.epoch
+            )))
+        }
+    }
+
+    /// Take a snapshot at the head of what is uploaded: advance the base image
+    /// with journaled transactions, then publish it.
+    pub async fn snapshot_now(&mut self, db: &str) -> Result<()> {
+        let Some(h) = self.journal.head(db)? else {
+            return Ok(());
+        };
+        let target = h.uploaded_txid;
+        if target > h.base_txid {
+            let (journal, base_dir, name) =
+                (self.journal.clone(), self.base_dir.clone(), db.to_string());
+            let h2 = h.clone();
+            tokio::task::spawn_blocking(move || advance_base(&journal, &base_dir, &h2, target))
+                .await
+                .map_err(|e| UploadError::Conflict(format!("{name}: base builder: {e}")))??;
+        }
+        let h = self.journal.head(db)?.expect("head exists");
+        self.publish_snapshot(&h, h.base_txid, Some(h.base_txid))
+            .await
+    }
+
+    /// Upload the base image at `txid` as a snapshot and point the manifest at it.
+    /// `on_head`: the manifest head it must already be at (None: a generation start).
+    async fn publish_snapshot(
+        &mut self,
+        h: &DbHead,
+        txid: u64,
+        on_head: Option<u64>,
+    ) -> Result<()> {
+        let path = base_path(&self.base_dir, &h.name, txid);
+        let io = |source| UploadError::Io {
+            db: h.name.clone(),
+            source,
+        };
+        let image = tokio::fs::read(&path).await.map_err(io)?;
+        let hashes = PageHashes::from_bytes(&image, h.page_size).map_err(|e| UploadError::Io {
+            db: h.name.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let meta = SnapshotMeta {
+            db_name: h.name.clone(),
+            node_id: self.node_id.clone(),
+            txid,
+            epoch: self.epoch.load(Ordering::Relaxed),
+            page_size: h.page_size,
+            page_count: hashes.page_count(),
+            db_checksum: hashes.checksum(),
+            timestamp_ms: now_ms(),
+        };
+        let body = codec::encode_snapshot(meta, &image)?;
+        let key = self.layout.snapshot(&h.name, txid);
+        match self
+            .store
+            .put(&key, Bytes::from(body), PutMode::CreateOnly)
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::PreconditionFailed { .. }) => {
+                let got = self.store.get_range(&key, 0, 4096).await?;
+                let found = codec::SnapshotReader::parse_header(&got)?;
+                if found.db_checksum != hashes.checksum() {
+                    return Err(UploadError::Conflict(format!(
+                        "{key} already holds another image (node {})",
+                        found.node_id
+                    )));
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let snap = SnapshotRef {
+            txid,
+            key: key.clone(),
+            checksum: hex64(hashes.checksum()),
+            size_pages: hashes.page_count(),
+            taken_at: chrono::Utc::now().to_rfc3339(),
+        };
+        let (name, gen, ps) = (h.name.clone(), h.generation, h.page_size);
+        let checksum = hashes.checksum();
+        let size = hashes.page_count();
+        self.advance(&h.name, on_head, move |m| {
+            let d = m
+                .databases
+                .entry(name.clone())
+                .or_insert_with(|| DbManifest {
+                    generation: gen,
+                    head_txid: txid,
+                    head_checksum: hex64(checksum),
+                    page_size: ps,
+                    size_pages: size,
+                    snapshot: None,
+                    older_snapshots: Vec::new(),
+                });
+            if on_head.is_none() {
+                // A new generation: history restarts at this image.
+                d.generation = gen;
+                d.head_txid = txid;
+                d.head_checksum = hex64(checksum);
+                d.page_size = ps;
+                d.size_pages = size;
+            }
+            if let Some(old) = d.snapshot.replace(snap.clone()) {
+                if old.txid != snap.txid {
+                    d.older_snapshots.push(old);
+                }
+            }
+        })
+        .await?;
+        if on_head.is_none() {
+            self.journal.mark_uploaded(&h.name, txid)?;
+        }
+        tracing::info!(db = %h.name, txid, key = %key, "snapshot published");
+        Ok(())
+    }
+
+    /// Delete snapshots and segments older than the retention period, keeping
+    /// the newest snapshot older than the cut-off so restore still reaches it.
+    async fn prune(&mut self) -> Result<()> {
+        let Some(v) = self.manifest.clone() else {
+            return Ok(());
+        };
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(self.policy.retention)
+                .unwrap_or(chrono::Duration::days(7));
+        let mut changed = Vec::new();
+        for (db, d) in &v.manifest.databases {
+            let keep_from = d
+                .older_snapshots
+                .iter()
+                .chain(d.snapshot.iter())
+                .filter(|s| {
+                    chrono::DateTime::parse_from_rfc3339(&s.taken_at)
+                        .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= cutoff)
+                })
+                .map(|s| s.txid)
+                .max();
+            let Some(keep_from) = keep_from else {
+                continue;
+            };
+            for o in self.store.list(&self.layout.snapshot_prefix(db)).await? {
+                if let Some(k) = self.layout.parse_snapshot(&o.key) {
+                    if k.txid < keep_from {
+                        self.store.delete(&o.key).await?;
+                    }
+                }
+            }
+            for o in self.store.list(&self.layout.segment_prefix(db)).await? {
+                if let Some(k) = self.layout.parse_segment(&o.key) {
+                    if k.to <= keep_from {
+                        self.store.delete(&o.key).await?;
+                    }
+                }
+            }
+            changed.push((db.clone(), keep_from));
+        }
+        if !changed.is_empty() {
+            for (db, keep_from) in changed {
+                let head = v.manifest.databases.get(&db).map(|d| d.head_txid);
+                self.advance(&db, head, |m| {
+                    if let Some(d) = m.databases.get_mut(&db) {
+                        d.older_snapshots.retain(|s| s.txid >= keep_from);
+                    }
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copy the base image, apply journaled transactions up to `to`, verify the
+/// checksum the journal recorded, and make it the new base.
+fn advance_base(journal: &Journal, base_dir: &Path, h: &DbHead, to: u64) -> Result<()> {
+    let io = |source| UploadError::Io {
+        db: h.name.clone(),
+        source,
+    };
+    let from_path = base_path(base_dir, &h.name, h.base_txid);
+    let to_path = base_path(base_dir, &h.name, to);
+    let tmp = to_path.with_extension("tmp");
+    std::fs::copy(&from_path, &tmp).map_err(io)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .map_err(io)?;
+    let ps = h.page_size as u64;
+    let mut at = h.base_txid;
+    let mut expect = None;
+    while at < to {
+        let txns = journal.txns(&h.name, at, to, 64 << 20)?;
+        if txns.is_empty() {
+            break;
+        }
+        for t in &txns {
+            for (pgno, page) in &t.pages {
+                std::os::unix::fs::FileExt::write_all_at(&f, page, (*pgno as u64 - 1) * ps)
+                    .map_err(io)?;
+            }
+            f.set_len(t.db_size_pages as u64 * ps).map_err(io)?;
+            at = t.txid;
+            expect = Some(t.post_checksum);
+        }
+    }
+    f.sync_all().map_err(io)?;
+    drop(f);
+    if at != to {
+        return Err(UploadError::Conflict(format!(
+            "{}: journal ends at txid {at}, base needed {to}",
+            h.name
+        )));
+    }
+    let got = PageHashes::from_file(&tmp, h.page_size)
+        .map_err(io)?
+        .checksum();
+    if let Some(want) = expect {
+        if got != want {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(UploadError::Conflict(format!(
+                "{}: base image at txid {to} has checksum {got:016x}, journal says {want:016x}",
+                h.name
+            )));
+        }
+    }
+    std::fs::rename(&tmp, &to_path).map_err(io)?;
+    journal.set_base(&h.name, to)?;
+    let _ = std::fs::remove_file(&from_path);
+    Ok(())
+}
