@@ -707,6 +707,17 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        for (key, _, _) in KEYS {
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README lacks {key}"
+            );
+        }
+    }
+
+    #[test]
     fn endpoint_normalization() {
         assert_eq!(
             normalize_endpoint("host:9000", false).unwrap(),

@@ -25,7 +25,7 @@ use crate::fs::{mount, MemFs};
 use crate::journal::Journal;
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
 use crate::replica::capture::Capture;
-use crate::replica::uploader::{Policy as UploadPolicy, Uploader};
+use crate::replica::uploader::{Command as UploaderCommand, Policy as UploadPolicy, Uploader};
 use crate::status::Status;
 
 const READY_FD_ENV: &str = "MEMBRIDGE_READY_FD";
@@ -137,7 +137,12 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let status = Status::new(cfg, &dir, log);
     let classifier = Classifier::new(&cfg.classes.databases, &cfg.classes.files);
     let replication = start_replication(cfg, &root_fd, &status)?;
-    let fs = MemFs::new(root_fd, classifier, Arc::new(status.clone()), replication)?;
+    let fs = MemFs::new(
+        root_fd,
+        classifier,
+        Arc::new(status.clone()),
+        replication.capture.clone(),
+    )?;
     let mut session = mount::mount(fs, &dir, args.threads)
         .with_context(|| format!("mounting {}", dir.display()))?;
     let mut unmounter = session.unmount_callable();
@@ -155,8 +160,109 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     tracing::info!(dir = %dir.display(), node = %cfg.node_id, canonical_id = %cfg.canonical_id, "mounted");
     tell_parent(&format!("ready {}", dir.display()));
     session.run().context("FUSE session")?;
-    tracing::info!(dir = %dir.display(), "unmounted; exiting");
+    tracing::info!(dir = %dir.display(), "unmounted");
+    replication.drain(Duration::from_secs(10));
     Ok(())
+}
+
+struct Running {
+    capture: Arc<Capture>,
+    journal: Arc<Journal>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Running {
+    /// On a clean shutdown, give the uploader a bounded chance to publish the
+    /// backlog; what is left stays in the journal for the next mount.
+    fn drain(&self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let left: u64 = self
+                .journal
+                .heads()
+                .unwrap_or_default()
+                .iter()
+                .map(|h| self.journal.backlog(&h.name).map(|b| b.0).unwrap_or(0))
+                .sum();
+            if left == 0 {
+                return;
+            }
+            if start.elapsed() > limit {
+                tracing::warn!(
+                    transactions = left,
+                    "exiting with a backlog; it is uploaded at the next mount"
+                );
+                return;
+            }
+            self.wake.notify_one();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+pub fn control_socket(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("control.sock")
+}
+
+/// The daemon's control socket: one request line, one reply line.
+fn serve_control(
+    path: PathBuf,
+    commands: tokio::sync::mpsc::Sender<UploaderCommand>,
+) -> Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut line = String::new();
+                let mut reader = std::io::BufReader::new(&conn);
+                if std::io::BufRead::read_line(&mut reader, &mut line).is_err() {
+                    continue;
+                }
+                let reply = match line.trim() {
+                    "push" => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        match commands.blocking_send(UploaderCommand::Push(tx)) {
+                            Ok(()) => rx
+                                .blocking_recv()
+                                .unwrap_or_else(|_| Err("daemon is shutting down".into())),
+                            Err(_) => Err("daemon is shutting down".into()),
+                        }
+                    }
+                    other => Err(format!("unknown request {other:?}")),
+                };
+                let line = match reply {
+                    Ok(m) => format!("ok {m}\n"),
+                    Err(e) => format!("error {e}\n"),
+                };
+                let _ = (&conn).write_all(line.as_bytes());
+            }
+        })?;
+    Ok(())
+}
+
+/// Send one request to the running daemon of this project.
+pub fn request(cfg: &Config, what: &str) -> Result<String> {
+    let path = control_socket(cfg);
+    let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+        anyhow!(
+            "no membridge daemon for project {} is running here ({}: {e}); mount first",
+            cfg.canonical_id,
+            path.display()
+        )
+    })?;
+    writeln!(conn, "{what}")?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply)?;
+    let reply = reply.trim();
+    match reply.split_once(' ') {
+        Some(("ok", m)) => Ok(m.to_string()),
+        Some(("error", m)) => bail!("{m}"),
+        _ => bail!("unexpected reply from the daemon: {reply:?}"),
+    }
 }
 
 /// Open the journal, reconcile every replicated database with it (before the
@@ -165,7 +271,7 @@ fn start_replication(
     cfg: &Config,
     root_fd: &std::os::fd::OwnedFd,
     status: &Status,
-) -> Result<Arc<Capture>> {
+) -> Result<Running> {
     let journal = Arc::new(
         Journal::open(&cfg.state_dir.join("journal.db")).context("opening the local journal")?,
     );
@@ -208,10 +314,10 @@ fn start_replication(
         Layout::for_config(cfg),
         cfg.canonical_id.clone(),
         cfg.node_id.clone(),
-        journal,
+        journal.clone(),
         base_dir,
         epoch,
-        wake,
+        wake.clone(),
         status.clone(),
         UploadPolicy {
             retention: cfg.retention,
@@ -224,10 +330,16 @@ fn start_replication(
         .thread_name("membridge-io")
         .enable_all()
         .build()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    serve_control(control_socket(cfg), tx)?;
     std::thread::Builder::new()
         .name("uploader".into())
-        .spawn(move || rt.block_on(uploader.run()))?;
-    Ok(capture)
+        .spawn(move || rt.block_on(uploader.run(rx)))?;
+    Ok(Running {
+        capture,
+        journal,
+        wake,
+    })
 }
 
 /// `membridge unmount`: unmount, then wait for the daemon to finish its work.

@@ -77,6 +77,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Publish the backlog and a snapshot now (primary)
+    Push,
     /// Check config, bucket, credentials and conditional writes
     Doctor {
         /// Create the bucket first if it does not exist (first set-up)
@@ -178,6 +180,12 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 print!("{}", membridge::status::render_text(&doc));
             }
+            Ok(())
+        }
+        Cmd::Push => {
+            let cfg = load(&cli)?;
+            let msg = daemon::request(&cfg, "push").map_err(|e| format!("push: {e:#}"))?;
+            println!("membridge: {msg}");
             Ok(())
         }
         Cmd::Doctor { create_bucket } => {

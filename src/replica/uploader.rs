@@ -22,6 +22,12 @@ use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
 use crate::sqlite::checksum::PageHashes;
 use crate::status::Status;
 
+/// Requests from the control socket (`membridge push`).
+pub enum Command {
+    /// Publish everything and take a snapshot now; the reply says what was done.
+    Push(tokio::sync::oneshot::Sender<std::result::Result<String, String>>),
+}
+
 /// Knobs; the defaults suit claude-mem's write rate.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -124,13 +130,22 @@ impl Uploader {
 
     /// Run until the process ends. Failures are reported in status and retried
     /// with backoff; nothing captured is dropped.
-    pub async fn run(mut self) {
+    pub async fn run(mut self, mut commands: tokio::sync::mpsc::Receiver<Command>) {
         let mut backoff = Duration::from_millis(500);
         let mut outage_since: Option<chrono::DateTime<chrono::Utc>> = None;
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                Some(cmd) = commands.recv() => {
+                    match cmd {
+                        Command::Push(reply) => {
+                            let res = self.push().await.map_err(|e| e.to_string());
+                            let _ = reply.send(res);
+                        }
+                    }
+                    continue;
+                }
             }
             tokio::time::sleep(self.policy.batch_window).await;
             match self.round().await {
@@ -370,6 +385,31 @@ impl Uploader {
                 h.node_id, h.epoch
             )))
         }
+    }
+
+    /// `membridge push`: publish the backlog, then a snapshot of every database.
+    async fn push(&mut self) -> Result<String> {
+        self.manifest = None;
+        self.round().await?;
+        let mut done = Vec::new();
+        for h in self.journal.heads()? {
+            if h.page_size == 0 {
+                continue;
+            }
+            self.snapshot_now(&h.name).await?;
+            let txid = self
+                .journal
+                .head(&h.name)?
+                .map(|x| x.base_txid)
+                .unwrap_or(0);
+            done.push(format!("{} at txid {txid}", h.name));
+        }
+        self.refresh_backlog();
+        Ok(if done.is_empty() {
+            "nothing to publish: no replicated database yet".into()
+        } else {
+            format!("published snapshot of {}", done.join(", "))
+        })
     }
 
     /// Take a snapshot at the head of what is uploaded: advance the base image

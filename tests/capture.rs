@@ -1,0 +1,407 @@
+//! Transaction capture on the primary, end to end: SQLite writes through a real
+//! mount, the daemon journals and uploads them to a real S3 server, and
+//! `membridge restore` rebuilds exactly what SQLite committed.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mount::Mount;
+use common::SeaweedFs;
+
+const DB: &str = "claude-mem.db";
+
+fn env_for(s3: &SeaweedFs, tag: &str) -> Vec<(String, String)> {
+    let mut env = s3.env(&s3.new_bucket(tag), tag);
+    env.push(("MEMBRIDGE_NODE_ID".into(), "primary-1".into()));
+    env
+}
+
+/// `sqlite3 FILE .dump`: the logical content, independent of page layout.
+fn dump(path: &Path) -> String {
+    let out = Command::new("sqlite3")
+        .arg(path)
+        .arg(".dump")
+        .output()
+        .expect("sqlite3 CLI (installed by scripts/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn integrity(path: &Path) -> String {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn db_status(m: &Mount) -> serde_json::Value {
+    m.status()["databases"][DB].clone()
+}
+
+/// Wait until everything captured is in the bucket.
+fn wait_drained(m: &Mount, limit: Duration) -> u64 {
+    let t = Instant::now();
+    loop {
+        let s = db_status(m);
+        let (head, up) = (s["head_txid"].as_u64(), s["uploaded_txid"].as_u64());
+        if head.is_some() && head == up && s["backlog"].as_u64() == Some(0) {
+            return head.unwrap();
+        }
+        assert!(t.elapsed() < limit, "backlog did not drain: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn head_txid(m: &Mount) -> u64 {
+    db_status(m)["head_txid"].as_u64().unwrap()
+}
+
+fn restore(m: &Mount, to: &Path, txid: Option<u64>) -> std::process::Output {
+    let mut args = vec![
+        "restore".to_string(),
+        "--db".into(),
+        DB.into(),
+        "--to".into(),
+        to.display().to_string(),
+    ];
+    if let Some(t) = txid {
+        args.push("--txid".into());
+        args.push(t.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    m.run(&args)
+}
+
+fn restore_ok(m: &Mount, to: &Path, txid: Option<u64>) {
+    let out = restore(m, to, txid);
+    assert!(
+        out.status.success(),
+        "restore failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn open(path: &Path, mode: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let _: String = c
+        .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+        .unwrap();
+    c.execute_batch("PRAGMA synchronous=NORMAL").unwrap();
+    c
+}
+
+/// 5,000 mixed transactions: inserts, updates, deletes, a schema change, a
+/// VACUUM, a rolled-back transaction and (in WAL mode) checkpoints of every
+/// kind. Returns (txid, dump) taken in the middle.
+fn workload(m: &Mount, db: &Path, mode: &str) -> (u64, String) {
+    let mut c = open(db, mode);
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS observations(id INTEGER PRIMARY KEY, text TEXT, n INTEGER);
+         CREATE TABLE IF NOT EXISTS user_prompts(id INTEGER PRIMARY KEY, prompt TEXT);",
+    )
+    .unwrap();
+    let mut middle = None;
+    for i in 0..5000u32 {
+        match i % 10 {
+            0..=5 => {
+                c.execute(
+                    "INSERT INTO observations(text, n) VALUES (?1, ?2)",
+                    rusqlite::params![
+                        format!("observation {i} {}", "x".repeat((i % 97) as usize)),
+                        i
+                    ],
+                )
+                .unwrap();
+            }
+            6 | 7 => {
+                c.execute(
+                    "UPDATE observations SET n = n + 1, text = text || '!' WHERE id % 7 = ?1",
+                    [i % 7],
+                )
+                .unwrap();
+            }
+            8 => {
+                c.execute("DELETE FROM observations WHERE id % 13 = ?1", [i % 13])
+                    .unwrap();
+            }
+            _ => {
+                let tx = c.transaction().unwrap();
+                tx.execute(
+                    "INSERT INTO user_prompts(prompt) VALUES (?1)",
+                    [format!("p{i}")],
+                )
+                .unwrap();
+                tx.execute("UPDATE observations SET n = -1 WHERE id = ?1", [i])
+                    .unwrap();
+                tx.commit().unwrap();
+            }
+        }
+        match i {
+            1000 => {
+                let tx = c.transaction().unwrap();
+                tx.execute("DELETE FROM observations", []).unwrap();
+                tx.rollback().unwrap();
+            }
+            1500 => c
+                .execute_batch("ALTER TABLE observations ADD COLUMN tag TEXT; CREATE INDEX obs_n ON observations(n);")
+                .unwrap(),
+            2000 => c.execute_batch("VACUUM").unwrap(),
+            2500 => {
+                middle = Some((head_txid(m), dump(db)));
+            }
+            _ => {}
+        }
+        if mode == "wal" && i % 700 == 350 {
+            let kind = ["PASSIVE", "FULL", "RESTART", "TRUNCATE"][(i / 700) as usize % 4];
+            c.query_row(&format!("PRAGMA wal_checkpoint({kind})"), [], |_| Ok(()))
+                .unwrap();
+        }
+    }
+    if mode == "wal" {
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    middle.unwrap()
+}
+
+fn restore_matches_live(mode: &str) {
+    let s3 = SeaweedFs::shared();
+    let m = Mount::with_files(env_for(s3, &format!("cap-{mode}")), &[]);
+    let db = m.dir.join(DB);
+    let (mid_txid, mid_dump) = workload(&m, &db, mode);
+    let head = wait_drained(&m, Duration::from_secs(60));
+    assert!(head >= 5000, "only {head} transactions captured");
+    let tmp = tempfile::tempdir().unwrap();
+    let latest = tmp.path().join("latest.db");
+    restore_ok(&m, &latest, None);
+    assert_eq!(integrity(&latest), "ok");
+    assert_eq!(
+        dump(&latest),
+        dump(&db),
+        "restored database differs from the live one"
+    );
+    let mid = tmp.path().join("mid.db");
+    restore_ok(&m, &mid, Some(mid_txid));
+    assert_eq!(integrity(&mid), "ok");
+    assert_eq!(
+        dump(&mid),
+        mid_dump,
+        "restore to txid {mid_txid} is not the state after it"
+    );
+}
+
+#[test]
+fn wal_mode_workload_restores_exactly() {
+    restore_matches_live("wal");
+}
+
+#[test]
+fn delete_mode_workload_restores_exactly() {
+    restore_matches_live("delete");
+}
+
+fn segment_bytes(s3: &SeaweedFs, bucket: &str) -> u64 {
+    common::block_on(async {
+        use membridge::remote::ObjectStore;
+        s3.store(bucket)
+            .list("projects/")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|o| o.key.ends_with(".seg"))
+            .map(|o| o.size)
+            .sum()
+    })
+}
+
+#[test]
+fn one_row_insert_into_a_50mb_database_uploads_a_few_pages() {
+    let s3 = SeaweedFs::shared();
+    let env = env_for(s3, "bytes");
+    let bucket = env
+        .iter()
+        .find(|(k, _)| k == "MINIO_BUCKET")
+        .unwrap()
+        .1
+        .clone();
+    // A 50 MB database on the bare directory, before the mount.
+    let seed = tempfile::tempdir().unwrap();
+    let seed_db = seed.path().join(DB);
+    {
+        let c = open(&seed_db, "wal");
+        c.execute_batch("CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)")
+            .unwrap();
+        for _ in 0..50 {
+            c.execute("INSERT INTO blobs(b) VALUES (randomblob(1000000))", [])
+                .unwrap();
+        }
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    let bytes = std::fs::read(&seed_db).unwrap();
+    assert!(bytes.len() > 50_000_000);
+    let m = Mount::with_files(env, &[(DB, &bytes)]);
+    wait_drained(&m, Duration::from_secs(120));
+    let before = segment_bytes(s3, &bucket);
+    let c = open(&m.dir.join(DB), "wal");
+    c.execute("INSERT INTO blobs(b) VALUES (x'01020304')", [])
+        .unwrap();
+    drop(c);
+    wait_drained(&m, Duration::from_secs(30));
+    let uploaded = segment_bytes(s3, &bucket) - before;
+    println!("one single-row insert into a 50 MB database uploaded {uploaded} bytes");
+    assert!(
+        uploaded > 0 && uploaded < 64 * 1024,
+        "uploaded {uploaded} bytes"
+    );
+}
+
+#[test]
+fn kill_9_mid_burst_loses_no_committed_transaction() {
+    let s3 = SeaweedFs::shared();
+    let m = Mount::with_files(env_for(s3, "kill"), &[]);
+    let db = m.dir.join(DB);
+    let c = open(&db, "wal");
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    drop(c);
+    let path = db.clone();
+    let writer = std::thread::spawn(move || {
+        let c = open(&path, "wal");
+        let mut committed = 0u64;
+        for i in 0..100_000u64 {
+            if c.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+                .is_err()
+            {
+                break;
+            }
+            committed += 1;
+        }
+        committed
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = nix::unistd::Pid::from_raw(m.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let committed = writer.join().unwrap();
+    assert!(
+        committed > 0 && committed < 100_000,
+        "committed {committed}"
+    );
+    m.mount(); // clears the stale mount and reconciles the journal
+    wait_drained(&m, Duration::from_secs(60));
+    assert_eq!(integrity(&db), "ok");
+    let live: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    let live = live as u64;
+    assert!(live >= committed, "{live} rows, {committed} committed");
+    let tmp = tempfile::tempdir().unwrap();
+    let restored = tmp.path().join("r.db");
+    restore_ok(&m, &restored, None);
+    assert_eq!(
+        dump(&restored),
+        dump(&db),
+        "the bucket lacks committed transactions"
+    );
+}
+
+#[test]
+fn bucket_outage_of_20s_loses_nothing_and_status_shows_it() {
+    let s3 = SeaweedFs::start(); // our own server: this test stops it
+    let m = Mount::with_files(env_for(&s3, "outage"), &[]);
+    let db = m.dir.join(DB);
+    let c = open(&db, "wal");
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..50 {
+        c.execute("INSERT INTO t(v) VALUES (?1)", [format!("before {i}")])
+            .unwrap();
+    }
+    wait_drained(&m, Duration::from_secs(30));
+    s3.stop();
+    let t = Instant::now();
+    let mut i = 0;
+    while t.elapsed() < Duration::from_secs(20) {
+        c.execute("INSERT INTO t(v) VALUES (?1)", [format!("during {i}")])
+            .unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let during = m.status();
+    assert_eq!(during["upload_state"], "unreachable", "{during}");
+    assert!(
+        during["databases"][DB]["backlog"].as_u64().unwrap() > 0,
+        "{during}"
+    );
+    assert!(during["last_outage"]["to"].is_null(), "{during}");
+    s3.restart();
+    wait_drained(&m, Duration::from_secs(60));
+    let after = m.status();
+    assert_eq!(after["upload_state"], "ok", "{after}");
+    assert!(after["last_outage"]["to"].is_string(), "{after}");
+    drop(c);
+    let tmp = tempfile::tempdir().unwrap();
+    let restored = tmp.path().join("r.db");
+    restore_ok(&m, &restored, None);
+    assert_eq!(dump(&restored), dump(&db));
+}
+
+#[test]
+fn push_publishes_a_snapshot_at_the_head() {
+    let s3 = SeaweedFs::shared();
+    let env = env_for(s3, "push");
+    let bucket = env
+        .iter()
+        .find(|(k, _)| k == "MINIO_BUCKET")
+        .unwrap()
+        .1
+        .clone();
+    let m = Mount::with_files(env, &[]);
+    let db = m.dir.join(DB);
+    let c = open(&db, "wal");
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..30 {
+        c.execute("INSERT INTO t(v) VALUES (?1)", [format!("r{i}")])
+            .unwrap();
+    }
+    let head = head_txid(&m);
+    let out = m.run(&["push"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("{DB} at txid {head}")), "{text}");
+    let snaps: Vec<String> = common::block_on(async {
+        use membridge::remote::ObjectStore;
+        s3.store(&bucket).list("projects/").await.unwrap()
+    })
+    .into_iter()
+    .map(|o| o.key)
+    .filter(|k| k.ends_with(".snap"))
+    .collect();
+    assert!(
+        snaps
+            .iter()
+            .any(|k| k.ends_with(&format!("{head:016x}.snap"))),
+        "{snaps:?}"
+    );
+    drop(c);
+    m.unmount();
+    // no daemon: a one-line error and exit 1
+    let out = m.run(&["push"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no membridge daemon"), "{err}");
+}
