@@ -50,8 +50,10 @@ fn wait_drained(m: &Mount, limit: Duration) -> u64 {
     loop {
         let s = db_status(m);
         let (head, up) = (s["head_txid"].as_u64(), s["uploaded_txid"].as_u64());
-        if head.is_some() && head == up && s["backlog"].as_u64() == Some(0) {
-            return head.unwrap();
+        if let (Some(h), Some(u)) = (head, up) {
+            if h == u && s["backlog"].as_u64() == Some(0) {
+                return h;
+            }
         }
         assert!(t.elapsed() < limit, "backlog did not drain: {s}");
         std::thread::sleep(Duration::from_millis(100));
