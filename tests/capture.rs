@@ -407,3 +407,48 @@ fn push_publishes_a_snapshot_at_the_head() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no membridge daemon"), "{err}");
 }
+
+#[test]
+fn changes_made_while_unmounted_start_a_new_generation() {
+    let s3 = SeaweedFs::shared();
+    let m = Mount::with_files(env_for(s3, "gen"), &[]);
+    let db = m.dir.join(DB);
+    let c = open(&db, "wal");
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..10 {
+        c.execute("INSERT INTO t(v) VALUES (?1)", [format!("mounted {i}")])
+            .unwrap();
+    }
+    drop(c);
+    let first_head = wait_drained(&m, Duration::from_secs(30));
+    let tmp = tempfile::tempdir().unwrap();
+    let old = tmp.path().join("old.db");
+    restore_ok(&m, &old, None);
+    m.unmount();
+    // Someone writes the bare directory while membridge is not mounted.
+    let c = open(&db, "wal");
+    c.execute("INSERT INTO t(v) VALUES ('behind membridge''s back')", [])
+        .unwrap();
+    drop(c);
+    m.mount();
+    let head = wait_drained(&m, Duration::from_secs(30));
+    assert!(head > first_head, "the new generation must not reuse txids");
+    let log = std::fs::read_to_string(
+        std::fs::read_dir(&m.state)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("membridge.log"))
+            .find(|p| p.exists())
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(log.contains("starting a new generation"), "{log}");
+    let new = tmp.path().join("new.db");
+    restore_ok(&m, &new, None);
+    assert_eq!(dump(&new), dump(&db));
+    // the old generation's history is still restorable
+    let again = tmp.path().join("again.db");
+    restore_ok(&m, &again, Some(first_head));
+    assert_eq!(dump(&again), dump(&old));
+}

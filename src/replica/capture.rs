@@ -159,23 +159,28 @@ impl Capture {
             .apply(std::iter::empty(), main_size)
             .map_err(|e| inconsistent(db, e))?;
         let journal_head = self.journal.head(db)?;
-        let wal_salts = wal_txns.first().map(|t| (t.salt1, t.salt2));
-
-        // How many of the WAL's transactions the journal already holds.
-        let captured = match &journal_head {
-            Some(h) if h.page_size == page_size => match (h.wal, wal_salts) {
-                (Some(m), Some(s)) if (m.salt1, m.salt2) == s => wal_txns
-                    .iter()
-                    .take_while(|t| t.commit_frame <= m.commit_frame)
-                    .count(),
-                _ => wal_txns.len(),
-            },
-            _ => wal_txns.len(),
-        };
-        for t in &wal_txns[..captured] {
+        // The journal holds the state after some prefix of the WAL's committed
+        // transactions (all of them, normally). Find the last prefix whose state
+        // has the journal head's checksum: what follows it reached the file but
+        // not the journal (a crash between the two) and is captured now.
+        let mut captured = None;
+        if let Some(h) = journal_head.as_ref().filter(|h| h.page_size == page_size) {
+            let mut probe = hashes.clone();
+            if probe.checksum() == h.head_checksum {
+                captured = Some(0);
+            }
+            for (i, t) in wal_txns.iter().enumerate() {
+                apply_wal(&mut probe, t).map_err(|e| inconsistent(db, e))?;
+                if probe.checksum() == h.head_checksum {
+                    captured = Some(i + 1);
+                }
+            }
+        }
+        let done = captured.unwrap_or(wal_txns.len());
+        for t in &wal_txns[..done] {
             apply_wal(&mut hashes, t).map_err(|e| inconsistent(db, e))?;
         }
-        let state = DbCapture {
+        let mut state = DbCapture {
             name: db.to_string(),
             head: journal_head
                 .clone()
@@ -187,26 +192,19 @@ impl Capture {
             dirty: Vec::new(),
             unjournaled: false,
         };
-        let consistent = journal_head.as_ref().is_some_and(|h| {
-            h.page_size == page_size && h.head_checksum == state.hashes.checksum()
-        });
-        let mut state = state;
-        if consistent {
-            let missing = &wal_txns[captured..];
+        if captured.is_some() {
+            let missing = &wal_txns[done..];
             if !missing.is_empty() {
                 tracing::warn!(
                     db,
                     count = missing.len(),
-                    "capturing committed WAL frames the journal lacked"
+                    "capturing committed WAL transactions the journal lacked"
                 );
             }
             for t in missing {
                 self.commit(&mut state, wal_pages(t), t.db_size_pages, Some(mark(t)))?;
             }
         } else {
-            for t in &wal_txns[captured..] {
-                apply_wal(&mut state.hashes, t).map_err(|e| inconsistent(db, e))?;
-            }
             self.new_generation(&mut state, &main, &wal_txns, journal_head.as_ref())?;
         }
         self.publish(db, &state);
