@@ -5,4 +5,4 @@ pub mod codec;
 pub mod store;
 
 pub use codec::Txn;
-pub use store::{DbHead, Journal, WalMark};
+pub use store::{DbHead, Journal};

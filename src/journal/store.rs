@@ -27,15 +27,6 @@ pub enum JournalError {
 
 pub type Result<T> = std::result::Result<T, JournalError>;
 
-/// Where the WAL stood at the last captured WAL transaction: lets recovery
-/// find committed frames that reached the file but not the journal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalMark {
-    pub salt1: u32,
-    pub salt2: u32,
-    pub commit_frame: u32,
-}
-
 /// A database's row: the head of its history and what has been published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DbHead {
@@ -48,12 +39,13 @@ pub struct DbHead {
     pub uploaded_txid: u64,
     /// Txid of the local base image (the last snapshot taken).
     pub base_txid: u64,
-    pub wal: Option<WalMark>,
 }
 
 pub struct Journal {
     conn: Mutex<Connection>,
 }
+
+const SCHEMA_VERSION: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS dbs(
@@ -64,8 +56,7 @@ CREATE TABLE IF NOT EXISTS dbs(
   head_checksum INTEGER NOT NULL,
   size_pages INTEGER NOT NULL,
   uploaded_txid INTEGER NOT NULL,
-  base_txid INTEGER NOT NULL,
-  wal_salt1 INTEGER, wal_salt2 INTEGER, wal_commit_frame INTEGER
+  base_txid INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS txns(
   db TEXT NOT NULL,
@@ -129,7 +120,15 @@ impl Journal {
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(JournalError::Io(std::io::Error::other(format!(
+                "{} was written by a newer membridge (schema {version})",
+                path.display()
+            ))));
+        }
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Journal {
             conn: Mutex::new(conn),
         })
@@ -139,7 +138,7 @@ impl Journal {
         let c = self.conn.lock().unwrap();
         Ok(c.query_row(
             "SELECT name, page_size, generation, head_txid, head_checksum, size_pages,
-                    uploaded_txid, base_txid, wal_salt1, wal_salt2, wal_commit_frame
+                    uploaded_txid, base_txid
              FROM dbs WHERE name = ?1",
             [db],
             row_head,
@@ -151,7 +150,7 @@ impl Journal {
         let c = self.conn.lock().unwrap();
         let mut st = c.prepare(
             "SELECT name, page_size, generation, head_txid, head_checksum, size_pages,
-                    uploaded_txid, base_txid, wal_salt1, wal_salt2, wal_commit_frame
+                    uploaded_txid, base_txid
              FROM dbs ORDER BY name",
         )?;
         let rows = st.query_map([], row_head)?;
@@ -166,8 +165,8 @@ impl Journal {
         tx.execute("DELETE FROM txns WHERE db = ?1", [&head.name])?;
         tx.execute(
             "INSERT OR REPLACE INTO dbs(name, page_size, generation, head_txid, head_checksum,
-               size_pages, uploaded_txid, base_txid, wal_salt1, wal_salt2, wal_commit_frame)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+               size_pages, uploaded_txid, base_txid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 head.name,
                 head.page_size,
@@ -177,9 +176,6 @@ impl Journal {
                 head.size_pages,
                 head.uploaded_txid as i64,
                 head.base_txid as i64,
-                head.wal.map(|w| w.salt1),
-                head.wal.map(|w| w.salt2),
-                head.wal.map(|w| w.commit_frame),
             ],
         )?;
         tx.commit()?;
@@ -187,7 +183,7 @@ impl Journal {
     }
 
     /// Append one captured transaction and advance the head, atomically.
-    pub fn append(&self, db: &str, txn: &Txn, wal: Option<WalMark>) -> Result<()> {
+    pub fn append(&self, db: &str, txn: &Txn) -> Result<()> {
         let blob = encode_pages(&txn.pages)?;
         let raw: usize = txn.pages.iter().map(|(_, p)| p.len() + 4).sum();
         let mut c = self.conn.lock().unwrap();
@@ -209,16 +205,12 @@ impl Journal {
             ],
         )?;
         tx.execute(
-            "UPDATE dbs SET head_txid = ?2, head_checksum = ?3, size_pages = ?4,
-               wal_salt1 = ?5, wal_salt2 = ?6, wal_commit_frame = ?7 WHERE name = ?1",
+            "UPDATE dbs SET head_txid = ?2, head_checksum = ?3, size_pages = ?4 WHERE name = ?1",
             params![
                 db,
                 txn.txid as i64,
                 txn.post_checksum as i64,
-                txn.db_size_pages,
-                wal.map(|w| w.salt1),
-                wal.map(|w| w.salt2),
-                wal.map(|w| w.commit_frame),
+                txn.db_size_pages
             ],
         )?;
         tx.commit()?;
@@ -309,18 +301,6 @@ impl Journal {
 }
 
 fn row_head(r: &rusqlite::Row<'_>) -> rusqlite::Result<DbHead> {
-    let wal = match (
-        r.get::<_, Option<u32>>(8)?,
-        r.get::<_, Option<u32>>(9)?,
-        r.get::<_, Option<u32>>(10)?,
-    ) {
-        (Some(salt1), Some(salt2), Some(commit_frame)) => Some(WalMark {
-            salt1,
-            salt2,
-            commit_frame,
-        }),
-        _ => None,
-    };
     Ok(DbHead {
         name: r.get(0)?,
         page_size: r.get(1)?,
@@ -330,7 +310,6 @@ fn row_head(r: &rusqlite::Row<'_>) -> rusqlite::Result<DbHead> {
         size_pages: r.get(5)?,
         uploaded_txid: r.get::<_, i64>(6)? as u64,
         base_txid: r.get::<_, i64>(7)? as u64,
-        wal,
     })
 }
 
@@ -366,24 +345,14 @@ mod tests {
             size_pages: 1,
             uploaded_txid: 0,
             base_txid: 0,
-            wal: None,
         };
         j.start_generation(&head).unwrap();
-        let mark = WalMark {
-            salt1: 7,
-            salt2: 9,
-            commit_frame: 3,
-        };
         for t in 1..=5 {
-            j.append(
-                "claude-mem.db",
-                &txn(t, &[(1, t as u8), (3, 0xee)]),
-                Some(mark),
-            )
-            .unwrap();
+            j.append("claude-mem.db", &txn(t, &[(1, t as u8), (3, 0xee)]))
+                .unwrap();
         }
         let h = j.head("claude-mem.db").unwrap().unwrap();
-        assert_eq!((h.head_txid, h.head_checksum, h.wal), (5, 6, Some(mark)));
+        assert_eq!((h.head_txid, h.head_checksum), (5, 6));
         let got = j.txns("claude-mem.db", 1, u64::MAX, usize::MAX).unwrap();
         assert_eq!(got.len(), 4);
         assert_eq!(got[0], txn(2, &[(1, 2), (3, 0xee)]));

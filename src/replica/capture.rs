@@ -22,7 +22,7 @@ use bytes::Bytes;
 use super::uploader::base_path;
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::Replication;
-use crate::journal::{DbHead, Journal, Txn, WalMark};
+use crate::journal::{DbHead, Journal, Txn};
 use crate::sqlite::checksum::PageHashes;
 use crate::sqlite::header::DbHeader;
 use crate::sqlite::rollback::{self, CommitDetector, JournalEvent, Transition};
@@ -202,7 +202,7 @@ impl Capture {
                 );
             }
             for t in missing {
-                self.commit(&mut state, wal_pages(t), t.db_size_pages, Some(mark(t)))?;
+                self.commit(&mut state, wal_pages(t), t.db_size_pages)?;
             }
         } else {
             self.new_generation(&mut state, &main, &wal_txns, journal_head.as_ref())?;
@@ -282,7 +282,6 @@ impl Capture {
             size_pages: size,
             uploaded_txid: 0,
             base_txid: txid,
-            wal: wal_txns.last().map(mark),
         };
         self.journal.start_generation(&st.head)?;
         self.wake.notify_one();
@@ -316,13 +315,7 @@ impl Capture {
     }
 
     /// Record one committed transaction: journal first, then the in-memory head.
-    fn commit(
-        &self,
-        st: &mut DbCapture,
-        pages: Vec<(u32, Bytes)>,
-        size: u32,
-        wal: Option<WalMark>,
-    ) -> Result<()> {
+    fn commit(&self, st: &mut DbCapture, pages: Vec<(u32, Bytes)>, size: u32) -> Result<()> {
         if st.head.page_size == 0 {
             // A database created under the mount: its history starts empty.
             let Some(ps) = pages.first().map(|(_, p)| p.len() as u32) else {
@@ -355,14 +348,13 @@ impl Capture {
             timestamp_ms: now_ms(),
             pages,
         };
-        self.journal.append(&st.name, &txn, wal)?;
+        self.journal.append(&st.name, &txn)?;
         st.hashes
             .apply(txn.pages.iter().map(|(n, p)| (*n, p.as_ref())), size)
             .map_err(|e| inconsistent(&st.name, e))?;
         st.head.head_txid = txn.txid;
         st.head.head_checksum = post;
         st.head.size_pages = size;
-        st.head.wal = wal;
         self.publish(&st.name, st);
         self.wake.notify_one();
         Ok(())
@@ -388,7 +380,7 @@ impl Capture {
         };
         let txns = st.tracker.scan(wal).map_err(Self::io(&db))?;
         for t in &txns {
-            self.commit(st, wal_pages(t), t.db_size_pages, Some(mark(t)))?;
+            self.commit(st, wal_pages(t), t.db_size_pages)?;
         }
         Ok(())
     }
@@ -463,7 +455,7 @@ impl Capture {
         if pages.is_empty() && size == st.hashes.page_count() {
             return Ok(());
         }
-        self.commit(st, pages, size, None)
+        self.commit(st, pages, size)
     }
 
     fn journal_event(&self, st: &mut DbCapture, ev: JournalEvent<'_>) -> Result<()> {
@@ -586,15 +578,6 @@ fn empty_head(db: &str, page_size: u32) -> DbHead {
         size_pages: 0,
         uploaded_txid: 0,
         base_txid: 0,
-        wal: None,
-    }
-}
-
-fn mark(t: &WalTxn) -> WalMark {
-    WalMark {
-        salt1: t.salt1,
-        salt2: t.salt2,
-        commit_frame: t.commit_frame,
     }
 }
 
