@@ -65,6 +65,73 @@ pub trait Replication: Send + Sync {
     fn replaced(&self, class: &PathClass) -> Result<(), i32>;
     /// fsync, or the last close of a handle that wrote.
     fn synced(&self, class: &PathClass) -> Result<(), i32>;
+    /// Whether the path exists for readers (a secondary hides the primary's
+    /// `-wal`/`-shm`: their presence would send SQLite into WAL mode).
+    fn visible(&self, _class: &PathClass) -> bool {
+        true
+    }
+    /// Make a byte range readable from the backing file before a read
+    /// (read-through of pages a secondary does not hold yet).
+    fn before_read(&self, _class: &PathClass, _offset: u64, _len: u32) -> Result<(), i32> {
+        Ok(())
+    }
+    /// Rewrite bytes read from a replicated path for the reader (a secondary
+    /// presents its databases in rollback-journal form).
+    fn present(&self, _class: &PathClass, _buf: &mut [u8], _offset: u64) {}
+}
+
+/// Lets replication drop the kernel's cached pages and attributes of a file it
+/// changed behind the kernel's back (a secondary applying a transaction).
+pub struct Invalidator {
+    inodes: Arc<InodeTable>,
+    notifier: std::sync::OnceLock<fuser::Notifier>,
+}
+
+impl Invalidator {
+    /// Called once the session exists; before that there is nothing cached.
+    pub fn attach(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    fn node_of(&self, rel: &str) -> Option<Arc<Inode>> {
+        let root = self.inodes.get(ROOT)?;
+        let c = std::ffi::CString::new(rel).ok()?;
+        let st = sys::fstatat(root.fd(), &c).ok()?;
+        self.inodes.by_key(&st)
+    }
+
+    /// Drop cached data of `rel` in `ranges` (offset, len); attributes always.
+    /// Must not be called from a FUSE request thread.
+    pub fn invalidate(&self, rel: &str, ranges: &[(u64, u64)]) {
+        let (Some(n), Some(node)) = (self.notifier.get(), self.node_of(rel)) else {
+            return;
+        };
+        if ranges.is_empty() {
+            let _ = n.inval_inode(INodeNo(node.ino), 0, 0);
+        }
+        for (off, len) in ranges {
+            let _ = n.inval_inode(INodeNo(node.ino), *off as i64, *len as i64);
+        }
+    }
+
+    /// Forget the kernel's cached lookup of `rel` (its visibility changed).
+    pub fn invalidate_entry(&self, rel: &str) {
+        let Some(n) = self.notifier.get() else {
+            return;
+        };
+        let path = Path::new(rel);
+        let (Some(name), parent) = (path.file_name(), path.parent()) else {
+            return;
+        };
+        let parent_ino = match parent.and_then(|p| p.to_str()).filter(|p| !p.is_empty()) {
+            None => ROOT,
+            Some(p) => match self.node_of(p) {
+                Some(node) => node.ino,
+                None => return,
+            },
+        };
+        let _ = n.inval_entry(INodeNo(parent_ino), name);
+    }
 }
 
 /// Plain passthrough: nothing is replicated.
@@ -93,7 +160,7 @@ fn replicated(class: &PathClass) -> bool {
 }
 
 pub struct MemFs {
-    inodes: InodeTable,
+    inodes: Arc<InodeTable>,
     repl: Arc<dyn Replication>,
     classifier: Classifier,
     virt: Arc<dyn VirtualFiles>,
@@ -189,7 +256,7 @@ impl MemFs {
     ) -> std::io::Result<MemFs> {
         let st = sys::fstat(root_fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
         Ok(MemFs {
-            inodes: InodeTable::new(root_fd, (st.st_dev, st.st_ino)),
+            inodes: Arc::new(InodeTable::new(root_fd, (st.st_dev, st.st_ino))),
             repl,
             classifier,
             virt,
@@ -241,6 +308,13 @@ impl MemFs {
         }
     }
 
+    pub fn invalidator(&self) -> Arc<Invalidator> {
+        Arc::new(Invalidator {
+            inodes: self.inodes.clone(),
+            notifier: std::sync::OnceLock::new(),
+        })
+    }
+
     fn is_virtual(ino: INodeNo) -> bool {
         ino.0 >= VIRT_DIR_INO
     }
@@ -277,6 +351,9 @@ impl Filesystem for MemFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        if !self.repl.visible(&self.child_class(parent.ino, name)) {
+            return reply.error(Errno::ENOENT);
+        }
         match self.do_lookup(&parent, name) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -564,7 +641,7 @@ impl Filesystem for MemFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -583,9 +660,24 @@ impl Filesystem for MemFs {
                 _ => reply.error(Errno::EBADF),
             };
         }
+        let class = match self.node(ino) {
+            Ok(n) => n.class(),
+            Err(e) => return reply.error(e),
+        };
+        let repl = replicated(&class);
+        if repl {
+            if let Err(e) = self.repl.before_read(&class, offset, size) {
+                return reply.error(err(e));
+            }
+        }
         let mut buf = vec![0u8; size as usize];
         match sys::pread(fh.0 as RawFd, &mut buf, offset) {
-            Ok(n) => reply.data(&buf[..n]),
+            Ok(n) => {
+                if repl {
+                    self.repl.present(&class, &mut buf[..n], offset);
+                }
+                reply.data(&buf[..n])
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -718,6 +810,7 @@ impl Filesystem for MemFs {
                         !(ino.0 == ROOT && n.as_slice() == virt::DIR_NAME.as_bytes())
                     })
                     .map(|(n, i, t)| (OsString::from_vec(n), i, dirent_type(t)))
+                    .filter(|(n, _, _)| self.repl.visible(&self.child_class(ino.0, n)))
                     .collect();
                 if ino.0 == ROOT {
                     entries.push((virt::DIR_NAME.into(), VIRT_DIR_INO, FileType::Directory));
