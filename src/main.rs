@@ -79,6 +79,23 @@ enum Cmd {
     },
     /// Publish the backlog and a snapshot now (primary)
     Push,
+    /// Rebuild a database from the bucket at the head, a txid or a time
+    Restore {
+        /// Database path relative to the mount, e.g. claude-mem.db
+        #[arg(long)]
+        db: String,
+        /// File to write (atomically)
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long, conflicts_with = "time")]
+        txid: Option<u64>,
+        /// RFC 3339 time, e.g. 2026-11-23T10:00:00Z
+        #[arg(long)]
+        time: Option<String>,
+        /// Replace FILE if it exists
+        #[arg(long)]
+        force: bool,
+    },
     /// Check config, bucket, credentials and conditional writes
     Doctor {
         /// Create the bucket first if it does not exist (first set-up)
@@ -188,6 +205,16 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("membridge: {msg}");
             Ok(())
         }
+        Cmd::Restore {
+            db,
+            to,
+            txid,
+            time,
+            force,
+        } => {
+            let cfg = load(&cli)?;
+            restore(&cfg, db, to, *txid, time.as_deref(), *force)
+        }
         Cmd::Doctor { create_bucket } => {
             let cfg = load(&cli)?;
             doctor(&cfg, *create_bucket)
@@ -196,10 +223,7 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let rt = runtime()?;
     if create_bucket {
         let store =
             membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
@@ -213,6 +237,60 @@ fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
     } else {
         Err("doctor: some checks failed".into())
     }
+}
+
+fn restore(
+    cfg: &Config,
+    db: &str,
+    to: &std::path::Path,
+    txid: Option<u64>,
+    time: Option<&str>,
+    force: bool,
+) -> Result<(), String> {
+    use membridge::replica::restore::{self, Target};
+    let target = match (txid, time) {
+        (Some(t), _) => Target::Txid(t),
+        (None, Some(t)) => Target::Time(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| format!("--time {t:?}: not an RFC 3339 time ({e})"))?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, None) => Target::Latest,
+    };
+    let store =
+        membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
+    let layout = membridge::remote::Layout::for_config(cfg);
+    let rt = runtime()?;
+    let r = rt
+        .block_on(restore::restore(
+            &store,
+            &layout,
+            &cfg.canonical_id,
+            db,
+            target,
+            to,
+            force,
+            true,
+        ))
+        .map_err(|e| format!("restore: {e}"))?;
+    println!(
+        "membridge: restored {db} at txid {} ({} pages, checksum {:016x}) to {} from {} + {} segments, {} bytes downloaded",
+        r.txid,
+        r.size_pages,
+        r.checksum,
+        to.display(),
+        r.snapshot_key,
+        r.segments_applied,
+        r.bytes_downloaded
+    );
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
 }
 
 fn main() -> ExitCode {

@@ -75,8 +75,10 @@ pub fn state(dir: &Path) -> MountState {
     if !fstype.starts_with("fuse") {
         return MountState::Foreign;
     }
-    match std::fs::metadata(dir) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => MountState::Stale,
+    // statfs always reaches the daemon; stat may be answered from the
+    // kernel's attribute cache for a while after the daemon died.
+    match nix::sys::statvfs::statvfs(dir) {
+        Err(nix::errno::Errno::ENOTCONN) => MountState::Stale,
         _ if source == FS_NAME => MountState::Live,
         _ => MountState::Foreign,
     }

@@ -2,4 +2,5 @@
 
 pub mod capture;
 pub mod manifest;
+pub mod restore;
 pub mod uploader;

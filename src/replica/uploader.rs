@@ -70,6 +70,18 @@ pub enum UploadError {
     Conflict(String),
 }
 
+impl UploadError {
+    /// The bucket could not be reached (as opposed to refusing or conflicting).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            UploadError::Store(e) | UploadError::Manifest(manifest::ManifestError::Store(e)) => {
+                e.is_transient()
+            }
+            _ => false,
+        }
+    }
+}
+
 type Result<T> = std::result::Result<T, UploadError>;
 
 pub struct Uploader {
@@ -165,7 +177,7 @@ impl Uploader {
                     }
                 }
                 Err(e) => {
-                    let unreachable = matches!(&e, UploadError::Store(se) if se.is_transient());
+                    let unreachable = e.is_unreachable();
                     tracing::warn!(error = %e, "upload failed; will retry (writes go on locally)");
                     let now = chrono::Utc::now();
                     let since = *outage_since.get_or_insert(now);
