@@ -48,7 +48,10 @@ pub enum RestoreError {
     #[error("no snapshot at or before {0} is left (older history was pruned)")]
     NoSnapshot(String),
     #[error("{key}: {source}")]
-    Object { key: String, source: StoreError },
+    Object {
+        key: String,
+        source: Box<StoreError>,
+    },
     #[error("{key}: {why}")]
     Corrupt { key: String, why: String },
     #[error("chain broken after txid {at}: {why}")]
@@ -78,7 +81,7 @@ async fn fetch(store: &dyn ObjectStore, key: &str) -> Result<bytes::Bytes> {
         .map(|g| g.body)
         .map_err(|source| RestoreError::Object {
             key: key.to_string(),
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -306,7 +309,7 @@ async fn load_snapshot(
         .await
         .map_err(|source| RestoreError::Object {
             key: prefix.clone(),
-            source,
+            source: Box::new(source),
         })?
         .into_iter()
         .filter_map(|o| {
