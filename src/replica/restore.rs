@@ -283,7 +283,7 @@ async fn list_segments(
         .await
         .map_err(|source| RestoreError::Object {
             key: prefix,
-            source,
+            source: Box::new(source),
         })?;
     Ok(objs
         .into_iter()
