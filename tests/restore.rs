@@ -75,7 +75,7 @@ fn replace(store: &S3Store, key: &str, f: impl FnOnce(Vec<u8>) -> Vec<u8>) {
 
 #[test]
 fn intact_history_restores() {
-    let (m, _, keys) = published("rs-ok");
+    let (m, _, _) = published("rs-ok");
     let to = m.state.join("ok.db");
     let out = m.run(&["restore", "--db", DB, "--to", to.to_str().unwrap()]);
     assert!(
