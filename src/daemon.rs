@@ -312,6 +312,7 @@ fn start_replication(
     let uploader = Uploader::new(
         store,
         Layout::for_config(cfg),
+        cfg.project_id.clone(),
         cfg.canonical_id.clone(),
         cfg.node_id.clone(),
         journal.clone(),

@@ -452,3 +452,73 @@ fn changes_made_while_unmounted_start_a_new_generation() {
     restore_ok(&m, &again, Some(first_head));
     assert_eq!(dump(&again), dump(&old));
 }
+
+#[test]
+fn legacy_snapshot_is_published_for_old_tool_nodes() {
+    let s3 = SeaweedFs::shared();
+    let env = env_for(s3, "legacy");
+    let bucket = env
+        .iter()
+        .find(|(k, _)| k == "MINIO_BUCKET")
+        .unwrap()
+        .1
+        .clone();
+    let m = Mount::with_files(env, &[]);
+    let db = m.dir.join(DB);
+    let c = open(&db, "wal");
+    c.execute_batch(
+        "CREATE TABLE observations(id INTEGER PRIMARY KEY, text TEXT);
+         CREATE TABLE user_prompts(id INTEGER PRIMARY KEY, prompt TEXT);",
+    )
+    .unwrap();
+    for i in 0..7 {
+        c.execute(
+            "INSERT INTO observations(text) VALUES (?1)",
+            [format!("o{i}")],
+        )
+        .unwrap();
+    }
+    c.execute("INSERT INTO user_prompts(prompt) VALUES ('p')", [])
+        .unwrap();
+    drop(c);
+    let out = m.run(&["push"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = s3.store(&bucket);
+    let cid = m.status()["canonical_id"].as_str().unwrap().to_string();
+    let get = |k: &str| {
+        common::block_on(async {
+            use membridge::remote::ObjectStore;
+            store
+                .get(&format!("projects/{cid}/sqlite/{k}"))
+                .await
+                .unwrap()
+                .body
+        })
+    };
+    let image = get("claude-mem.db");
+    let sha = get("claude-mem.db.sha256");
+    let manifest: serde_json::Value = serde_json::from_slice(&get("manifest.json")).unwrap();
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(&image));
+    assert_eq!(
+        std::str::from_utf8(&sha).unwrap(),
+        format!("{digest}  claude-mem.db\n")
+    );
+    assert_eq!(manifest["sha256"], digest);
+    assert_eq!(manifest["db_size"], image.len() as u64);
+    assert_eq!(manifest["observations"], 7);
+    assert_eq!(manifest["user_prompts"], 1);
+    assert!(manifest["session_summaries"].is_null());
+    assert_eq!(manifest["canonical_id"], cid.as_str());
+    assert_eq!(manifest["project"], "legacy");
+    // An old-style pull: the downloaded file opens as the database.
+    let tmp = tempfile::tempdir().unwrap();
+    let pulled = tmp.path().join(DB);
+    std::fs::write(&pulled, &image).unwrap();
+    assert_eq!(integrity(&pulled), "ok");
+    assert_eq!(dump(&pulled), dump(&db));
+}

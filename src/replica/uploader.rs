@@ -87,6 +87,7 @@ type Result<T> = std::result::Result<T, UploadError>;
 pub struct Uploader {
     store: Arc<dyn ObjectStore>,
     layout: Layout,
+    project_id: String,
     canonical_id: String,
     node_id: String,
     journal: Arc<Journal>,
@@ -115,6 +116,7 @@ impl Uploader {
     pub fn new(
         store: Arc<dyn ObjectStore>,
         layout: Layout,
+        project_id: String,
         canonical_id: String,
         node_id: String,
         journal: Arc<Journal>,
@@ -127,6 +129,7 @@ impl Uploader {
         Uploader {
             store,
             layout,
+            project_id,
             canonical_id,
             node_id,
             journal,
@@ -534,6 +537,22 @@ impl Uploader {
             self.journal.mark_uploaded(&h.name, txid)?;
         }
         tracing::info!(db = %h.name, txid, key = %key, "snapshot published");
+        if h.name == super::legacy::LEGACY_DB {
+            // Nodes still on the old tool pull this; a failure here must not
+            // stop replication, so it is logged, not returned.
+            if let Err(e) = super::legacy::publish(
+                self.store.as_ref(),
+                &self.layout,
+                &self.project_id,
+                &self.canonical_id,
+                &self.node_id,
+                &path,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "legacy snapshot not published");
+            }
+        }
         Ok(())
     }
 
