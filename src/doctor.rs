@@ -16,9 +16,10 @@ use std::fmt;
 use std::io::Write;
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
 use crate::config::{Config, Policy};
+use crate::lease::Lease;
 use crate::remote::{Layout, ObjectStore, PutMode, S3Options, S3Store, StoreError};
 
 /// The outcome of one check.
@@ -336,48 +337,23 @@ async fn check_lease(
             return;
         }
     };
-    let lease: serde_json::Value = match serde_json::from_slice(&got.body) {
-        Ok(v @ serde_json::Value::Object(_)) => v,
-        Ok(_) => {
-            report.record(
-                out,
-                Status::Fail,
-                "lease",
-                format!("{key} is not a JSON object"),
-            );
-            return;
-        }
+    // The lease module's parser: doctor and the daemon cannot disagree on what
+    // a valid lease is.
+    let lease = match Lease::parse(&key, &got.body, &cfg.canonical_id) {
+        Ok(l) => l,
         Err(e) => {
-            report.record(
-                out,
-                Status::Fail,
-                "lease",
-                format!("{key} is not valid JSON: {e}"),
-            );
+            report.record(out, Status::Fail, "lease", e.to_string());
             return;
         }
     };
-    let primary = lease.get("primary_node_id").and_then(|v| v.as_str());
-    let epoch = lease.get("epoch").and_then(|v| v.as_u64());
-    let (Some(primary), Some(epoch)) = (primary, epoch) else {
-        report.record(
-            out,
-            Status::Fail,
-            "lease",
-            format!("{key} lacks primary_node_id or epoch"),
-        );
-        return;
-    };
-    let expiry = match lease.get("expires_at").and_then(timestamp) {
-        Some(at) => {
-            let secs = (at - Utc::now()).num_seconds();
-            if secs >= 0 {
-                format!("expires in {secs}s")
-            } else {
-                format!("expired {}s ago", -secs)
-            }
-        }
-        None => "no readable expires_at".into(),
+    let (primary, epoch) = (lease.primary_node_id.as_str(), lease.epoch);
+    let secs = lease.remaining(Utc::now()).num_seconds();
+    let expiry = if let Some(by) = lease.released_by() {
+        format!("released by {by}")
+    } else if secs >= 0 {
+        format!("expires in {secs}s")
+    } else {
+        format!("expired {}s ago", -secs)
     };
     let mine = if primary == cfg.node_id {
         " (this node)"
@@ -390,15 +366,4 @@ async fn check_lease(
         "lease",
         format!("primary {primary}{mine}, epoch {epoch}, {expiry}"),
     );
-}
-
-/// The old tool writes Unix seconds; accept RFC 3339 as well.
-fn timestamp(v: &serde_json::Value) -> Option<DateTime<Utc>> {
-    match v {
-        serde_json::Value::Number(n) => DateTime::from_timestamp(n.as_i64()?, 0),
-        serde_json::Value::String(s) => DateTime::parse_from_rfc3339(s)
-            .ok()
-            .map(|t| t.with_timezone(&Utc)),
-        _ => None,
-    }
 }

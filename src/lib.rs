@@ -12,6 +12,8 @@ pub mod daemon;
 pub mod doctor;
 pub mod fs;
 pub mod journal;
+/// The leadership lease: conditional writes, renewal, fencing, heartbeats.
+pub mod lease;
 pub mod remote;
 pub mod replica;
 pub mod sqlite;

@@ -102,6 +102,24 @@ enum Cmd {
         #[arg(long)]
         create_bucket: bool,
     },
+    /// Show, hand over or release the primary's lease
+    Leadership {
+        #[command(subcommand)]
+        cmd: LeadershipCmd,
+    },
+    /// List the nodes' heartbeats (stale ones marked)
+    Nodes,
+}
+
+#[derive(Subcommand)]
+enum LeadershipCmd {
+    /// This node's role, the primary, epoch, policy and TTL remaining
+    Info,
+    /// Make NODE the primary: at once if nobody holds the lease, else the
+    /// primary is asked to flush and hand over
+    Select { node: String },
+    /// Step down: release this node's lease so another node can take it at once
+    Release,
 }
 
 fn default_dir() -> PathBuf {
@@ -219,7 +237,88 @@ fn run(cli: Cli) -> Result<(), String> {
             let cfg = load(&cli)?;
             doctor(&cfg, *create_bucket)
         }
+        Cmd::Leadership { cmd } => leadership(&load(&cli)?, cmd),
+        Cmd::Nodes => nodes(&load(&cli)?),
     }
+}
+
+fn lease_client(cfg: &Config) -> membridge::lease::LeaseClient {
+    let store =
+        membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
+    membridge::lease::LeaseClient::new(cfg, std::sync::Arc::new(store))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    Ok(rt.block_on(f))
+}
+
+/// `leadership release` on a node that is not the primary exits 3 (refused on a
+/// secondary), with the reason on one line.
+fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
+    use membridge::lease::{Release, HANDOVER_GRACE};
+    let c = lease_client(cfg);
+    match cmd {
+        LeadershipCmd::Info => {
+            let (lease, handover) = block_on(async { (c.read().await, c.read_handover().await) })?;
+            let lease = lease.map_err(|e| e.to_string())?.map(|v| v.lease);
+            let handover = handover.ok().flatten();
+            let now = chrono::Utc::now();
+            print!(
+                "{}",
+                membridge::lease::render_info(&c, lease.as_ref(), handover.as_ref(), now)
+            );
+            Ok(())
+        }
+        LeadershipCmd::Select { node } => {
+            let mut say = |line: &str| println!("membridge: {line}");
+            let wait = cfg.lease_ttl + HANDOVER_GRACE;
+            block_on(c.request_handover(node, wait, &mut say))?.map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        LeadershipCmd::Release => match block_on(c.release_own())?.map_err(|e| e.to_string())? {
+            Release::Released(v) => {
+                println!(
+                    "membridge: released the lease (epoch {}); another node may take it now",
+                    v.lease.epoch
+                );
+                Ok(())
+            }
+            Release::AlreadyReleased(v) => {
+                println!(
+                    "membridge: the lease (epoch {}) is released already",
+                    v.lease.epoch
+                );
+                Ok(())
+            }
+            Release::NotPrimary(lease) => {
+                let who = lease.map_or("there is no lease".into(), |l| {
+                    format!("the primary is {}", l.describe())
+                });
+                eprintln!(
+                    "membridge: this node ({}) is not the primary: {who}",
+                    cfg.node_id
+                );
+                std::process::exit(3)
+            }
+        },
+    }
+}
+
+fn nodes(cfg: &Config) -> Result<(), String> {
+    let layout = membridge::remote::Layout::for_config(cfg);
+    let c = lease_client(cfg);
+    let now = chrono::Utc::now();
+    let interval = membridge::lease::DEFAULT_HEARTBEAT_INTERVAL;
+    let entries = block_on(membridge::lease::list_nodes(
+        &*c.store, &layout, interval, now,
+    ))?
+    .map_err(|e| e.to_string())?;
+    print!("{}", membridge::lease::render_nodes(&entries, now));
+    Ok(())
 }
 
 fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {

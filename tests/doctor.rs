@@ -102,13 +102,21 @@ async fn lease_is_described_and_malformed_lease_fails() {
     let cfg = s3.config_with(&bucket, "p", &[("LEADERSHIP_ENABLED", "0")]);
     let store = s3.store(&bucket);
     let key = Layout::for_config(&cfg).lease();
-    let exp = chrono::Utc::now().timestamp() + 100;
-    let lease = format!(
-        r#"{{"primary_node_id":"{}","epoch":4,"expires_at":{exp}}}"#,
-        cfg.node_id
-    );
+    let now = chrono::Utc::now().timestamp();
+    // As the old tool writes it.
+    let lease = |cid: &str| {
+        format!(
+            r#"{{"canonical_id":"{cid}","primary_node_id":"{}","issued_at":{now},"expires_at":{},"lease_seconds":100,"epoch":4,"policy":"primary_authoritative","issued_by":"x"}}"#,
+            cfg.node_id,
+            now + 100
+        )
+    };
     store
-        .put(&key, lease.into(), membridge::remote::PutMode::Overwrite)
+        .put(
+            &key,
+            lease(&cfg.canonical_id).into(),
+            membridge::remote::PutMode::Overwrite,
+        )
         .await
         .unwrap();
     let (report, text) = run(&cfg).await;
@@ -131,6 +139,20 @@ async fn lease_is_described_and_malformed_lease_fails() {
     assert!(!report.passed());
     assert!(
         text.contains("[FAIL] lease:") && text.contains("not valid JSON"),
+        "{text}"
+    );
+    store
+        .put(
+            &key,
+            lease("ffffffffffffffff").into(),
+            membridge::remote::PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let (report, text) = run(&cfg).await;
+    assert!(!report.passed());
+    assert!(
+        text.contains("[FAIL] lease:") && text.contains("belongs to project ffffffffffffffff"),
         "{text}"
     );
 }

@@ -70,6 +70,12 @@ impl Layout {
         ))
     }
 
+    /// `leadership/handover.json`: a request to the primary to hand the lease
+    /// over (`membridge leadership select`); plain put, deleted once honoured.
+    pub fn handover(&self) -> String {
+        self.key("leadership/handover.json")
+    }
+
     pub fn nodes_prefix(&self) -> String {
         self.key("nodes/")
     }
@@ -185,6 +191,7 @@ mod tests {
         assert_eq!(l.prefix(), p);
         assert_eq!(l.lease(), format!("{p}leadership/lease.json"));
         assert_eq!(l.node("n1"), format!("{p}nodes/n1.json"));
+        assert_eq!(l.handover(), format!("{p}leadership/handover.json"));
         assert_eq!(l.manifest(), format!("{p}manifest.json"));
         assert_eq!(
             l.segment("claude-mem.db", 1, 0x2a),
