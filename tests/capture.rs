@@ -522,3 +522,100 @@ fn legacy_snapshot_is_published_for_old_tool_nodes() {
     assert_eq!(integrity(&pulled), "ok");
     assert_eq!(dump(&pulled), dump(&db));
 }
+
+#[test]
+fn snapshots_every_n_transactions_restore_by_time_and_prune() {
+    let s3 = SeaweedFs::shared();
+    let mut env = env_for(s3, "cadence");
+    env.push(("MEMBRIDGE_SNAPSHOT_TXNS".into(), "25".into()));
+    let bucket = env
+        .iter()
+        .find(|(k, _)| k == "MINIO_BUCKET")
+        .unwrap()
+        .1
+        .clone();
+    let mut m = Mount::with_files(env, &[]);
+    let db = m.dir.join(DB);
+    let c = open(&db, "wal");
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    let mut marks = Vec::new(); // (time, txid, dump) along the way
+    for burst in 0..4 {
+        for i in 0..30 {
+            c.execute("INSERT INTO t(v) VALUES (?1)", [format!("{burst}-{i}")])
+                .unwrap();
+        }
+        wait_drained(&m, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(1100));
+        marks.push((chrono::Utc::now(), head_txid(&m), dump(&db)));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let keys = |bucket: &str| -> Vec<String> {
+        common::block_on(async {
+            use membridge::remote::ObjectStore;
+            s3.store(bucket).list("projects/").await.unwrap()
+        })
+        .into_iter()
+        .map(|o| o.key)
+        .collect()
+    };
+    let snaps = keys(&bucket)
+        .iter()
+        .filter(|k| k.ends_with(".snap"))
+        .count();
+    assert!(
+        snaps >= 4,
+        "expected a snapshot every 25 transactions, found {snaps}"
+    );
+    // --time picks the state as of that moment
+    let tmp = tempfile::tempdir().unwrap();
+    let (when, _, want) = &marks[1];
+    let at = tmp.path().join("at.db");
+    let out = m.run(&[
+        "restore",
+        "--db",
+        DB,
+        "--to",
+        at.to_str().unwrap(),
+        "--time",
+        &when.to_rfc3339(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&dump(&at), want);
+    drop(c);
+    m.unmount();
+
+    // Retention 0: remount, publish, and everything before the newest
+    // snapshot goes; restore still reaches the head but not the pruned past.
+    let early = marks[0].1;
+    m.env.push(("MEMBRIDGE_RETENTION_DAYS".into(), "0".into()));
+    let m2 = m;
+    m2.mount();
+    assert!(m2.run(&["push"]).status.success());
+    let t = Instant::now();
+    while keys(&bucket)
+        .iter()
+        .filter(|k| k.ends_with(".snap"))
+        .count()
+        > 1
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "old snapshots not pruned"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let latest = tmp.path().join("latest.db");
+    restore_ok(&m2, &latest, None);
+    assert_eq!(dump(&latest), dump(&db));
+    let out = restore(&m2, &tmp.path().join("old.db"), Some(early));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pruned"),
+        "{out:?}"
+    );
+}

@@ -222,9 +222,11 @@ impl Uploader {
             self.publish_db(head).await?;
         }
         self.refresh_backlog();
-        let due = self
-            .last_prune
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(600));
+        let every = self
+            .policy
+            .retention
+            .clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let due = self.last_prune.is_none_or(|t| t.elapsed() > every);
         if due {
             self.prune().await?;
             self.last_prune = Some(Instant::now());
