@@ -210,6 +210,16 @@ fn delete_mode_workload_restores_exactly() {
     restore_matches_live("delete");
 }
 
+#[test]
+fn truncate_mode_workload_restores_exactly() {
+    restore_matches_live("truncate");
+}
+
+#[test]
+fn persist_mode_workload_restores_exactly() {
+    restore_matches_live("persist");
+}
+
 fn segment_bytes(s3: &SeaweedFs, bucket: &str) -> u64 {
     common::block_on(async {
         use membridge::remote::ObjectStore;
