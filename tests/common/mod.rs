@@ -314,7 +314,10 @@ impl SeaweedFs {
         *guard = Some(Procs { weed, watchdog });
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if s3_answers(p.s3) {
+            // The gateway answers before the volume server takes writes (a
+            // restarted server answers 500 for a while): wait for a full
+            // write and read-back.
+            if s3_answers(p.s3) && self.data_path_works() {
                 return;
             }
             let exited = guard
@@ -339,6 +342,25 @@ impl SeaweedFs {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl SeaweedFs {
+    fn data_path_works(&self) -> bool {
+        let store = self.store("membridge-ready");
+        block_on(async {
+            use membridge::remote::{ObjectStore, PutMode};
+            store.create_bucket().await.is_ok()
+                && store
+                    .put(
+                        "probe",
+                        bytes::Bytes::from_static(b"ok"),
+                        PutMode::Overwrite,
+                    )
+                    .await
+                    .is_ok()
+                && store.get("probe").await.is_ok_and(|g| &g.body[..] == b"ok")
+        })
     }
 }
 
