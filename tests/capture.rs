@@ -220,30 +220,38 @@ fn persist_mode_workload_restores_exactly() {
     restore_matches_live("persist");
 }
 
-fn segment_bytes(s3: &SeaweedFs, bucket: &str) -> u64 {
+fn bucket_of(env: &[(String, String)]) -> String {
+    env.iter()
+        .find(|(k, _)| k == "MINIO_BUCKET")
+        .unwrap()
+        .1
+        .clone()
+}
+
+/// Every object of the project: (key, size).
+fn objects(s3: &SeaweedFs, bucket: &str) -> Vec<(String, u64)> {
     common::block_on(async {
         use membridge::remote::ObjectStore;
-        s3.store(bucket)
-            .list("projects/")
-            .await
-            .unwrap()
-            .iter()
-            .filter(|o| o.key.ends_with(".seg"))
-            .map(|o| o.size)
-            .sum()
+        s3.store(bucket).list("projects/").await.unwrap()
     })
+    .into_iter()
+    .map(|o| (o.key, o.size))
+    .collect()
+}
+
+fn segment_bytes(s3: &SeaweedFs, bucket: &str) -> u64 {
+    objects(s3, bucket)
+        .iter()
+        .filter(|(k, _)| k.ends_with(".seg"))
+        .map(|(_, n)| n)
+        .sum()
 }
 
 #[test]
 fn one_row_insert_into_a_50mb_database_uploads_a_few_pages() {
     let s3 = SeaweedFs::shared();
     let env = env_for(s3, "bytes");
-    let bucket = env
-        .iter()
-        .find(|(k, _)| k == "MINIO_BUCKET")
-        .unwrap()
-        .1
-        .clone();
+    let bucket = bucket_of(&env);
     // A 50 MB database on the bare directory, before the mount.
     let seed = tempfile::tempdir().unwrap();
     let seed_db = seed.path().join(DB);
@@ -371,12 +379,7 @@ fn bucket_outage_of_20s_loses_nothing_and_status_shows_it() {
 fn push_publishes_a_snapshot_at_the_head() {
     let s3 = SeaweedFs::shared();
     let env = env_for(s3, "push");
-    let bucket = env
-        .iter()
-        .find(|(k, _)| k == "MINIO_BUCKET")
-        .unwrap()
-        .1
-        .clone();
+    let bucket = bucket_of(&env);
     let m = Mount::with_files(env, &[]);
     let db = m.dir.join(DB);
     let c = open(&db, "wal");
@@ -395,14 +398,11 @@ fn push_publishes_a_snapshot_at_the_head() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains(&format!("{DB} at txid {head}")), "{text}");
-    let snaps: Vec<String> = common::block_on(async {
-        use membridge::remote::ObjectStore;
-        s3.store(&bucket).list("projects/").await.unwrap()
-    })
-    .into_iter()
-    .map(|o| o.key)
-    .filter(|k| k.ends_with(".snap"))
-    .collect();
+    let snaps: Vec<String> = objects(s3, &bucket)
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.ends_with(".snap"))
+        .collect();
     assert!(
         snaps
             .iter()
@@ -467,12 +467,7 @@ fn changes_made_while_unmounted_start_a_new_generation() {
 fn legacy_snapshot_is_published_for_old_tool_nodes() {
     let s3 = SeaweedFs::shared();
     let env = env_for(s3, "legacy");
-    let bucket = env
-        .iter()
-        .find(|(k, _)| k == "MINIO_BUCKET")
-        .unwrap()
-        .1
-        .clone();
+    let bucket = bucket_of(&env);
     let m = Mount::with_files(env, &[]);
     let db = m.dir.join(DB);
     let c = open(&db, "wal");
@@ -538,12 +533,7 @@ fn snapshots_every_n_transactions_restore_by_time_and_prune() {
     let s3 = SeaweedFs::shared();
     let mut env = env_for(s3, "cadence");
     env.push(("MEMBRIDGE_SNAPSHOT_TXNS".into(), "25".into()));
-    let bucket = env
-        .iter()
-        .find(|(k, _)| k == "MINIO_BUCKET")
-        .unwrap()
-        .1
-        .clone();
+    let bucket = bucket_of(&env);
     let mut m = Mount::with_files(env, &[]);
     let db = m.dir.join(DB);
     let c = open(&db, "wal");

@@ -987,16 +987,9 @@ impl Filesystem for MemFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        if Self::reserved(parent, name) || Self::is_virtual(parent) {
-            return reply.error(Errno::EACCES);
-        }
-        let p = match self.node(parent) {
-            Ok(p) => p,
+        let (p, c) = match self.target(parent, name, Errno::EACCES) {
+            Ok(t) => t,
             Err(e) => return reply.error(e),
-        };
-        let c = match sys::cstr(name) {
-            Ok(c) => c,
-            Err(e) => return reply.error(err(e)),
         };
         let class = self.child_class(parent.0, name);
         if replicated(&class) {
@@ -1089,6 +1082,20 @@ impl Filesystem for MemFs {
 }
 
 impl MemFs {
+    /// The parent node and C name for creating `name`; `.membridge` and the
+    /// virtual dir refuse with `reserved`.
+    fn target(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reserved: Errno,
+    ) -> Result<(Arc<Inode>, std::ffi::CString), Errno> {
+        if Self::reserved(parent, name) || Self::is_virtual(parent) {
+            return Err(reserved);
+        }
+        Ok((self.node(parent)?, sys::cstr(name).map_err(err)?))
+    }
+
     /// Shared tail of mkdir/mknod/symlink/link: create, hand over, look up.
     fn make(
         &self,
@@ -1098,16 +1105,9 @@ impl MemFs {
         reply: ReplyEntry,
         op: impl FnOnce(RawFd, &std::ffi::CStr) -> Result<(), i32>,
     ) {
-        if Self::reserved(parent, name) || Self::is_virtual(parent) {
-            return reply.error(Errno::EEXIST);
-        }
-        let p = match self.node(parent) {
-            Ok(p) => p,
+        let (p, c) = match self.target(parent, name, Errno::EEXIST) {
+            Ok(t) => t,
             Err(e) => return reply.error(e),
-        };
-        let c = match sys::cstr(name) {
-            Ok(c) => c,
-            Err(e) => return reply.error(err(e)),
         };
         if let Err(e) = op(p.fd(), &c) {
             return reply.error(err(e));
