@@ -23,8 +23,10 @@ use crate::config::Config;
 use crate::fs::class::Classifier;
 use crate::fs::{mount, MemFs};
 use crate::journal::Journal;
+use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKeeper, LeaseState};
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
 use crate::replica::capture::Capture;
+use crate::replica::node::{drive_roles, Node, Role};
 use crate::replica::uploader::{Command as UploaderCommand, Policy as UploadPolicy, Uploader};
 use crate::status::Status;
 
@@ -162,13 +164,18 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     session.run().context("FUSE session")?;
     tracing::info!(dir = %dir.display(), "unmounted");
     replication.drain(Duration::from_secs(10));
+    replication.release_lease();
     Ok(())
 }
 
 struct Running {
-    capture: Arc<Capture>,
+    capture: Arc<Node>,
     journal: Arc<Journal>,
     wake: Arc<tokio::sync::Notify>,
+    keeper: Arc<LeaseKeeper>,
+    _heartbeat: HeartbeatTask,
+    /// Runs the uploader, the lease keeper and the role driver.
+    rt: tokio::runtime::Runtime,
 }
 
 impl Running {
@@ -196,6 +203,23 @@ impl Running {
             }
             self.wake.notify_one();
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Let another node take the lease at once instead of waiting out the TTL.
+    fn release_lease(&self) {
+        if self.keeper.state().is_held() {
+            let keeper = self.keeper.clone();
+            let res = self.rt.block_on(async move {
+                tokio::time::timeout(Duration::from_secs(5), keeper.release()).await
+            });
+            match res {
+                Ok(Ok(())) => tracing::info!("lease released"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "lease not released; it expires by itself")
+                }
+                Err(_) => tracing::warn!("lease not released in time; it expires by itself"),
+            }
         }
     }
 }
@@ -275,7 +299,9 @@ fn start_replication(
     let journal = Arc::new(
         Journal::open(&cfg.state_dir.join("journal.db")).context("opening the local journal")?,
     );
-    let epoch = Arc::new(AtomicU64::new(0));
+    // Until a lease says otherwise, transactions carry the epoch they were
+    // last written under (recovery at mount captures the last run's tail).
+    let epoch = Arc::new(AtomicU64::new(journal.last_epoch()?));
     let wake = Arc::new(tokio::sync::Notify::new());
     let base_dir = cfg.state_dir.join("base");
     let capture = Arc::new(Capture::new(
@@ -309,15 +335,30 @@ fn start_replication(
         }
     }
     let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&cfg.s3, S3Options::default()));
+    let disabled = cfg.policy == crate::config::Policy::Disabled;
+    if disabled {
+        tracing::warn!(
+            "LEADERSHIP_ENABLED=0: this node writes without a lease; you guarantee there is no other writer"
+        );
+    }
+    let node = Arc::new(Node::new(
+        capture.clone(),
+        if disabled {
+            Role::Primary
+        } else {
+            Role::Secondary
+        },
+        status.clone(),
+    ));
     let uploader = Uploader::new(
-        store,
+        store.clone(),
         Layout::for_config(cfg),
         cfg.project_id.clone(),
         cfg.canonical_id.clone(),
         cfg.node_id.clone(),
         journal.clone(),
         base_dir,
-        epoch,
+        epoch.clone(),
         wake.clone(),
         status.clone(),
         UploadPolicy {
@@ -325,6 +366,7 @@ fn start_replication(
             snapshot_txns: cfg.snapshot_txns,
             ..UploadPolicy::default()
         },
+        node.clone(),
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -332,14 +374,85 @@ fn start_replication(
         .enable_all()
         .build()?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    serve_control(control_socket(cfg), tx)?;
-    std::thread::Builder::new()
-        .name("uploader".into())
-        .spawn(move || rt.block_on(uploader.run(rx)))?;
+    serve_control(control_socket(cfg), tx.clone())?;
+    rt.spawn(uploader.run(rx));
+    let keeper = Arc::new(rt.block_on(async {
+        LeaseKeeper::spawn(
+            LeaseClient::new(cfg, store.clone()),
+            KeeperOptions::for_ttl(cfg.lease_ttl),
+        )
+    }));
+    // Mount with the role settled when the bucket answers quickly, so a lone
+    // node is writable from its first request.
+    rt.block_on(async {
+        let mut states = keeper.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while matches!(*states.borrow_and_update(), LeaseState::None) {
+                if states.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+    let roles = rt.spawn(drive_roles(
+        node.clone(),
+        keeper.clone(),
+        epoch,
+        tx,
+        status.clone(),
+    ));
+    rt.block_on(async {
+        let t = Instant::now();
+        while !roles.is_finished()
+            && matches!(keeper.state(), LeaseState::Held { .. })
+            && node.role() != Role::Primary
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let heartbeat = {
+        let _guard = rt.enter();
+        let (status, node) = (status.clone(), node.clone());
+        HeartbeatTask::spawn(
+            store,
+            Layout::for_config(cfg),
+            crate::lease::DEFAULT_HEARTBEAT_INTERVAL,
+            move || {
+                let s = status.snapshot();
+                Heartbeat {
+                    node_id: s.node_id.clone(),
+                    role: node.role().name().into(),
+                    epoch: s.epoch,
+                    applied_txid: s
+                        .databases
+                        .values()
+                        .map(|d| d.head_txid.max(d.applied_txid))
+                        .max()
+                        .unwrap_or(0),
+                    head_txid: s.databases.values().map(|d| d.head_txid).max(),
+                    lag_seconds: s
+                        .databases
+                        .values()
+                        .filter_map(|d| d.lag_seconds)
+                        .reduce(f64::max),
+                    version: s.version.clone(),
+                    last_seen: chrono::Utc::now(),
+                    mount_dir: s.mount_dir.clone(),
+                    session: None,
+                    extra: Default::default(),
+                }
+            },
+        )
+    };
     Ok(Running {
-        capture,
+        capture: node,
         journal,
         wake,
+        keeper,
+        _heartbeat: heartbeat,
+        rt,
     })
 }
 

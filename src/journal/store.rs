@@ -277,6 +277,16 @@ impl Journal {
         Ok(())
     }
 
+    /// The epoch of the newest journaled transaction (0 when there is none).
+    pub fn last_epoch(&self) -> Result<u64> {
+        let c = self.conn.lock().unwrap();
+        Ok(
+            c.query_row("SELECT coalesce(max(epoch), 0) FROM txns", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64,
+        )
+    }
+
     /// Transactions and page bytes captured since the base image (snapshot cadence).
     pub fn since_base(&self, db: &str) -> Result<(u64, u64)> {
         let c = self.conn.lock().unwrap();

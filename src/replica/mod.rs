@@ -3,5 +3,6 @@
 pub mod capture;
 pub mod legacy;
 pub mod manifest;
+pub mod node;
 pub mod restore;
 pub mod uploader;

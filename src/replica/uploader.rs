@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::manifest::{self, hex64, DbManifest, Manifest, SnapshotRef, Versioned};
+use super::manifest::{self, hex64, DbManifest, EpochStart, Manifest, SnapshotRef, Versioned};
+use super::node::{Node, Role};
 use crate::journal::codec::{self, SegmentMeta, SnapshotMeta};
 use crate::journal::{DbHead, Journal};
 use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
@@ -26,6 +27,12 @@ use crate::status::Status;
 pub enum Command {
     /// Publish everything and take a snapshot now; the reply says what was done.
     Push(tokio::sync::oneshot::Sender<std::result::Result<String, String>>),
+    /// This node took the lease at this epoch: check that the bucket's history
+    /// is this node's, and bump the manifest's epoch before writes resume.
+    TakeOver(
+        u64,
+        tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+    ),
 }
 
 /// Knobs; the defaults suit claude-mem's write rate.
@@ -96,6 +103,7 @@ pub struct Uploader {
     wake: Arc<Notify>,
     status: Status,
     policy: Policy,
+    node: Arc<Node>,
     manifest: Option<Versioned>,
     last_prune: Option<Instant>,
 }
@@ -125,6 +133,7 @@ impl Uploader {
         wake: Arc<Notify>,
         status: Status,
         policy: Policy,
+        node: Arc<Node>,
     ) -> Uploader {
         Uploader {
             store,
@@ -138,6 +147,7 @@ impl Uploader {
             wake,
             status,
             policy,
+            node,
             manifest: None,
             last_prune: None,
         }
@@ -156,6 +166,10 @@ impl Uploader {
                     match cmd {
                         Command::Push(reply) => {
                             let res = self.push().await.map_err(|e| e.to_string());
+                            let _ = reply.send(res);
+                        }
+                        Command::TakeOver(epoch, reply) => {
+                            let res = self.take_over(epoch).await.map_err(|e| e.to_string());
                             let _ = reply.send(res);
                         }
                     }
@@ -216,8 +230,12 @@ impl Uploader {
         }
     }
 
-    /// Publish everything the journal holds beyond the manifest.
+    /// Publish everything the journal holds beyond the manifest. Only a
+    /// primary publishes (or one finishing its work before a hand-over).
     pub async fn round(&mut self) -> Result<()> {
+        if !matches!(self.node.role(), Role::Primary | Role::CatchingUp) {
+            return Ok(());
+        }
         for head in self.journal.heads()? {
             self.publish_db(head).await?;
         }
@@ -264,16 +282,88 @@ impl Uploader {
         Ok(v)
     }
 
-    /// Advance the manifest with `f`, retrying on a lost race as long as the
-    /// database's head in the bucket is still the one we build on.
+    /// The lease came to this node at `epoch`. Writes may resume only if every
+    /// database the bucket knows continues this node's own history; then the
+    /// manifest's epoch moves to `epoch`, so a deposed primary's next
+    /// compare-and-swap fails.
+    async fn take_over(&mut self, epoch: u64) -> Result<()> {
+        self.manifest = None;
+        let v = self.current().await?;
+        if v.manifest.epoch > epoch {
+            return Err(UploadError::Conflict(format!(
+                "the manifest is at epoch {}, newer than this lease's {epoch}",
+                v.manifest.epoch
+            )));
+        }
+        let mut starts = std::collections::BTreeMap::new();
+        for (db, d) in &v.manifest.databases {
+            let local = self.journal.head(db)?;
+            let ours = local.as_ref().is_some_and(|j| {
+                j.generation == d.generation
+                    && ((j.head_txid == d.head_txid
+                        && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
+                        || (j.head_txid > d.head_txid && j.uploaded_txid == d.head_txid))
+            });
+            if !ours {
+                return Err(UploadError::Conflict(format!(
+                    "{db}: the bucket is at txid {} (generation {}), this node at {}; \
+                     it must catch up from the bucket before taking writes",
+                    d.head_txid,
+                    d.generation,
+                    local
+                        .map(|j| j.head_txid.to_string())
+                        .unwrap_or_else(|| "nothing".into())
+                )));
+            }
+            starts.insert(db.clone(), local.map_or(d.head_txid, |j| j.head_txid) + 1);
+        }
+        for h in self.journal.heads()? {
+            starts.entry(h.name.clone()).or_insert(h.head_txid + 1);
+        }
+        if v.manifest.epoch < epoch || !v.manifest.epochs.iter().any(|x| x.epoch == epoch) {
+            self.advance_with(None, |m| {
+                m.epoch = epoch;
+                m.epochs.retain(|x| x.epoch != epoch);
+                m.epochs.push(EpochStart {
+                    epoch,
+                    start_txid: starts.clone(),
+                });
+            })
+            .await?;
+        }
+        tracing::info!(epoch, "manifest epoch advanced; this node is the primary");
+        Ok(())
+    }
+
     async fn advance(
         &mut self,
         db: &str,
         expect_head: Option<u64>,
         f: impl Fn(&mut Manifest),
     ) -> Result<()> {
+        self.advance_with(Some((db, expect_head)), f).await
+    }
+
+    /// Advance the manifest with `f`, retrying on a lost race as long as the
+    /// database's head in the bucket is still the one we build on. A manifest
+    /// at a newer epoch means another node took over: this one is fenced.
+    async fn advance_with(
+        &mut self,
+        expect: Option<(&str, Option<u64>)>,
+        f: impl Fn(&mut Manifest),
+    ) -> Result<()> {
+        let db = expect.map(|(db, _)| db).unwrap_or("manifest");
         for _ in 0..5 {
             let v = self.current().await?;
+            let ours = self.epoch.load(Ordering::Acquire);
+            if v.manifest.epoch > ours {
+                self.node.set_role(Role::Fenced);
+                return Err(UploadError::Conflict(format!(
+                    "fenced: the manifest is at epoch {}, this node wrote under epoch {ours}",
+                    v.manifest.epoch
+                )));
+            }
+            let expect_head = expect.and_then(|(_, h)| h);
             let found = v.manifest.databases.get(db).map(|d| d.head_txid);
             if expect_head.is_some() && found != expect_head {
                 return Err(UploadError::Conflict(format!(

@@ -1,0 +1,270 @@
+//! The node's role, and what it means for the replicated paths.
+//!
+//! Only a primary writes replicated databases: its writes pass through and are
+//! captured. Any other role refuses them so that SQLite reports "attempt to
+//! write a readonly database": the database opens read-write (an `O_RDWR` open
+//! that fails would leave the connection read-only for life, fatal at
+//! promotion) and the refusal comes when SQLite creates its journal, with the
+//! `EACCES` SQLite maps to SQLITE_READONLY_DIRECTORY. Readers of a non-primary
+//! see each database in rollback-journal form, so they never look for the
+//! primary's `-wal`/`-shm`, which are hidden.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crate::fs::class::{PathClass, Sidecar};
+use crate::fs::Replication;
+use crate::sqlite::header;
+use crate::status::Status;
+
+use super::capture::Capture;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// Holds the lease (or leadership is disabled): writes are captured.
+    Primary = 0,
+    /// Took the lease; catching up with the bucket before accepting writes.
+    CatchingUp = 1,
+    /// Reads the primary's published state.
+    Secondary = 2,
+    /// Was primary and lost the lease: refuses writes, keeps its tail aside.
+    Fenced = 3,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::CatchingUp => "catching-up",
+            Role::Secondary => "secondary",
+            Role::Fenced => "fenced",
+        }
+    }
+
+    fn from_u8(v: u8) -> Role {
+        match v {
+            0 => Role::Primary,
+            1 => Role::CatchingUp,
+            3 => Role::Fenced,
+            _ => Role::Secondary,
+        }
+    }
+}
+
+pub struct Node {
+    capture: Arc<Capture>,
+    role: AtomicU8,
+    /// The change counter readers of the rollback view see; bumped whenever
+    /// the view's content changes, so their page caches are dropped.
+    view_counter: AtomicU32,
+    status: Status,
+}
+
+impl Node {
+    pub fn new(capture: Arc<Capture>, role: Role, status: Status) -> Node {
+        let node = Node {
+            capture,
+            role: AtomicU8::new(role as u8),
+            view_counter: AtomicU32::new(1),
+            status,
+        };
+        node.publish(role);
+        node
+    }
+
+    pub fn role(&self) -> Role {
+        Role::from_u8(self.role.load(Ordering::Acquire))
+    }
+
+    pub fn set_role(&self, role: Role) {
+        let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
+        if old != role {
+            tracing::info!(from = old.name(), to = role.name(), "role changed");
+            self.view_counter.fetch_add(1, Ordering::AcqRel);
+            self.publish(role);
+        }
+    }
+
+    fn publish(&self, role: Role) {
+        self.status.update(|s| s.role = role.name().into());
+    }
+
+    fn primary(&self) -> bool {
+        self.role() == Role::Primary
+    }
+
+    fn refuse(&self, class: &PathClass) -> i32 {
+        // One line per refused transaction: SQLite gives up at the journal.
+        if let PathClass::Sidecar(db, Sidecar::Journal | Sidecar::Wal) = class {
+            let primary = self
+                .status
+                .snapshot()
+                .primary
+                .unwrap_or_else(|| "unknown".into());
+            tracing::info!(
+                db = %db,
+                role = self.role().name(),
+                primary = %primary,
+                "refused a write transaction: this node is not the primary"
+            );
+        }
+        libc::EACCES
+    }
+}
+
+impl Replication for Node {
+    fn check_write(&self, class: &PathClass) -> Result<(), i32> {
+        match class {
+            PathClass::Local => Ok(()),
+            _ if self.primary() => Ok(()),
+            _ => Err(self.refuse(class)),
+        }
+    }
+
+    fn written(&self, class: &PathClass, offset: u64, len: u64) -> Result<(), i32> {
+        self.capture.written(class, offset, len)
+    }
+
+    fn truncated(&self, class: &PathClass, len: u64) -> Result<(), i32> {
+        self.capture.truncated(class, len)
+    }
+
+    fn removed(&self, class: &PathClass) -> Result<(), i32> {
+        self.capture.removed(class)
+    }
+
+    fn replaced(&self, class: &PathClass) -> Result<(), i32> {
+        self.capture.replaced(class)
+    }
+
+    fn synced(&self, class: &PathClass) -> Result<(), i32> {
+        if self.primary() {
+            self.capture.synced(class)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn visible(&self, class: &PathClass) -> bool {
+        self.primary() || !matches!(class, PathClass::Sidecar(_, Sidecar::Wal | Sidecar::Shm))
+    }
+
+    fn present(&self, class: &PathClass, buf: &mut [u8], offset: u64) {
+        if matches!(class, PathClass::Database(_)) && !self.primary() {
+            header::patch_read(buf, offset, self.view_counter.load(Ordering::Acquire));
+        }
+    }
+}
+
+/// Follow the lease and drive the node's role: a new lease goes through
+/// catching-up (the bucket's head must be this node's head, and the manifest
+/// epoch is bumped) before writes are accepted; a lost lease fences the node.
+pub async fn drive_roles(
+    node: Arc<Node>,
+    keeper: Arc<crate::lease::LeaseKeeper>,
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+    uploader: tokio::sync::mpsc::Sender<super::uploader::Command>,
+    status: Status,
+) {
+    use crate::lease::LeaseState;
+    let mut states = keeper.subscribe();
+    let mut handovers = keeper.handover_requests();
+    loop {
+        let state = states.borrow_and_update().clone();
+        let was = node.role();
+        match &state {
+            LeaseState::Held { epoch: e, .. } => {
+                if was != Role::Primary || epoch.load(Ordering::Acquire) != *e {
+                    node.set_role(Role::CatchingUp);
+                    epoch.store(*e, Ordering::Release);
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let ready = match uploader
+                        .send(super::uploader::Command::TakeOver(*e, tx))
+                        .await
+                    {
+                        Ok(()) => rx.await.unwrap_or_else(|_| Err("uploader stopped".into())),
+                        Err(_) => Err("uploader stopped".into()),
+                    };
+                    match ready {
+                        Ok(()) => node.set_role(Role::Primary),
+                        Err(why) => {
+                            tracing::error!(%why, "holding the lease but not taking writes");
+                            status.update(|s| s.last_error = Some(why));
+                        }
+                    }
+                }
+                status.update(|s| {
+                    s.epoch = Some(*e);
+                    s.primary = Some(s.node_id.clone());
+                });
+            }
+            LeaseState::Disabled => node.set_role(Role::Primary),
+            other => {
+                let demoted = matches!(was, Role::Primary | Role::CatchingUp | Role::Fenced);
+                node.set_role(if demoted {
+                    Role::Fenced
+                } else {
+                    Role::Secondary
+                });
+                if demoted && was != Role::Fenced {
+                    tracing::warn!(state = ?other, "lease lost: no more writes on this node");
+                }
+                status.update(|s| match other {
+                    LeaseState::HeldBy {
+                        node: p, epoch: e, ..
+                    } => {
+                        s.primary = Some(p.clone());
+                        s.epoch = Some(*e);
+                    }
+                    LeaseState::Unusable { reason } | LeaseState::Lost { reason } => {
+                        s.last_error = Some(reason.clone());
+                        s.primary = None;
+                    }
+                    _ => s.primary = None,
+                });
+            }
+        }
+        tokio::select! {
+            changed = states.changed() => if changed.is_err() { return },
+            changed = handovers.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let request = handovers.borrow_and_update().clone();
+                if let (Some(h), Role::Primary) = (request, node.role()) {
+                    hand_over(&node, &keeper, &uploader, &h.to).await;
+                }
+            }
+        }
+    }
+}
+
+/// Graceful hand-over: stop writes, publish everything, then pass the lease.
+async fn hand_over(
+    node: &Node,
+    keeper: &crate::lease::LeaseKeeper,
+    uploader: &tokio::sync::mpsc::Sender<super::uploader::Command>,
+    to: &str,
+) {
+    tracing::info!(to, "handing the lease over: flushing first");
+    node.set_role(Role::CatchingUp);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let flushed = uploader
+        .send(super::uploader::Command::Push(tx))
+        .await
+        .is_ok()
+        && matches!(rx.await, Ok(Ok(_)));
+    if !flushed {
+        tracing::warn!(
+            to,
+            "hand-over postponed: the backlog could not be published"
+        );
+        node.set_role(Role::Primary);
+        return;
+    }
+    if let Err(e) = keeper.hand_over(to).await {
+        tracing::warn!(to, error = %e, "hand-over failed; still primary");
+        node.set_role(Role::Primary);
+    }
+}
