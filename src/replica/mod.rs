@@ -1,3 +1,4 @@
 //! Replication: the primary's capture and uploader, the secondary's follower.
 
 pub mod manifest;
+pub mod restore;
