@@ -83,6 +83,24 @@ enum Cmd {
         #[arg(long)]
         create_bucket: bool,
     },
+    /// Rebuild a replicated database from the bucket, at its head or at a past txid or time
+    Restore {
+        /// Database name, as replicated (e.g. claude-mem.db)
+        #[arg(long, value_name = "NAME")]
+        db: String,
+        /// File to write (created atomically; must not exist unless --force)
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Restore the state right after this transaction
+        #[arg(long, value_name = "N", conflicts_with = "time")]
+        txid: Option<u64>,
+        /// Restore the state as of this time (RFC 3339, e.g. 2026-03-01T12:00:00Z)
+        #[arg(long, value_name = "RFC3339")]
+        time: Option<String>,
+        /// Replace FILE if it exists (and remove its -wal, -shm, -journal)
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn default_dir() -> PathBuf {
@@ -184,6 +202,16 @@ fn run(cli: Cli) -> Result<(), String> {
             let cfg = load(&cli)?;
             doctor(&cfg, *create_bucket)
         }
+        Cmd::Restore {
+            db,
+            to,
+            txid,
+            time,
+            force,
+        } => {
+            let cfg = load(&cli)?;
+            restore(&cfg, db, to, *txid, time.as_deref(), *force)
+        }
     }
 }
 
@@ -205,6 +233,66 @@ fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
     } else {
         Err("doctor: some checks failed".into())
     }
+}
+
+fn restore(
+    cfg: &Config,
+    db: &str,
+    to: &std::path::Path,
+    txid: Option<u64>,
+    time: Option<&str>,
+    force: bool,
+) -> Result<(), String> {
+    use membridge::replica::restore::{self, RestoreOptions, Target};
+    let target = match (txid, time) {
+        (Some(t), _) => Target::Txid(t),
+        (None, Some(s)) => Target::Time(
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|e| {
+                    format!("--time {s:?}: not an RFC 3339 time (e.g. 2026-03-01T12:00:00Z): {e}")
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, None) => Target::Latest,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let store =
+        membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
+    let layout = membridge::remote::Layout::for_config(cfg);
+    let opts = RestoreOptions {
+        progress: true,
+        force,
+    };
+    let r = rt
+        .block_on(restore::restore_with(
+            &store,
+            &layout,
+            &cfg.canonical_id,
+            db,
+            target,
+            to,
+            opts,
+        ))
+        .map_err(|e| format!("restore: {e}"))?;
+    let when = r
+        .commit_time()
+        .map(|t| format!(", committed {}", t.to_rfc3339()))
+        .unwrap_or_default();
+    println!(
+        "restored {db} at txid {}{when} to {} ({} pages of {} bytes, checksum {:016x}; snapshot {} + {} segment(s), {} bytes downloaded)",
+        r.txid,
+        to.display(),
+        r.size_pages,
+        r.page_size,
+        r.checksum,
+        r.snapshot_key,
+        r.segments_applied,
+        r.bytes_downloaded
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
