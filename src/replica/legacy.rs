@@ -53,6 +53,9 @@ pub struct LegacyManifest {
     pub table_names: Vec<String>,
 }
 
+/// The only database the old tool knew.
+pub const LEGACY_DB: &str = LEGACY_DB_NAME;
+
 /// What was published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LegacyPublished {
@@ -130,6 +133,18 @@ pub async fn publish_legacy(
         manifest_key,
         manifest,
     })
+}
+
+/// [`publish_legacy`] under the name the uploader calls it by.
+pub async fn publish(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    project_id: &str,
+    canonical_id: &str,
+    node_id: &str,
+    image: &Path,
+) -> Result<LegacyPublished, LegacyError> {
+    publish_legacy(store, layout, project_id, canonical_id, node_id, image).await
 }
 
 #[derive(Debug, Default)]
