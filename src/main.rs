@@ -92,7 +92,7 @@ enum Cmd {
         /// RFC 3339 time, e.g. 2026-11-23T10:00:00Z
         #[arg(long)]
         time: Option<String>,
-        /// Replace FILE if it exists
+        /// Replace FILE if it exists (and remove its -wal, -shm, -journal)
         #[arg(long)]
         force: bool,
     },
@@ -346,38 +346,48 @@ fn restore(
     time: Option<&str>,
     force: bool,
 ) -> Result<(), String> {
-    use membridge::replica::restore::{self, Target};
+    use membridge::replica::restore::{self, RestoreOptions, Target};
     let target = match (txid, time) {
         (Some(t), _) => Target::Txid(t),
-        (None, Some(t)) => Target::Time(
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map_err(|e| format!("--time {t:?}: not an RFC 3339 time ({e})"))?
+        (None, Some(s)) => Target::Time(
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|e| {
+                    format!("--time {s:?}: not an RFC 3339 time (e.g. 2026-03-01T12:00:00Z): {e}")
+                })?
                 .with_timezone(&chrono::Utc),
         ),
         (None, None) => Target::Latest,
     };
+    let rt = runtime()?;
     let store =
         membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
     let layout = membridge::remote::Layout::for_config(cfg);
-    let rt = runtime()?;
+    let opts = RestoreOptions {
+        progress: true,
+        force,
+    };
     let r = rt
-        .block_on(restore::restore(
+        .block_on(restore::restore_with(
             &store,
             &layout,
             &cfg.canonical_id,
             db,
             target,
             to,
-            force,
-            true,
+            opts,
         ))
         .map_err(|e| format!("restore: {e}"))?;
+    let when = r
+        .commit_time()
+        .map(|t| format!(", committed {}", t.to_rfc3339()))
+        .unwrap_or_default();
     println!(
-        "membridge: restored {db} at txid {} ({} pages, checksum {:016x}) to {} from {} + {} segments, {} bytes downloaded",
+        "restored {db} at txid {}{when} to {} ({} pages of {} bytes, checksum {:016x}; snapshot {} + {} segment(s), {} bytes downloaded)",
         r.txid,
-        r.size_pages,
-        r.checksum,
         to.display(),
+        r.size_pages,
+        r.page_size,
+        r.checksum,
         r.snapshot_key,
         r.segments_applied,
         r.bytes_downloaded

@@ -1,68 +1,141 @@
-//! The old tool's snapshot, kept current for nodes not yet migrated: the whole
-//! database at `projects/<cid>/sqlite/claude-mem.db`, its `.sha256` and a
-//! `manifest.json` in the old format, so an old-style pull keeps working.
+//! The old tool's snapshot, kept up to date for nodes not yet migrated
+//! (DESIGN §3): `sqlite/claude-mem.db` (the whole database file),
+//! `sqlite/claude-mem.db.sha256` and `sqlite/manifest.json`, byte for byte
+//! what the old tool's `push_sqlite` writes, with plain puts and in its order
+//! (database, digest, manifest), so that its `pull_sqlite` keeps working.
+//!
+//! Compatibility notes, from the old tool's source (`sqlite_minio_sync.py`):
+//! - `tables` is the *number* of rows of `sqlite_master` with `type='table'`
+//!   (internal tables such as `sqlite_sequence` included), as the old push
+//!   writes it; the names are in the extra field `table_names`, which old
+//!   readers ignore.
+//! - A count whose table does not exist in the image is **omitted**, not
+//!   `null`: the old pull compares `local_obs > manifest.get("observations", 0)`
+//!   and the old push `remote_obs > obs_count`; with `null` both raise a
+//!   `TypeError` in Python 3, whereas a missing key reads as 0.
+//! - `timestamp` is Python's `datetime.now(timezone.utc).isoformat()`, i.e.
+//!   `2026-02-25T10:11:12.123456+00:00`.
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::remote::keys::LEGACY_DB_NAME;
 use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
 
-/// The only database the old tool knew.
-pub const LEGACY_DB: &str = "claude-mem.db";
-
-#[derive(Debug, Serialize)]
+/// `sqlite/manifest.json`, in the old tool's field order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LegacyManifest {
+    /// `CLAUDE_PROJECT_ID` (the project name, not the canonical id).
     pub project: String,
     pub canonical_id: String,
+    /// ISO-8601 UTC with microseconds and `+00:00`, as Python writes it.
     pub timestamp: String,
     pub source_host: String,
+    /// Size of `claude-mem.db` in bytes.
     pub db_size: u64,
+    /// Lowercase hex SHA-256 of `claude-mem.db`.
     pub sha256: String,
-    /// Row counts; `null` where the table does not exist.
-    pub observations: Option<i64>,
-    pub session_summaries: Option<i64>,
-    pub user_prompts: Option<i64>,
-    pub tables: Vec<String>,
+    /// Row counts; absent when the table does not exist (see module docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_summaries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_prompts: Option<u64>,
+    /// Number of tables (`sqlite_master` rows with `type='table'`).
+    pub tables: u64,
+    /// Their names, in `sqlite_master` order (membridge's addition).
+    #[serde(default)]
+    pub table_names: Vec<String>,
+}
+
+/// The only database the old tool knew.
+pub const LEGACY_DB: &str = LEGACY_DB_NAME;
+
+/// What was published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyPublished {
+    pub db_key: String,
+    pub sha256_key: String,
+    pub manifest_key: String,
+    pub manifest: LegacyManifest,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LegacyError {
-    #[error("legacy snapshot: reading {path}: {why}")]
-    Image { path: String, why: String },
-    #[error("legacy snapshot: {0}")]
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a readable SQLite database: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Counts and table names, read from a standalone image without writing
-/// anything next to it (`immutable=1`: no journal, no -wal, no -shm).
-fn describe(image: &Path) -> Result<(Vec<String>, [Option<i64>; 3]), rusqlite::Error> {
-    let uri = format!("file:{}?immutable=1", image.display());
-    let c = rusqlite::Connection::open_with_flags(
-        uri,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-    )?;
-    let mut st = c.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?;
-    let tables: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    let count = |t: &str| -> Result<Option<i64>, rusqlite::Error> {
-        if !tables.iter().any(|n| n == t) {
-            return Ok(None);
-        }
-        c.query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |r| r.get(0))
-            .map(Some)
+/// Uploads `db_image_path`, a consistent standalone database file (rollback
+/// header, or WAL header with no `-wal`), as the old tool's snapshot of the
+/// project. The image is opened read-only with `immutable=1`, so SQLite
+/// creates no sidecar next to it.
+pub async fn publish_legacy(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    project_id: &str,
+    canonical_id: &str,
+    node_id: &str,
+    db_image_path: &Path,
+) -> Result<LegacyPublished, LegacyError> {
+    let path = db_image_path.to_path_buf();
+    let (body, sha256, stats) = tokio::task::spawn_blocking(move || read_image(&path))
+        .await
+        .map_err(|e| LegacyError::Io {
+            path: db_image_path.to_path_buf(),
+            op: "read task",
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let manifest = LegacyManifest {
+        project: project_id.to_string(),
+        canonical_id: canonical_id.to_string(),
+        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
+        source_host: node_id.to_string(),
+        db_size: body.len() as u64,
+        sha256: sha256.clone(),
+        observations: stats.observations,
+        session_summaries: stats.session_summaries,
+        user_prompts: stats.user_prompts,
+        tables: stats.table_names.len() as u64,
+        table_names: stats.table_names,
     };
-    let counts = [
-        count("observations")?,
-        count("session_summaries")?,
-        count("user_prompts")?,
-    ];
-    Ok((tables, counts))
+    let db_key = layout.legacy_db();
+    let sha256_key = layout.legacy_sha256();
+    let manifest_key = layout.legacy_manifest();
+    store.put(&db_key, body, PutMode::Overwrite).await?;
+    let digest_line = format!("{sha256}  {LEGACY_DB_NAME}\n");
+    store
+        .put(&sha256_key, Bytes::from(digest_line), PutMode::Overwrite)
+        .await?;
+    let json = serde_json::to_vec_pretty(&manifest).expect("legacy manifest serializes");
+    store
+        .put(&manifest_key, Bytes::from(json), PutMode::Overwrite)
+        .await?;
+    Ok(LegacyPublished {
+        db_key,
+        sha256_key,
+        manifest_key,
+        manifest,
+    })
 }
 
-/// Publish `image` (a consistent, standalone copy of claude-mem.db) the way the
-/// old tool's push did.
+/// [`publish_legacy`] under the name the uploader calls it by.
 pub async fn publish(
     store: &dyn ObjectStore,
     layout: &Layout,
@@ -70,53 +143,139 @@ pub async fn publish(
     canonical_id: &str,
     node_id: &str,
     image: &Path,
-) -> Result<LegacyManifest, LegacyError> {
-    let err = |why: String| LegacyError::Image {
-        path: image.display().to_string(),
-        why,
+) -> Result<LegacyPublished, LegacyError> {
+    publish_legacy(store, layout, project_id, canonical_id, node_id, image).await
+}
+
+#[derive(Debug, Default)]
+struct ImageStats {
+    observations: Option<u64>,
+    session_summaries: Option<u64>,
+    user_prompts: Option<u64>,
+    table_names: Vec<String>,
+}
+
+fn read_image(path: &Path) -> Result<(Bytes, String, ImageStats), LegacyError> {
+    let io = |op| {
+        move |source| LegacyError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
     };
-    let bytes = tokio::fs::read(image)
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    let (tables, [observations, session_summaries, user_prompts]) = {
-        let image = image.to_path_buf();
-        tokio::task::spawn_blocking(move || describe(&image))
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .map_err(|e| err(e.to_string()))?
+    let mut f = std::fs::File::open(path).map_err(io("open"))?;
+    let mut body = Vec::new();
+    f.read_to_end(&mut body).map_err(io("read"))?;
+    let sha256 = hex::encode(Sha256::digest(&body));
+    let stats = image_stats(path).map_err(|source| LegacyError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((Bytes::from(body), sha256, stats))
+}
+
+fn image_stats(path: &Path) -> rusqlite::Result<ImageStats> {
+    use rusqlite::OpenFlags;
+    let uri = format!("file:{}?immutable=1", uri_path(path));
+    let conn = rusqlite::Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let table_names: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type='table'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let count = |t: &str| -> rusqlite::Result<Option<u64>> {
+        if !table_names.iter().any(|n| n == t) {
+            return Ok(None);
+        }
+        let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM \"{t}\""), [], |r| r.get(0))?;
+        Ok(Some(n as u64))
     };
-    let sha = hex::encode(Sha256::digest(&bytes));
-    let manifest = LegacyManifest {
-        project: project_id.to_string(),
-        canonical_id: canonical_id.to_string(),
-        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        source_host: node_id.to_string(),
-        db_size: bytes.len() as u64,
-        sha256: sha.clone(),
-        observations,
-        session_summaries,
-        user_prompts,
-        tables,
+    Ok(ImageStats {
+        observations: count("observations")?,
+        session_summaries: count("session_summaries")?,
+        user_prompts: count("user_prompts")?,
+        table_names: table_names.clone(),
+    })
+}
+
+/// A file path as the path part of an SQLite `file:` URI: every byte that
+/// is not unreserved or `/` is percent-encoded (`?`, `#`, `%`, spaces...).
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
     };
-    // Database first, manifest last: an old reader that sees the new manifest
-    // finds the matching database and checksum.
-    store
-        .put(&layout.legacy_db(), Bytes::from(bytes), PutMode::Overwrite)
-        .await?;
-    store
-        .put(
-            &layout.legacy_sha256(),
-            Bytes::from(format!("{sha}  {LEGACY_DB}\n")),
-            PutMode::Overwrite,
-        )
-        .await?;
-    let body = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    store
-        .put(
-            &layout.legacy_manifest(),
-            Bytes::from(body),
-            PutMode::Overwrite,
-        )
-        .await?;
-    Ok(manifest)
+    let mut s = String::new();
+    for &b in abs.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_paths_are_escaped() {
+        assert_eq!(
+            uri_path(Path::new("/a b/c?d#e%.db")),
+            "/a%20b/c%3Fd%23e%25.db"
+        );
+    }
+
+    #[test]
+    fn missing_counts_are_omitted_and_tables_is_a_count() {
+        let m = LegacyManifest {
+            project: "p".into(),
+            canonical_id: "c".into(),
+            timestamp: "t".into(),
+            source_host: "h".into(),
+            db_size: 1,
+            sha256: "s".into(),
+            observations: Some(3),
+            session_summaries: None,
+            user_prompts: None,
+            tables: 1,
+            table_names: vec!["observations".into()],
+        };
+        let v: serde_json::Value = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["observations"], 3);
+        assert!(v.get("session_summaries").is_none());
+        assert_eq!(v["tables"], 1);
+    }
+
+    #[test]
+    fn image_is_read_without_sidecars() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("odd name?.db");
+        {
+            let c = rusqlite::Connection::open(&p).unwrap();
+            c.execute_batch(
+                "PRAGMA journal_mode=WAL; CREATE TABLE observations(x); \
+                 INSERT INTO observations VALUES (1),(2);",
+            )
+            .unwrap();
+        }
+        let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(before.len(), 1, "closing removed the -wal");
+        let s = image_stats(&p).unwrap();
+        assert_eq!(s.observations, Some(2));
+        assert_eq!(s.user_prompts, None);
+        assert_eq!(s.table_names, vec!["observations".to_string()]);
+        let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(after.len(), 1, "no sidecar was created");
+    }
 }
