@@ -260,6 +260,7 @@ fn serve_control(
                 };
                 let line = match reply {
                     Ok(m) => format!("ok {m}\n"),
+                    Err(e) if e.starts_with("refused ") => format!("{e}\n"),
                     Err(e) => format!("error {e}\n"),
                 };
                 let _ = (&conn).write_all(line.as_bytes());
@@ -267,6 +268,11 @@ fn serve_control(
         })?;
     Ok(())
 }
+
+/// The daemon declined a request because of this node's role.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 /// Send one request to the running daemon of this project.
 pub fn request(cfg: &Config, what: &str) -> Result<String> {
@@ -285,6 +291,7 @@ pub fn request(cfg: &Config, what: &str) -> Result<String> {
     match reply.split_once(' ') {
         Some(("ok", m)) => Ok(m.to_string()),
         Some(("error", m)) => bail!("{m}"),
+        Some(("refused", m)) => Err(Refused(m.to_string()).into()),
         _ => bail!("unexpected reply from the daemon: {reply:?}"),
     }
 }

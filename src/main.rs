@@ -219,9 +219,18 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Push => {
             let cfg = load(&cli)?;
-            let msg = daemon::request(&cfg, "push").map_err(|e| format!("push: {e:#}"))?;
-            println!("membridge: {msg}");
-            Ok(())
+            match daemon::request(&cfg, "push") {
+                Ok(msg) => {
+                    println!("membridge: {msg}");
+                    Ok(())
+                }
+                Err(e) if e.is::<daemon::Refused>() => {
+                    // The old tool's code for a push blocked on a secondary.
+                    eprintln!("membridge: push refused: {e}");
+                    std::process::exit(3)
+                }
+                Err(e) => Err(format!("push: {e:#}")),
+            }
         }
         Cmd::Restore {
             db,

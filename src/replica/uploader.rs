@@ -75,6 +75,9 @@ pub enum UploadError {
     Io { db: String, source: std::io::Error },
     #[error("{0}")]
     Conflict(String),
+    /// Not this node's job in its current role (exit code 3 on the CLI).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl UploadError {
@@ -165,7 +168,10 @@ impl Uploader {
                 Some(cmd) = commands.recv() => {
                     match cmd {
                         Command::Push(reply) => {
-                            let res = self.push().await.map_err(|e| e.to_string());
+                            let res = self.push().await.map_err(|e| match e {
+                                UploadError::Refused(why) => format!("refused {why}"),
+                                e => e.to_string(),
+                            });
                             let _ = reply.send(res);
                         }
                         Command::TakeOver(epoch, reply) => {
@@ -496,6 +502,13 @@ impl Uploader {
 
     /// `membridge push`: publish the backlog, then a snapshot of every database.
     async fn push(&mut self) -> Result<String> {
+        let role = self.node.role();
+        if !matches!(role, Role::Primary | Role::CatchingUp) {
+            return Err(UploadError::Refused(format!(
+                "this node is {} — only the primary publishes",
+                role.name()
+            )));
+        }
         self.manifest = None;
         self.round().await?;
         let mut done = Vec::new();

@@ -1,0 +1,122 @@
+//! Roles through a real mount: a node that does not hold the lease reads its
+//! databases but refuses writes the way SQLite expects, keeps local paths
+//! writable, hides the primary's `-wal`, and refuses `push` with exit code 3.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mount::Mount;
+use common::SeaweedFs;
+
+const DB: &str = "claude-mem.db";
+
+/// A WAL-mode database with rows, made on the bare directory before mounting.
+fn seeded_db() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL;
+         CREATE TABLE observations(id INTEGER PRIMARY KEY, text TEXT);
+         INSERT INTO observations(text) VALUES ('one'), ('two'), ('three');
+         PRAGMA wal_checkpoint(TRUNCATE);",
+    )
+    .unwrap();
+    drop(c);
+    std::fs::read(path).unwrap()
+}
+
+fn secondary(tag: &str) -> Mount {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket(tag), tag);
+    env.push(("MEMBRIDGE_NODE_ID".into(), "laptop".into()));
+    env.push(("PRIMARY_NODE_ID".into(), "desktop".into()));
+    Mount::with_files(env, &[(DB, &seeded_db()), ("claude-mem.db-wal", b"")])
+}
+
+#[test]
+fn a_non_primary_reads_but_refuses_writes_as_readonly() {
+    let m = secondary("ro");
+    assert_eq!(m.status()["role"], "secondary");
+    let db = m.dir.join(DB);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM observations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 3);
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        mode, "delete",
+        "the view is presented in rollback-journal form"
+    );
+    for _ in 0..3 {
+        let e = c
+            .execute("INSERT INTO observations(text) VALUES ('four')", [])
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("attempt to write a readonly database"),
+            "{e}"
+        );
+    }
+    // the same connection still reads
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM observations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 3);
+    // local paths stay writable
+    std::fs::create_dir_all(m.dir.join("logs")).unwrap();
+    std::fs::write(m.dir.join("logs/worker.log"), b"started\n").unwrap();
+    std::fs::write(m.dir.join("worker.pid"), b"123\n").unwrap();
+    // the primary's -wal is not visible to readers here
+    let names: Vec<String> = std::fs::read_dir(&m.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with("-wal")), "{names:?}");
+    assert!(!m.dir.join("claude-mem.db-wal").exists());
+    drop(c);
+    // one log line per refused transaction, not per write
+    let log = std::fs::read_to_string(m.status()["log_file"].as_str().unwrap()).unwrap();
+    let refusals = log.matches("refused a write transaction").count();
+    assert!(
+        (1..=3).contains(&refusals),
+        "{refusals} refusal lines:\n{log}"
+    );
+    m.unmount();
+    assert_eq!(
+        std::fs::read(m.dir.join("logs/worker.log")).unwrap(),
+        b"started\n"
+    );
+}
+
+#[test]
+fn push_on_a_non_primary_exits_3() {
+    let m = secondary("push3");
+    let out = m.run(&["push"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("only the primary publishes"), "{err}");
+}
+
+#[test]
+fn a_lone_auto_node_takes_the_lease_and_writes() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("auto"), "auto");
+    env.push(("MEMBRIDGE_NODE_ID".into(), "solo".into()));
+    let m = Mount::with_files(env, &[(DB, &seeded_db())]);
+    let st = m.status();
+    assert_eq!(st["role"], "primary", "{st}");
+    assert_eq!(st["epoch"], 1, "{st}");
+    let c = rusqlite::Connection::open(m.dir.join(DB)).unwrap();
+    c.execute("INSERT INTO observations(text) VALUES ('four')", [])
+        .unwrap();
+    let out = m.run(&["leadership", "info"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("solo"), "{text}");
+}
