@@ -26,6 +26,7 @@ use crate::journal::Journal;
 use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKeeper, LeaseState};
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
 use crate::replica::capture::Capture;
+use crate::replica::follower::Follower;
 use crate::replica::node::{drive_roles, Node, Role};
 use crate::replica::uploader::{Command as UploaderCommand, Policy as UploadPolicy, Uploader};
 use crate::status::Status;
@@ -145,8 +146,11 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         Arc::new(status.clone()),
         replication.capture.clone(),
     )?;
+    let invalidator = fs.invalidator();
     let mut session = mount::mount(fs, &dir, args.threads)
         .with_context(|| format!("mounting {}", dir.display()))?;
+    invalidator.attach(session.notifier());
+    replication.start_follower(cfg, invalidator, &dir);
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("signals".into())
@@ -173,6 +177,10 @@ struct Running {
     journal: Arc<Journal>,
     wake: Arc<tokio::sync::Notify>,
     keeper: Arc<LeaseKeeper>,
+    store: Arc<dyn ObjectStore>,
+    status: Status,
+    /// A duplicate of the directory fd: the follower's way to the backing files.
+    root: std::os::fd::OwnedFd,
     _heartbeat: HeartbeatTask,
     /// Runs the uploader, the lease keeper and the role driver.
     rt: tokio::runtime::Runtime,
@@ -204,6 +212,23 @@ impl Running {
             self.wake.notify_one();
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The secondary's follower; idle while this node is primary.
+    fn start_follower(&self, cfg: &Config, invalidator: Arc<crate::fs::Invalidator>, dir: &Path) {
+        let follower = Follower {
+            store: self.store.clone(),
+            layout: Layout::for_config(cfg),
+            canonical_id: cfg.canonical_id.clone(),
+            backing: PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd())),
+            mount_dir: dir.to_path_buf(),
+            state_dir: cfg.state_dir.clone(),
+            node: self.capture.clone(),
+            invalidator,
+            status: self.status.clone(),
+            poll: cfg.poll_interval,
+        };
+        self.rt.spawn(follower.run());
     }
 
     /// Let another node take the lease at once instead of waiting out the TTL.
@@ -423,7 +448,7 @@ fn start_replication(
         let _guard = rt.enter();
         let (status, node) = (status.clone(), node.clone());
         HeartbeatTask::spawn(
-            store,
+            store.clone(),
             Layout::for_config(cfg),
             crate::lease::DEFAULT_HEARTBEAT_INTERVAL,
             move || {
@@ -458,6 +483,9 @@ fn start_replication(
         journal,
         wake,
         keeper,
+        store,
+        status: status.clone(),
+        root: root_fd.try_clone()?,
         _heartbeat: heartbeat,
         rt,
     })

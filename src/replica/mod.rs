@@ -1,6 +1,7 @@
 //! Replication: the primary's capture and uploader, the secondary's follower.
 
 pub mod capture;
+pub mod follower;
 pub mod legacy;
 pub mod manifest;
 pub mod node;

@@ -86,6 +86,12 @@ impl Node {
         }
     }
 
+    /// The view's content changed (a transaction was applied): readers must
+    /// see a new change counter and drop their page caches.
+    pub fn bump_view(&self) {
+        self.view_counter.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn publish(&self, role: Role) {
         self.status.update(|s| s.role = role.name().into());
     }

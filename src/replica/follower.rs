@@ -1,0 +1,394 @@
+//! The secondary's follower: keeps each replicated database at the bucket's head.
+//!
+//! It polls `manifest.json` with `If-None-Match` (a cheap 304 when nothing
+//! moved), verifies new segments (txid chain, epoch, pre/post checksums) and
+//! applies them to the backing file the way a SQLite writer would: PENDING then
+//! EXCLUSIVE on the database, taken through the mount so readers' locks count
+//! (new readers wait, current ones finish), pages written, the presented change
+//! counter bumped, the kernel's cached pages dropped, locks released. A reader
+//! therefore sees each batch of transactions whole. A database with no usable
+//! local state (first mount, broken chain, checksum mismatch, new generation)
+//! is rebuilt from the latest snapshot through the same verified restore path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::manifest::{parse_hex64, DbManifest, Manifest};
+use super::node::{Node, Role};
+use super::restore::{self, RestoreOptions, Target};
+use crate::fs::Invalidator;
+use crate::journal::codec;
+use crate::remote::{Layout, ObjectStore, StoreError};
+use crate::sqlite::checksum::PageHashes;
+use crate::sqlite::header::PENDING_BYTE;
+use crate::status::Status;
+
+/// Where the local copy of one database stands.
+struct Applied {
+    txid: u64,
+    generation: u64,
+    hashes: PageHashes,
+    /// Commit time of the last applied transaction (for the lag).
+    committed_ms: Option<i64>,
+}
+
+pub struct Follower {
+    pub store: Arc<dyn ObjectStore>,
+    pub layout: Layout,
+    pub canonical_id: String,
+    /// `/proc/self/fd/<dir fd>`: the backing directory under the mount.
+    pub backing: PathBuf,
+    pub mount_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub node: Arc<Node>,
+    pub invalidator: Arc<Invalidator>,
+    pub status: Status,
+    pub poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FollowError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Restore(#[from] restore::RestoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Follower {
+    pub async fn run(self) {
+        let mut applied: HashMap<String, Applied> = HashMap::new();
+        let mut etag: Option<String> = None;
+        loop {
+            tokio::time::sleep(self.poll).await;
+            if self.node.role() != Role::Secondary {
+                // The primary's own capture is the truth while it writes.
+                applied.clear();
+                etag = None;
+                continue;
+            }
+            match self.tick(&mut applied, &etag).await {
+                Ok(Some(e)) => etag = Some(e),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "follower: could not refresh; retrying");
+                    self.status.update(|s| s.last_error = Some(e.to_string()));
+                    etag = None;
+                }
+            }
+            self.publish_lag(&applied);
+        }
+    }
+
+    fn publish_lag(&self, applied: &HashMap<String, Applied>) {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.status.update(|s| {
+            for (db, a) in applied {
+                let d = s.databases.entry(db.clone()).or_default();
+                d.applied_txid = a.txid;
+                d.lag_seconds = if d.head_txid <= a.txid {
+                    Some(0.0)
+                } else {
+                    a.committed_ms.map(|c| (now - c).max(0) as f64 / 1000.0)
+                };
+            }
+        });
+    }
+
+    /// One poll; returns the manifest's new ETag when it changed and was applied.
+    async fn tick(
+        &self,
+        applied: &mut HashMap<String, Applied>,
+        etag: &Option<String>,
+    ) -> Result<Option<String>, FollowError> {
+        let key = self.layout.manifest();
+        let got = match etag {
+            Some(e) => self.store.get_if_none_match(&key, e).await,
+            None => self.store.get(&key).await.map(Some),
+        };
+        let got = match got {
+            Ok(Some(g)) => g,
+            Ok(None) | Err(StoreError::NotModified { .. }) | Err(StoreError::NotFound { .. }) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let m = Manifest::parse(&key, &got.body, &self.canonical_id)
+            .map_err(|e| FollowError::Other(e.to_string()))?;
+        for (db, d) in &m.databases {
+            self.status.update(|s| {
+                s.databases.entry(db.clone()).or_default().head_txid = d.head_txid;
+            });
+            self.follow(db, d, &m, applied).await?;
+        }
+        Ok(Some(got.etag))
+    }
+
+    async fn follow(
+        &self,
+        db: &str,
+        d: &DbManifest,
+        m: &Manifest,
+        applied: &mut HashMap<String, Applied>,
+    ) -> Result<(), FollowError> {
+        let head_sum = parse_hex64(&d.head_checksum);
+        if !applied.contains_key(db) {
+            // First sight: the local file may already be at the head.
+            if let Ok(h) = PageHashes::from_file(&self.backing.join(db), d.page_size) {
+                if Some(h.checksum()) == head_sum && h.page_count() == d.size_pages {
+                    applied.insert(
+                        db.to_string(),
+                        Applied {
+                            txid: d.head_txid,
+                            generation: d.generation,
+                            hashes: h,
+                            committed_ms: None,
+                        },
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        let fresh = match applied.get(db) {
+            Some(a) => a.generation != d.generation || a.txid > d.head_txid,
+            None => true,
+        };
+        if fresh {
+            let a = self.bootstrap(db, d.generation).await?;
+            applied.insert(db.to_string(), a);
+            return Ok(());
+        }
+        let a = applied.get_mut(db).expect("present");
+        if a.txid == d.head_txid {
+            return Ok(());
+        }
+        match self.catch_up(db, d, m, a).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(db, error = %e, "follower: segments do not continue the local copy; rebuilding from the snapshot");
+                let a = self.bootstrap(db, d.generation).await?;
+                applied.insert(db.to_string(), a);
+                Ok(())
+            }
+        }
+    }
+
+    /// Apply the segments from the local txid to the head, as one locked batch.
+    async fn catch_up(
+        &self,
+        db: &str,
+        d: &DbManifest,
+        m: &Manifest,
+        a: &mut Applied,
+    ) -> Result<(), FollowError> {
+        let prefix = self.layout.segment_prefix(db);
+        let mut segs: Vec<(u64, String)> = self
+            .store
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let k = self.layout.parse_segment(&o.key)?;
+                (k.db == db).then_some((k.from, o.key))
+            })
+            .collect();
+        segs.sort();
+        let mut hashes = a.hashes.clone();
+        let mut txid = a.txid;
+        let mut pages: BTreeMap<u32, Bytes> = BTreeMap::new();
+        let mut size = hashes.page_count();
+        let mut last_ms = a.committed_ms;
+        'chain: while txid < d.head_txid {
+            for (_, key) in segs.iter().filter(|(from, _)| *from == txid + 1) {
+                let body = self.store.get(key).await?.body;
+                let Ok(seg) = codec::decode_segment(&body) else {
+                    continue;
+                };
+                if seg.header.pre_checksum != hashes.checksum()
+                    || seg
+                        .txns
+                        .iter()
+                        .any(|t| m.epoch_of(db, t.txid).is_some_and(|e| e != t.epoch))
+                {
+                    continue; // a deposed primary's tail
+                }
+                for t in seg.txns.iter().take_while(|t| t.txid <= d.head_txid) {
+                    let post = hashes
+                        .apply(
+                            t.pages.iter().map(|(n, p)| (*n, p.as_ref())),
+                            t.db_size_pages,
+                        )
+                        .map_err(|e| FollowError::Other(format!("{key}: {e}")))?;
+                    if post != t.post_checksum {
+                        return Err(FollowError::Other(format!(
+                            "{key}: txid {} does not produce its checksum",
+                            t.txid
+                        )));
+                    }
+                    size = t.db_size_pages;
+                    pages.retain(|p, _| *p <= size);
+                    for (n, p) in &t.pages {
+                        pages.insert(*n, p.clone());
+                    }
+                    txid = t.txid;
+                    last_ms = Some(t.timestamp_ms);
+                }
+                continue 'chain;
+            }
+            return Err(FollowError::Other(format!(
+                "no verifiable segment starts at txid {}",
+                txid + 1
+            )));
+        }
+        if Some(hashes.checksum()) != parse_hex64(&d.head_checksum) {
+            return Err(FollowError::Other(format!(
+                "{db}: after txid {txid} the checksum is not the manifest's"
+            )));
+        }
+        let ps = hashes.page_size();
+        self.locked_install(db, move |f| {
+            for (pgno, page) in &pages {
+                f.write_all_at(page, (*pgno as u64 - 1) * ps as u64)?;
+            }
+            f.set_len(size as u64 * ps as u64)
+        })
+        .await?;
+        tracing::debug!(db, from = a.txid + 1, to = txid, "applied");
+        a.txid = txid;
+        a.hashes = hashes;
+        a.committed_ms = last_ms;
+        Ok(())
+    }
+
+    /// Rebuild the local copy from the latest snapshot and segments (verified
+    /// by restore), keeping aside whatever the local file held.
+    async fn bootstrap(&self, db: &str, generation: u64) -> Result<Applied, FollowError> {
+        let dir = self.state_dir.join("bootstrap");
+        std::fs::create_dir_all(&dir).map_err(|e| FollowError::Other(e.to_string()))?;
+        let tmp = dir.join(db.replace('/', "%2F"));
+        let report = restore::restore_with(
+            self.store.as_ref(),
+            &self.layout,
+            &self.canonical_id,
+            db,
+            Target::Latest,
+            &tmp,
+            RestoreOptions {
+                progress: false,
+                force: true,
+            },
+        )
+        .await?;
+        let image = std::fs::read(&tmp).map_err(|e| FollowError::Other(e.to_string()))?;
+        let hashes = PageHashes::from_bytes(&image, report.page_size)
+            .map_err(|e| FollowError::Other(e.to_string()))?;
+        self.keep_aside(db);
+        let len = image.len() as u64;
+        self.locked_install(db, move |f| {
+            f.write_all_at(&image, 0)?;
+            f.set_len(len)
+        })
+        .await?;
+        let _ = std::fs::remove_file(&tmp);
+        tracing::info!(db, txid = report.txid, "local copy rebuilt from the bucket");
+        Ok(Applied {
+            txid: report.txid,
+            generation,
+            hashes,
+            committed_ms: report.commit_ms,
+        })
+    }
+
+    /// Before replacing a local database that is not the bucket's: copy it and
+    /// its `-wal` to the state dir (never silently dropped), and remove the
+    /// `-wal`/`-shm`, whose stale frames SQLite would otherwise replay later.
+    fn keep_aside(&self, db: &str) {
+        let main = self.backing.join(db);
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+        let dir = self.state_dir.join("replaced");
+        for suffix in ["", "-wal"] {
+            let src = PathBuf::from(format!("{}{suffix}", main.display()));
+            if std::fs::metadata(&src).is_ok_and(|m| m.len() > 0) {
+                let _ = std::fs::create_dir_all(&dir);
+                let dst = dir.join(format!("{}-{stamp}{suffix}", db.replace('/', "%2F")));
+                match std::fs::copy(&src, &dst) {
+                    Ok(_) => {
+                        tracing::info!(from = %src.display(), to = %dst.display(), "kept the local copy aside")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not keep the local copy aside"),
+                }
+            }
+        }
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", main.display()));
+        }
+    }
+
+    /// Take SQLite's PENDING and EXCLUSIVE locks through the mount, run
+    /// `write` on the backing file, make readers see a new change counter and
+    /// drop the kernel's cached pages, then release.
+    async fn locked_install(
+        &self,
+        db: &str,
+        write: impl FnOnce(&std::fs::File) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), FollowError> {
+        let through_mount = self.mount_dir.join(db);
+        let backing = self.backing.join(db);
+        let node = self.node.clone();
+        let inval = self.invalidator.clone();
+        let name = db.to_string();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            // Create it underneath first: through the mount a non-primary
+            // refuses creating replicated files, the daemon's own included.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&backing)?;
+            inval.invalidate_entry(&name);
+            let guard = lock_exclusive(&through_mount)?;
+            write(&f)?;
+            node.bump_view();
+            inval.invalidate(&name, &[]);
+            drop(guard);
+            Ok(())
+        })
+        .await
+        .map_err(|e| FollowError::Other(e.to_string()))?
+        .map_err(|e| FollowError::Other(format!("{db}: applying: {e}")))
+    }
+}
+
+/// An open fd holding SQLite's PENDING and EXCLUSIVE locks; closing releases.
+fn lock_exclusive(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    for (start, len) in [(PENDING_BYTE, 1), (PENDING_BYTE + 2, 510)] {
+        let fl = libc::flock {
+            l_type: libc::F_WRLCK as i16,
+            l_whence: libc::SEEK_SET as i16,
+            l_start: start as i64,
+            l_len: len,
+            l_pid: 0,
+        };
+        loop {
+            if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) } == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(f)
+}
