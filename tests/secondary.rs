@@ -97,3 +97,118 @@ fn secondary_follows_the_primary_and_refuses_writes() {
         "{st}"
     );
 }
+
+#[test]
+fn three_candidates_started_at_once_elect_exactly_one_primary() {
+    let s3 = SeaweedFs::shared();
+    let env = s3.env(&s3.new_bucket("elect"), "elect");
+    let nodes: Vec<Mount> = std::thread::scope(|sc| {
+        let hs: Vec<_> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|id| {
+                let env = env.clone();
+                sc.spawn(move || node(&env, id))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Let the losers of the create race read the winner's lease.
+    wait_for("roles to settle", Duration::from_secs(20), || {
+        nodes
+            .iter()
+            .all(|m| matches!(m.status()["role"].as_str(), Some("primary" | "secondary")))
+    });
+    let roles: Vec<String> = nodes
+        .iter()
+        .map(|m| m.status()["role"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| *r == "primary").count(),
+        1,
+        "{roles:?}"
+    );
+    let primary = nodes
+        .iter()
+        .find(|m| m.status()["role"] == "primary")
+        .unwrap();
+    assert_eq!(primary.status()["epoch"], 1);
+}
+
+#[test]
+fn kill_9_of_the_primary_fails_over_with_every_published_transaction() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("failover"), "failover");
+    let ttl = 6u64;
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), ttl.to_string()));
+    let a = node(&env, "node-a");
+    let pc = rusqlite::Connection::open(a.dir.join(DB)).unwrap();
+    pc.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
+        .unwrap();
+    for i in 0..50 {
+        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("r{i}")])
+            .unwrap();
+    }
+    let b = node(&env, "node-b");
+    let bdb = b.dir.join(DB);
+    let published = |m: &Mount| {
+        let d = &m.status()["databases"][DB];
+        d["uploaded_txid"]
+            .as_u64()
+            .filter(|u| Some(*u) == d["head_txid"].as_u64())
+    };
+    wait_for("the primary to publish", Duration::from_secs(20), || {
+        published(&a).is_some()
+    });
+    let count = |p: &std::path::Path| -> Option<i64> {
+        rusqlite::Connection::open(p)
+            .ok()?
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .ok()
+    };
+    wait_for("the secondary to catch up", Duration::from_secs(20), || {
+        count(&bdb) == Some(50)
+    });
+    drop(pc);
+    let pid = nix::unistd::Pid::from_raw(a.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    wait_for(
+        "the secondary to take over",
+        Duration::from_secs(30),
+        || b.status()["role"] == "primary",
+    );
+    let took = t.elapsed();
+    println!(
+        "failover after kill -9 took {took:?} (TTL {ttl} s, renewal every {} s)",
+        ttl / 3
+    );
+    assert!(took < Duration::from_secs(ttl + ttl / 3 + 3), "{took:?}");
+    assert_eq!(b.status()["epoch"], 2);
+    assert_eq!(
+        count(&bdb),
+        Some(50),
+        "the new primary lacks published transactions"
+    );
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.execute("INSERT INTO t(v) VALUES ('after failover')", [])
+        .unwrap();
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    wait_for(
+        "the new primary to publish",
+        Duration::from_secs(20),
+        || published(&b).is_some_and(|u| u > 0),
+    );
+    // The bucket's history continues: restore gives the new primary's state.
+    let to = b.state.join("restored.db");
+    let out = b.run(&["restore", "--db", DB, "--to", to.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&to), Some(51));
+}

@@ -288,6 +288,69 @@ impl Capture {
         Ok(())
     }
 
+    /// Promotion: the local file holds exactly the bucket's head (the
+    /// follower's verified copy). Make it the start of this node's history,
+    /// with a base image for later snapshots. `Ok(false)` if it does not match.
+    pub fn adopt(&self, db: &str, d: &crate::replica::manifest::DbManifest) -> Result<bool> {
+        let io = Self::io(db);
+        let Some(main) = self.open(db).map_err(&io)? else {
+            return Ok(false);
+        };
+        let wal_len = std::fs::metadata(self.backing(&format!("{db}-wal"))).map(|m| m.len());
+        if wal_len.is_ok_and(|n| n > 0) {
+            return Ok(false); // frames the bucket does not have: not the head
+        }
+        let mut hashes = PageHashes::from_reader(&main, d.page_size).map_err(&io)?;
+        hashes
+            .apply(std::iter::empty(), d.size_pages)
+            .map_err(|e| inconsistent(db, e))?;
+        if Some(hashes.checksum()) != crate::replica::manifest::parse_hex64(&d.head_checksum) {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(&self.base_dir).map_err(&io)?;
+        let base = base_path(&self.base_dir, db, d.head_txid);
+        let tmp = base.with_extension("tmp");
+        std::fs::copy(self.backing(db), &tmp).map_err(&io)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .and_then(|f| f.set_len(d.size_pages as u64 * d.page_size as u64))
+            .map_err(&io)?;
+        std::fs::rename(&tmp, &base).map_err(&io)?;
+        let head = DbHead {
+            name: db.to_string(),
+            page_size: d.page_size,
+            generation: d.generation,
+            head_txid: d.head_txid,
+            head_checksum: hashes.checksum(),
+            size_pages: d.size_pages,
+            uploaded_txid: d.head_txid,
+            base_txid: d.head_txid,
+        };
+        self.journal.start_generation(&head)?;
+        let state = DbCapture {
+            name: db.to_string(),
+            head,
+            hashes,
+            tracker: WalTracker::new(),
+            wal: None,
+            detector: CommitDetector::new(false),
+            dirty: Vec::new(),
+            unjournaled: false,
+        };
+        self.publish(db, &state);
+        self.dbs
+            .lock()
+            .unwrap()
+            .insert(db.to_string(), Arc::new(Mutex::new(state)));
+        tracing::info!(
+            db,
+            txid = d.head_txid,
+            "adopted the bucket's head as this node's history"
+        );
+        Ok(true)
+    }
+
     fn db(&self, name: &str) -> Result<Arc<Mutex<DbCapture>>> {
         if let Some(d) = self.dbs.lock().unwrap().get(name) {
             return Ok(d.clone());

@@ -68,7 +68,7 @@ impl Follower {
         let mut etag: Option<String> = None;
         loop {
             tokio::time::sleep(self.poll).await;
-            if self.node.role() != Role::Secondary {
+            if !matches!(self.node.role(), Role::Secondary | Role::CatchingUp) {
                 // The primary's own capture is the truth while it writes.
                 applied.clear();
                 etag = None;

@@ -11,6 +11,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::Replication;
@@ -30,6 +31,8 @@ pub enum Role {
     Secondary = 2,
     /// Was primary and lost the lease: refuses writes, keeps its tail aside.
     Fenced = 3,
+    /// Primary passing the lease on: no new writes, publishing the backlog.
+    HandingOver = 4,
 }
 
 impl Role {
@@ -39,6 +42,7 @@ impl Role {
             Role::CatchingUp => "catching-up",
             Role::Secondary => "secondary",
             Role::Fenced => "fenced",
+            Role::HandingOver => "handing-over",
         }
     }
 
@@ -47,6 +51,7 @@ impl Role {
             0 => Role::Primary,
             1 => Role::CatchingUp,
             3 => Role::Fenced,
+            4 => Role::HandingOver,
             _ => Role::Secondary,
         }
     }
@@ -116,6 +121,12 @@ impl Node {
             );
         }
         libc::EACCES
+    }
+}
+
+impl Node {
+    pub fn capture(&self) -> &Capture {
+        &self.capture
     }
 }
 
@@ -193,9 +204,12 @@ pub async fn drive_roles(
                         Err(_) => Err("uploader stopped".into()),
                     };
                     match ready {
-                        Ok(()) => node.set_role(Role::Primary),
+                        Ok(()) => {
+                            node.set_role(Role::Primary);
+                            status.update(|s| s.last_error = None);
+                        }
                         Err(why) => {
-                            tracing::error!(%why, "holding the lease but not taking writes");
+                            tracing::info!(%why, "holding the lease; catching up before taking writes");
                             status.update(|s| s.last_error = Some(why));
                         }
                     }
@@ -207,7 +221,7 @@ pub async fn drive_roles(
             }
             LeaseState::Disabled => node.set_role(Role::Primary),
             other => {
-                let demoted = matches!(was, Role::Primary | Role::CatchingUp | Role::Fenced);
+                let demoted = matches!(was, Role::Primary | Role::HandingOver | Role::Fenced);
                 node.set_role(if demoted {
                     Role::Fenced
                 } else {
@@ -231,7 +245,11 @@ pub async fn drive_roles(
                 });
             }
         }
+        // Still catching up with the lease in hand: try again shortly (the
+        // follower keeps applying meanwhile).
+        let retry = node.role() == Role::CatchingUp && state.is_held();
         tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
             changed = states.changed() => if changed.is_err() { return },
             changed = handovers.changed() => {
                 if changed.is_err() {
@@ -254,7 +272,7 @@ async fn hand_over(
     to: &str,
 ) {
     tracing::info!(to, "handing the lease over: flushing first");
-    node.set_role(Role::CatchingUp);
+    node.set_role(Role::HandingOver);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let flushed = uploader
         .send(super::uploader::Command::Push(tx))

@@ -239,7 +239,7 @@ impl Uploader {
     /// Publish everything the journal holds beyond the manifest. Only a
     /// primary publishes (or one finishing its work before a hand-over).
     pub async fn round(&mut self) -> Result<()> {
-        if !matches!(self.node.role(), Role::Primary | Role::CatchingUp) {
+        if !matches!(self.node.role(), Role::Primary | Role::HandingOver) {
             return Ok(());
         }
         for head in self.journal.heads()? {
@@ -303,7 +303,26 @@ impl Uploader {
         }
         let mut starts = std::collections::BTreeMap::new();
         for (db, d) in &v.manifest.databases {
-            let local = self.journal.head(db)?;
+            let mut local = self.journal.head(db)?;
+            let continues = |j: &DbHead| {
+                j.generation == d.generation
+                    && ((j.head_txid == d.head_txid
+                        && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
+                        || (j.head_txid > d.head_txid && j.uploaded_txid == d.head_txid))
+            };
+            if !local.as_ref().is_some_and(continues) {
+                // A secondary being promoted: its follower's copy, if it is
+                // exactly the bucket's head, becomes the start of its history.
+                let node = self.node.clone();
+                let (name, d2) = (db.clone(), d.clone());
+                let adopted = tokio::task::spawn_blocking(move || node.capture().adopt(&name, &d2))
+                    .await
+                    .map_err(|e| UploadError::Conflict(e.to_string()))?
+                    .map_err(|e| UploadError::Conflict(e.to_string()))?;
+                if adopted {
+                    local = self.journal.head(db)?;
+                }
+            }
             let ours = local.as_ref().is_some_and(|j| {
                 j.generation == d.generation
                     && ((j.head_txid == d.head_txid
@@ -503,7 +522,7 @@ impl Uploader {
     /// `membridge push`: publish the backlog, then a snapshot of every database.
     async fn push(&mut self) -> Result<String> {
         let role = self.node.role();
-        if !matches!(role, Role::Primary | Role::CatchingUp) {
+        if !matches!(role, Role::Primary | Role::HandingOver) {
             return Err(UploadError::Refused(format!(
                 "this node is {} — only the primary publishes",
                 role.name()
