@@ -43,6 +43,9 @@ pub struct StatusDoc {
     pub upload_state: String,
     /// The last bucket outage; `to` is empty while it lasts.
     pub last_outage: Option<Outage>,
+    /// Reports of divergent copies kept when this node was fenced.
+    #[serde(default)]
+    pub divergent: Vec<String>,
     pub last_error: Option<String>,
 }
 
@@ -95,6 +98,7 @@ impl Status {
             log_file,
             upload_state: "ok".into(),
             last_outage: None,
+            divergent: Vec::new(),
             last_error: None,
         })))
     }

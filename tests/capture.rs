@@ -55,7 +55,15 @@ fn wait_drained(m: &Mount, limit: Duration) -> u64 {
                 return h;
             }
         }
-        assert!(t.elapsed() < limit, "backlog did not drain: {s}");
+        if t.elapsed() > limit {
+            let log = std::fs::read_to_string(m.status()["log_file"].as_str().unwrap_or(""))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "backlog did not drain: {s}\n--- daemon log ---\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

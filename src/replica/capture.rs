@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::uploader::base_path;
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::Replication;
+use crate::journal::base::base_path;
 use crate::journal::{DbHead, Journal, Txn};
 use crate::sqlite::checksum::PageHashes;
 use crate::sqlite::header::DbHeader;
@@ -349,6 +349,63 @@ impl Capture {
             "adopted the bucket's head as this node's history"
         );
         Ok(true)
+    }
+
+    /// Fencing: this node lost the lease with transactions the bucket never
+    /// got. Each such database is written out as it stood locally (base image
+    /// + journal) with a JSON report, under `divergent/` in the state dir —
+    /// never silently dropped, never merged — and capture forgets it, so the
+    /// follower can bring the bucket's history back.
+    pub fn set_aside(&self, epoch: u64, node: &str, reason: &str) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let heads = self.journal.heads().unwrap_or_default();
+        for h in heads.iter().filter(|h| h.head_txid > h.uploaded_txid) {
+            let dir = self.base_dir.with_file_name("divergent");
+            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+            let stem = format!("{}-epoch{epoch}-{stamp}", h.name.replace('/', "%2F"));
+            let path = dir.join(format!("{stem}.db"));
+            let made = std::fs::create_dir_all(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|_| {
+                    crate::journal::base::materialize(
+                        &self.journal,
+                        &self.base_dir,
+                        h,
+                        h.head_txid,
+                        &path,
+                    )
+                    .map_err(|e| e.to_string())
+                });
+            let report = serde_json::json!({
+                "database": h.name,
+                "node": node,
+                "epoch": epoch,
+                "reason": reason,
+                "published_txid": h.uploaded_txid,
+                "local_head_txid": h.head_txid,
+                "unpublished_txids": [h.uploaded_txid + 1, h.head_txid],
+                "unpublished_count": h.head_txid - h.uploaded_txid,
+                "local_checksum": format!("{:016x}", h.head_checksum),
+                "copy": made.as_ref().ok().map(|_| path.display().to_string()),
+                "copy_error": made.as_ref().err(),
+                "created_at": chrono::Utc::now().to_rfc3339(),
+            });
+            let report_path = dir.join(format!("{stem}.json"));
+            let _ = std::fs::write(
+                &report_path,
+                serde_json::to_vec_pretty(&report).unwrap_or_default(),
+            );
+            tracing::warn!(
+                db = %h.name,
+                unpublished = h.head_txid - h.uploaded_txid,
+                copy = %path.display(),
+                report = %report_path.display(),
+                "fenced: unpublished transactions kept aside as a divergent copy"
+            );
+            out.push(report_path);
+        }
+        self.dbs.lock().unwrap().clear();
+        out
     }
 
     fn db(&self, name: &str) -> Result<Arc<Mutex<DbCapture>>> {

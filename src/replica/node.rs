@@ -64,6 +64,7 @@ pub struct Node {
     /// the view's content changes, so their page caches are dropped.
     view_counter: AtomicU32,
     status: Status,
+    fencing: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -73,6 +74,7 @@ impl Node {
             role: AtomicU8::new(role as u8),
             view_counter: AtomicU32::new(1),
             status,
+            fencing: std::sync::atomic::AtomicBool::new(false),
         };
         node.publish(role);
         node
@@ -127,6 +129,34 @@ impl Node {
 impl Node {
     pub fn capture(&self) -> &Capture {
         &self.capture
+    }
+
+    /// This node may no longer write: stop writes at once, keep what was not
+    /// published aside, then follow the bucket as a secondary. Blocking I/O.
+    pub fn fence(&self, reason: &str) {
+        if self.fencing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.set_role(Role::Fenced);
+        tracing::info!(reason, "fenced: keeping unpublished transactions aside");
+        let doc = self.status.snapshot();
+        let epoch = doc.epoch.unwrap_or(0);
+        let reports = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.capture.set_aside(epoch, &doc.node_id, reason)
+        })) {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("setting the divergent copy aside failed");
+                Vec::new()
+            }
+        };
+        self.status.update(|s| {
+            s.divergent
+                .extend(reports.iter().map(|p| p.display().to_string()));
+            s.last_error = Some(format!("fenced: {reason}"));
+        });
+        self.set_role(Role::Secondary);
+        self.fencing.store(false, Ordering::Release);
     }
 }
 
@@ -221,14 +251,12 @@ pub async fn drive_roles(
             }
             LeaseState::Disabled => node.set_role(Role::Primary),
             other => {
-                let demoted = matches!(was, Role::Primary | Role::HandingOver | Role::Fenced);
-                node.set_role(if demoted {
-                    Role::Fenced
-                } else {
-                    Role::Secondary
-                });
-                if demoted && was != Role::Fenced {
+                if matches!(was, Role::Primary | Role::HandingOver) {
                     tracing::warn!(state = ?other, "lease lost: no more writes on this node");
+                    let (n, why) = (node.clone(), format!("lease lost ({other:?})"));
+                    let _ = tokio::task::spawn_blocking(move || n.fence(&why)).await;
+                } else if was != Role::Fenced {
+                    node.set_role(Role::Secondary);
                 }
                 status.update(|s| match other {
                     LeaseState::HeldBy {

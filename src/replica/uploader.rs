@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use super::manifest::{self, hex64, DbManifest, EpochStart, Manifest, SnapshotRef, Versioned};
 use super::node::{Node, Role};
+use crate::journal::base::{base_path, materialize, BaseError};
 use crate::journal::codec::{self, SegmentMeta, SnapshotMeta};
 use crate::journal::{DbHead, Journal};
 use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
@@ -109,13 +110,6 @@ pub struct Uploader {
     node: Arc<Node>,
     manifest: Option<Versioned>,
     last_prune: Option<Instant>,
-}
-
-/// The base image of `db` at `txid`: the txid is in the name, so switching to a
-/// newer base is one journal update, and a crash leaves at worst a stray file.
-pub fn base_path(base_dir: &Path, db: &str, txid: u64) -> PathBuf {
-    let safe = db.replace('%', "%25").replace('/', "%2F");
-    base_dir.join(format!("{safe}@{txid:016x}.base"))
 }
 
 fn now_ms() -> i64 {
@@ -305,10 +299,14 @@ impl Uploader {
         for (db, d) in &v.manifest.databases {
             let mut local = self.journal.head(db)?;
             let continues = |j: &DbHead| {
-                j.generation == d.generation
+                let same = j.generation == d.generation
                     && ((j.head_txid == d.head_txid
                         && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
-                        || (j.head_txid > d.head_txid && j.uploaded_txid == d.head_txid))
+                        || (j.head_txid > d.head_txid && j.uploaded_txid == d.head_txid));
+                // This node restarted history from its own database (changed
+                // outside membridge) on top of everything the bucket has.
+                let newer = j.generation > d.generation && j.base_txid > d.head_txid;
+                same || newer
             };
             if !local.as_ref().is_some_and(continues) {
                 // A secondary being promoted: its follower's copy, if it is
@@ -323,12 +321,7 @@ impl Uploader {
                     local = self.journal.head(db)?;
                 }
             }
-            let ours = local.as_ref().is_some_and(|j| {
-                j.generation == d.generation
-                    && ((j.head_txid == d.head_txid
-                        && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
-                        || (j.head_txid > d.head_txid && j.uploaded_txid == d.head_txid))
-            });
+            let ours = local.as_ref().is_some_and(continues);
             if !ours {
                 return Err(UploadError::Conflict(format!(
                     "{db}: the bucket is at txid {} (generation {}), this node at {}; \
@@ -336,7 +329,10 @@ impl Uploader {
                     d.head_txid,
                     d.generation,
                     local
-                        .map(|j| j.head_txid.to_string())
+                        .map(|j| format!(
+                            "{} (generation {}, base {})",
+                            j.head_txid, j.generation, j.base_txid
+                        ))
                         .unwrap_or_else(|| "nothing".into())
                 )));
             }
@@ -382,7 +378,11 @@ impl Uploader {
             let v = self.current().await?;
             let ours = self.epoch.load(Ordering::Acquire);
             if v.manifest.epoch > ours {
-                self.node.set_role(Role::Fenced);
+                let (node, why) = (
+                    self.node.clone(),
+                    format!("the manifest moved to epoch {}", v.manifest.epoch),
+                );
+                tokio::task::spawn_blocking(move || node.fence(&why));
                 return Err(UploadError::Conflict(format!(
                     "fenced: the manifest is at epoch {}, this node wrote under epoch {ours}",
                     v.manifest.epoch
@@ -511,6 +511,15 @@ impl Uploader {
         let h = codec::parse_segment_header(&got.body)?;
         if h.post_checksum == post {
             Ok(())
+        } else if h.epoch > self.epoch.load(Ordering::Acquire) {
+            let (node, why) = (
+                self.node.clone(),
+                format!("{key} was written under epoch {} by {}", h.epoch, h.node_id),
+            );
+            tokio::task::spawn_blocking(move || node.fence(&why));
+            Err(UploadError::Conflict(format!(
+                "fenced: {key} belongs to a newer primary"
+            )))
         } else {
             Err(UploadError::Conflict(format!(
                 "{key} already holds other transactions (written by node {}, epoch {}): another primary?",
@@ -735,61 +744,14 @@ impl Uploader {
     }
 }
 
-/// Copy the base image, apply journaled transactions up to `to`, verify the
-/// checksum the journal recorded, and make it the new base.
+/// Advance the base image to `to` and drop the journal's covered transactions.
 fn advance_base(journal: &Journal, base_dir: &Path, h: &DbHead, to: u64) -> Result<()> {
-    let io = |source| UploadError::Io {
-        db: h.name.clone(),
-        source,
-    };
-    let from_path = base_path(base_dir, &h.name, h.base_txid);
     let to_path = base_path(base_dir, &h.name, to);
-    let tmp = to_path.with_extension("tmp");
-    std::fs::copy(&from_path, &tmp).map_err(io)?;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&tmp)
-        .map_err(io)?;
-    let ps = h.page_size as u64;
-    let mut at = h.base_txid;
-    let mut expect = None;
-    while at < to {
-        let txns = journal.txns(&h.name, at, to, 64 << 20)?;
-        if txns.is_empty() {
-            break;
-        }
-        for t in &txns {
-            for (pgno, page) in &t.pages {
-                std::os::unix::fs::FileExt::write_all_at(&f, page, (*pgno as u64 - 1) * ps)
-                    .map_err(io)?;
-            }
-            f.set_len(t.db_size_pages as u64 * ps).map_err(io)?;
-            at = t.txid;
-            expect = Some(t.post_checksum);
-        }
-    }
-    f.sync_all().map_err(io)?;
-    drop(f);
-    if at != to {
-        return Err(UploadError::Conflict(format!(
-            "{}: journal ends at txid {at}, base needed {to}",
-            h.name
-        )));
-    }
-    let got = PageHashes::from_file(&tmp, h.page_size)
-        .map_err(io)?
-        .checksum();
-    if let Some(want) = expect {
-        if got != want {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(UploadError::Conflict(format!(
-                "{}: base image at txid {to} has checksum {got:016x}, journal says {want:016x}",
-                h.name
-            )));
-        }
-    }
-    std::fs::rename(&tmp, &to_path).map_err(io)?;
+    materialize(journal, base_dir, h, to, &to_path).map_err(|e| match e {
+        BaseError::Journal(j) => UploadError::Journal(j),
+        other => UploadError::Conflict(other.to_string()),
+    })?;
     journal.set_base(&h.name, to)?;
-    let _ = std::fs::remove_file(&from_path);
+    let _ = std::fs::remove_file(base_path(base_dir, &h.name, h.base_txid));
     Ok(())
 }
