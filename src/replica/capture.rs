@@ -352,8 +352,8 @@ impl Capture {
     }
 
     /// Fencing: this node lost the lease with transactions the bucket never
-    /// got. Each such database is written out as it stood locally (base image
-    /// + journal) with a JSON report, under `divergent/` in the state dir —
+    /// got. Each such database is written out as it stood locally (the base
+    /// image plus the journal) with a JSON report, under `divergent/` in the state dir —
     /// never silently dropped, never merged — and capture forgets it, so the
     /// follower can bring the bucket's history back.
     pub fn set_aside(&self, epoch: u64, node: &str, reason: &str) -> Vec<PathBuf> {
