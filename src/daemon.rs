@@ -257,6 +257,9 @@ pub fn control_socket(cfg: &Config) -> PathBuf {
 fn serve_control(
     path: PathBuf,
     commands: tokio::sync::mpsc::Sender<UploaderCommand>,
+    node: Arc<Node>,
+    status: Status,
+    poll: Duration,
 ) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     let listener = std::os::unix::net::UnixListener::bind(&path)
@@ -281,11 +284,12 @@ fn serve_control(
                             Err(_) => Err("daemon is shutting down".into()),
                         }
                     }
+                    "pull" => pull(&node, &status, poll),
                     other => Err(format!("unknown request {other:?}")),
                 };
                 let line = match reply {
                     Ok(m) => format!("ok {m}\n"),
-                    Err(e) if e.starts_with("refused ") => format!("{e}\n"),
+                    Err(e) if e.starts_with("refused") => format!("{e}\n"),
                     Err(e) => format!("error {e}\n"),
                 };
                 let _ = (&conn).write_all(line.as_bytes());
@@ -294,10 +298,53 @@ fn serve_control(
     Ok(())
 }
 
-/// The daemon declined a request because of this node's role.
+/// `membridge pull`: a secondary waits until its follower has applied the
+/// bucket's head (it polls on its own; this just waits for it, bounded).
+fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<String, String> {
+    if matches!(node.role(), Role::Primary | Role::HandingOver) {
+        return Err(
+            "refused-primary this node is the primary: it is the source, there is nothing to pull"
+                .into(),
+        );
+    }
+    // Let the follower read the newest manifest first.
+    std::thread::sleep(poll + Duration::from_millis(200));
+    let start = Instant::now();
+    loop {
+        let s = status.snapshot();
+        let behind: Vec<String> = s
+            .databases
+            .iter()
+            .filter(|(_, d)| d.applied_txid < d.head_txid)
+            .map(|(n, d)| format!("{n} at {} of {}", d.applied_txid, d.head_txid))
+            .collect();
+        if behind.is_empty() {
+            let at: Vec<String> = s
+                .databases
+                .iter()
+                .map(|(n, d)| format!("{n} at txid {}", d.applied_txid))
+                .collect();
+            return Ok(if at.is_empty() {
+                "nothing published yet".into()
+            } else {
+                format!("caught up: {}", at.join(", "))
+            });
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(format!("not caught up after 30 s: {}", behind.join(", ")));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The daemon declined a request because of this node's role; the exit code
+/// is the old tool's (2: refused on the primary, 3: refused on a secondary).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
+#[error("{message}")]
+pub struct Refused {
+    pub code: u8,
+    pub message: String,
+}
 
 /// Send one request to the running daemon of this project.
 pub fn request(cfg: &Config, what: &str) -> Result<String> {
@@ -316,7 +363,16 @@ pub fn request(cfg: &Config, what: &str) -> Result<String> {
     match reply.split_once(' ') {
         Some(("ok", m)) => Ok(m.to_string()),
         Some(("error", m)) => bail!("{m}"),
-        Some(("refused", m)) => Err(Refused(m.to_string()).into()),
+        Some(("refused", m)) => Err(Refused {
+            code: 3,
+            message: m.to_string(),
+        }
+        .into()),
+        Some(("refused-primary", m)) => Err(Refused {
+            code: 2,
+            message: m.to_string(),
+        }
+        .into()),
         _ => bail!("unexpected reply from the daemon: {reply:?}"),
     }
 }
@@ -406,7 +462,13 @@ fn start_replication(
         .enable_all()
         .build()?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    serve_control(control_socket(cfg), tx.clone())?;
+    serve_control(
+        control_socket(cfg),
+        tx.clone(),
+        node.clone(),
+        status.clone(),
+        cfg.poll_interval,
+    )?;
     rt.spawn(uploader.run(rx));
     let keeper = Arc::new(rt.block_on(async {
         LeaseKeeper::spawn(

@@ -77,8 +77,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Publish the backlog and a snapshot now (primary)
+    /// Publish the backlog and a snapshot now (primary; exit 3 on a secondary)
     Push,
+    /// Wait until this secondary has applied the bucket's head (exit 2 on the primary)
+    Pull,
     /// Rebuild a database from the bucket at the head, a txid or a time
     Restore {
         /// Database path relative to the mount, e.g. claude-mem.db
@@ -219,18 +221,11 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Push => {
             let cfg = load(&cli)?;
-            match daemon::request(&cfg, "push") {
-                Ok(msg) => {
-                    println!("membridge: {msg}");
-                    Ok(())
-                }
-                Err(e) if e.is::<daemon::Refused>() => {
-                    // The old tool's code for a push blocked on a secondary.
-                    eprintln!("membridge: push refused: {e}");
-                    std::process::exit(3)
-                }
-                Err(e) => Err(format!("push: {e:#}")),
-            }
+            control(&cfg, "push")
+        }
+        Cmd::Pull => {
+            let cfg = load(&cli)?;
+            control(&cfg, "pull")
         }
         Cmd::Restore {
             db,
@@ -344,6 +339,23 @@ fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
         Ok(())
     } else {
         Err("doctor: some checks failed".into())
+    }
+}
+
+/// A request to the running daemon; a refusal exits with the old tool's code.
+fn control(cfg: &Config, what: &str) -> Result<(), String> {
+    match daemon::request(cfg, what) {
+        Ok(msg) => {
+            println!("membridge: {msg}");
+            Ok(())
+        }
+        Err(e) => match e.downcast_ref::<daemon::Refused>() {
+            Some(r) => {
+                eprintln!("membridge: {what} refused: {}", r.message);
+                std::process::exit(r.code as i32)
+            }
+            None => Err(format!("{what}: {e:#}")),
+        },
     }
 }
 

@@ -308,3 +308,69 @@ fn a_paused_primary_is_fenced_and_keeps_its_tail_aside() {
     });
     assert!(published_by_b > 0);
 }
+
+#[test]
+fn leadership_select_hands_over_without_losing_a_transaction() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("select"), "select");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    let b = node(&env, "node-b");
+    let (adb, bdb) = (a.dir.join(DB), b.dir.join(DB));
+    let pc = rusqlite::Connection::open(&adb).unwrap();
+    pc.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
+        .unwrap();
+    for i in 0..30 {
+        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("a{i}")])
+            .unwrap();
+    }
+    drop(pc);
+    let count = |p: &std::path::Path| -> Option<i64> {
+        rusqlite::Connection::open(p)
+            .ok()?
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .ok()
+    };
+    // pull on the primary is refused with the old tool's code 2
+    let out = a.run(&["pull"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // pull on the secondary waits until it holds the head
+    let out = b.run(&["pull"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(count(&bdb), Some(30));
+    let out = b.run(&["leadership", "select", "node-b"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("node-b to be primary", Duration::from_secs(30), || {
+        b.status()["role"] == "primary"
+    });
+    wait_for(
+        "node-a to serve as a secondary",
+        Duration::from_secs(30),
+        || a.status()["role"] == "secondary",
+    );
+    assert_eq!(
+        count(&bdb),
+        Some(30),
+        "a transaction was lost in the hand-over"
+    );
+    assert!(a.status()["divergent"]
+        .as_array()
+        .is_none_or(|d| d.is_empty()));
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.execute("INSERT INTO t(v) VALUES ('b')", []).unwrap();
+    drop(c);
+    wait_for(
+        "the old primary to see the new one's write",
+        Duration::from_secs(20),
+        || count(&adb) == Some(31),
+    );
+    // push on the old primary, now a secondary, is refused with code 3
+    let out = a.run(&["push"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+}

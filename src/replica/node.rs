@@ -251,7 +251,10 @@ pub async fn drive_roles(
             }
             LeaseState::Disabled => node.set_role(Role::Primary),
             other => {
-                if matches!(was, Role::Primary | Role::HandingOver) {
+                if was == Role::HandingOver {
+                    // A graceful hand-over published everything first.
+                    node.set_role(Role::Secondary);
+                } else if was == Role::Primary {
                     tracing::warn!(state = ?other, "lease lost: no more writes on this node");
                     let (n, why) = (node.clone(), format!("lease lost ({other:?})"));
                     let _ = tokio::task::spawn_blocking(move || n.fence(&why)).await;
