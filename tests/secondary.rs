@@ -26,6 +26,34 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Durati
     t.elapsed()
 }
 
+/// Rows in table `t`, if the database is readable there.
+fn count(p: &std::path::Path) -> Option<i64> {
+    rusqlite::Connection::open(p)
+        .ok()?
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .ok()
+}
+
+/// A WAL-mode table `t` with `n` rows written through `m`'s mount.
+fn seed(m: &Mount, n: usize) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(m.dir.join(DB)).unwrap();
+    c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
+        .unwrap();
+    for i in 0..n {
+        c.execute("INSERT INTO t(v) VALUES (?1)", [format!("r{i}")])
+            .unwrap();
+    }
+    c
+}
+
+/// Everything `m` captured is in the bucket.
+fn published(m: &Mount) -> Option<u64> {
+    let d = &m.status()["databases"][DB];
+    d["uploaded_txid"]
+        .as_u64()
+        .filter(|u| Some(*u) == d["head_txid"].as_u64())
+}
+
 fn consistent_count(c: &rusqlite::Connection) -> Option<i64> {
     let (count, n): (i64, i64) = c
         .query_row(
@@ -141,30 +169,12 @@ fn kill_9_of_the_primary_fails_over_with_every_published_transaction() {
     let ttl = 6u64;
     env.push(("LEADERSHIP_LEASE_SECONDS".into(), ttl.to_string()));
     let a = node(&env, "node-a");
-    let pc = rusqlite::Connection::open(a.dir.join(DB)).unwrap();
-    pc.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
-        .unwrap();
-    for i in 0..50 {
-        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("r{i}")])
-            .unwrap();
-    }
+    let pc = seed(&a, 50);
     let b = node(&env, "node-b");
     let bdb = b.dir.join(DB);
-    let published = |m: &Mount| {
-        let d = &m.status()["databases"][DB];
-        d["uploaded_txid"]
-            .as_u64()
-            .filter(|u| Some(*u) == d["head_txid"].as_u64())
-    };
     wait_for("the primary to publish", Duration::from_secs(20), || {
         published(&a).is_some()
     });
-    let count = |p: &std::path::Path| -> Option<i64> {
-        rusqlite::Connection::open(p)
-            .ok()?
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .ok()
-    };
     wait_for("the secondary to catch up", Duration::from_secs(20), || {
         count(&bdb) == Some(50)
     });
@@ -221,21 +231,9 @@ fn a_paused_primary_is_fenced_and_keeps_its_tail_aside() {
     env.push(("LEADERSHIP_LEASE_SECONDS".into(), ttl.to_string()));
     let a = node(&env, "node-a");
     let adb = a.dir.join(DB);
-    let pc = rusqlite::Connection::open(&adb).unwrap();
-    pc.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
-        .unwrap();
-    for i in 0..20 {
-        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("a{i}")])
-            .unwrap();
-    }
+    let pc = seed(&a, 20);
     let b = node(&env, "node-b");
     let bdb = b.dir.join(DB);
-    let count = |p: &std::path::Path| -> Option<i64> {
-        rusqlite::Connection::open(p)
-            .ok()?
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .ok()
-    };
     wait_for("the secondary to catch up", Duration::from_secs(20), || {
         count(&bdb) == Some(20)
     });
@@ -317,20 +315,8 @@ fn leadership_select_hands_over_without_losing_a_transaction() {
     let a = node(&env, "node-a");
     let b = node(&env, "node-b");
     let (adb, bdb) = (a.dir.join(DB), b.dir.join(DB));
-    let pc = rusqlite::Connection::open(&adb).unwrap();
-    pc.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
-        .unwrap();
-    for i in 0..30 {
-        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("a{i}")])
-            .unwrap();
-    }
+    let pc = seed(&a, 30);
     drop(pc);
-    let count = |p: &std::path::Path| -> Option<i64> {
-        rusqlite::Connection::open(p)
-            .ok()?
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .ok()
-    };
     // pull on the primary is refused with the old tool's code 2
     let out = a.run(&["pull"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
