@@ -345,7 +345,12 @@ fn kill_9_mid_burst_loses_no_committed_transaction() {
 #[test]
 fn bucket_outage_of_20s_loses_nothing_and_status_shows_it() {
     let s3 = SeaweedFs::start(); // our own server: this test stops it
-    let m = Mount::with_files(env_for(&s3, "outage"), &[]);
+    let mut env = env_for(&s3, "outage");
+    // A primary that cannot renew its lease must stop writing (DESIGN §4):
+    // the lease has to outlive the outage for writes to go on. With the
+    // default 30 s TTL, renewed every 10 s, a 20 s outage may outlast it.
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "120".into()));
+    let m = Mount::with_files(env, &[]);
     let db = m.dir.join(DB);
     let c = open(&db, "wal");
     c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
