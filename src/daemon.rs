@@ -27,6 +27,7 @@ use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKe
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
 use crate::replica::capture::Capture;
 use crate::replica::follower::Follower;
+use crate::replica::hydrate::ReadThrough;
 use crate::replica::node::{drive_roles, Node, Role};
 use crate::replica::uploader::{Command as UploaderCommand, Policy as UploadPolicy, Uploader};
 use crate::status::Status;
@@ -150,8 +151,20 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let mut session = mount::mount(fs, &dir, args.threads)
         .with_context(|| format!("mounting {}", dir.display()))?;
     invalidator.attach(session.notifier());
-    replication.start_follower(cfg, invalidator, &dir);
+    let first_poll = replication.start_follower(cfg, invalidator, &dir);
     let mut unmounter = session.unmount_callable();
+    // Serve from now on: the follower's first poll goes through the mount.
+    let serving = std::thread::Builder::new()
+        .name("fuse".into())
+        .spawn(move || session.run())?;
+    if replication.capture.role() != Role::Primary {
+        // A secondary is ready once it serves its databases (at the head,
+        // read through from the bucket): wait for the follower's first poll,
+        // but never long when the bucket does not answer.
+        let _ = replication
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), first_poll).await });
+    }
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -165,7 +178,10 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     status.update(|s| s.state = "ready".into());
     tracing::info!(dir = %dir.display(), node = %cfg.node_id, canonical_id = %cfg.canonical_id, "mounted");
     tell_parent(&format!("ready {}", dir.display()));
-    session.run().context("FUSE session")?;
+    serving
+        .join()
+        .map_err(|_| anyhow!("the FUSE session panicked"))?
+        .context("FUSE session")?;
     tracing::info!(dir = %dir.display(), "unmounted");
     replication.drain(Duration::from_secs(10));
     replication.release_lease();
@@ -182,6 +198,7 @@ struct Running {
     /// A duplicate of the directory fd: the follower's way to the backing files.
     root: std::os::fd::OwnedFd,
     _heartbeat: HeartbeatTask,
+    read_through: Arc<ReadThrough>,
     /// Runs the uploader, the lease keeper and the role driver.
     rt: tokio::runtime::Runtime,
 }
@@ -214,8 +231,14 @@ impl Running {
         }
     }
 
-    /// The secondary's follower; idle while this node is primary.
-    fn start_follower(&self, cfg: &Config, invalidator: Arc<crate::fs::Invalidator>, dir: &Path) {
+    /// The secondary's follower; idle while this node is primary. The
+    /// receiver fires after its first poll.
+    fn start_follower(
+        &self,
+        cfg: &Config,
+        invalidator: Arc<crate::fs::Invalidator>,
+        dir: &Path,
+    ) -> tokio::sync::oneshot::Receiver<()> {
         let follower = Follower {
             store: self.store.clone(),
             layout: Layout::for_config(cfg),
@@ -227,8 +250,11 @@ impl Running {
             invalidator,
             status: self.status.clone(),
             poll: cfg.poll_interval,
+            read_through: self.read_through.clone(),
         };
-        self.rt.spawn(follower.run());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.rt.spawn(follower.run(tx));
+        rx
     }
 
     /// Let another node take the lease at once instead of waiting out the TTL.
@@ -461,6 +487,13 @@ fn start_replication(
         .thread_name("membridge-io")
         .enable_all()
         .build()?;
+    let read_through = ReadThrough::new(
+        store.clone(),
+        rt.handle().clone(),
+        status.clone(),
+        cfg.cache_bytes,
+    );
+    node.set_read_through(read_through.clone());
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     serve_control(
         control_socket(cfg),
@@ -549,6 +582,7 @@ fn start_replication(
         status: status.clone(),
         root: root_fd.try_clone()?,
         _heartbeat: heartbeat,
+        read_through,
         rt,
     })
 }

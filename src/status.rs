@@ -20,6 +20,31 @@ pub struct DbStatus {
     pub lag_seconds: Option<f64>,
     pub last_upload: Option<String>,
     pub last_error: Option<String>,
+    /// A secondary serving the database before it is whole locally.
+    #[serde(default)]
+    pub hydration: Option<HydrationStatus>,
+    /// Range reads made to answer reads of pages not local yet.
+    #[serde(default)]
+    pub read_through_fetches: u64,
+    /// Frames those reads found in the read-through cache instead.
+    #[serde(default)]
+    pub cache_hits: u64,
+}
+
+impl DbStatus {
+    pub fn cache_hit_rate(&self) -> Option<f64> {
+        let all = self.read_through_fetches + self.cache_hits;
+        (all > 0).then(|| self.cache_hits as f64 / all as f64)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct HydrationStatus {
+    pub pages_total: u64,
+    pub pages_local: u64,
+    pub done: bool,
+    pub snapshot: String,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +187,25 @@ pub fn render_text(d: &StatusDoc) -> String {
                 .map(|l| format!("{l:.1}s"))
                 .unwrap_or_else(|| "-".into())
         );
+        if let Some(h) = &db.hydration {
+            s += &format!(
+                "   local {}/{} pages ({:.0}%){}\n",
+                h.pages_local,
+                h.pages_total,
+                h.pages_local as f64 * 100.0 / h.pages_total.max(1) as f64,
+                if h.done { ", hydrated" } else { ", hydrating" },
+            );
+        }
+        if let Some(rate) = db.cache_hit_rate() {
+            s += &format!(
+                "   read-through: {} fetches, cache hit rate {:.0}%\n",
+                db.read_through_fetches,
+                rate * 100.0
+            );
+        }
+        if let Some(e) = &db.last_error {
+            s += &format!("   last error: {e}\n");
+        }
     }
     if let Some(e) = &d.last_error {
         s += &format!("last error: {e}\n");

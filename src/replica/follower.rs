@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::hydrate::{ReadThrough, State};
 use super::manifest::{parse_hex64, DbManifest, Manifest};
 use super::node::{Node, Role};
 use super::restore::{self, RestoreOptions, Target};
@@ -33,7 +34,13 @@ use crate::status::Status;
 struct Applied {
     txid: u64,
     generation: u64,
-    hashes: PageHashes,
+    /// Whole-database checksum at `txid`.
+    checksum: u64,
+    page_size: u32,
+    /// Per-page hashes, once the file is whole locally (None while it is
+    /// hydrating: transactions are then verified by their checksum chain,
+    /// and the whole file is hashed when hydration ends).
+    hashes: Option<PageHashes>,
     /// Commit time of the last applied transaction (for the lag).
     committed_ms: Option<i64>,
 }
@@ -50,6 +57,7 @@ pub struct Follower {
     pub invalidator: Arc<Invalidator>,
     pub status: Status,
     pub poll: Duration,
+    pub read_through: Arc<ReadThrough>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,18 +71,35 @@ enum FollowError {
 }
 
 impl Follower {
-    pub async fn run(self) {
+    /// Follows until the runtime stops. `first` fires after the first poll
+    /// (whatever its outcome), so the mount can wait until a secondary
+    /// serves its databases before saying it is ready.
+    pub async fn run(self, first: tokio::sync::oneshot::Sender<()>) {
         let mut applied: HashMap<String, Applied> = HashMap::new();
         let mut etag: Option<String> = None;
+        let mut first = Some(first);
         loop {
-            tokio::time::sleep(self.poll).await;
+            if first.is_none() {
+                tokio::time::sleep(self.poll).await;
+            }
             if !matches!(self.node.role(), Role::Secondary | Role::CatchingUp) {
                 // The primary's own capture is the truth while it writes.
                 applied.clear();
                 etag = None;
+                if let Some(f) = first.take() {
+                    let _ = f.send(());
+                }
                 continue;
             }
-            match self.tick(&mut applied, &etag).await {
+            let res = self.tick(&mut applied, &etag).await;
+            if let Some(f) = first.take() {
+                let _ = f.send(());
+            }
+            if let Err(e) = self.check_hydrated(&mut applied).await {
+                tracing::warn!(error = %e, "follower: hydration check failed");
+                self.status.update(|s| s.last_error = Some(e.to_string()));
+            }
+            match res {
                 Ok(Some(e)) => etag = Some(e),
                 Ok(None) => {}
                 Err(e) => {
@@ -148,7 +173,9 @@ impl Follower {
                         Applied {
                             txid: d.head_txid,
                             generation: d.generation,
-                            hashes: h,
+                            checksum: h.checksum(),
+                            page_size: d.page_size,
+                            hashes: Some(h),
                             committed_ms: None,
                         },
                     );
@@ -161,7 +188,13 @@ impl Follower {
             None => true,
         };
         if fresh {
-            let a = self.bootstrap(db, d.generation).await?;
+            let a = match self.bootstrap_lazy(db).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(db, error = %e, "cannot serve from the snapshot before it is local; downloading it whole");
+                    self.bootstrap(db, d.generation).await?
+                }
+            };
             applied.insert(db.to_string(), a);
             return Ok(());
         }
@@ -201,9 +234,10 @@ impl Follower {
             .collect();
         segs.sort();
         let mut hashes = a.hashes.clone();
+        let mut running = a.checksum;
         let mut txid = a.txid;
         let mut pages: BTreeMap<u32, Bytes> = BTreeMap::new();
-        let mut size = hashes.page_count();
+        let mut size = hashes.as_ref().map_or(d.size_pages, |h| h.page_count());
         let mut last_ms = a.committed_ms;
         'chain: while txid < d.head_txid {
             for (_, key) in segs.iter().filter(|(from, _)| *from == txid + 1) {
@@ -211,7 +245,7 @@ impl Follower {
                 let Ok(seg) = codec::decode_segment(&body) else {
                     continue;
                 };
-                if seg.header.pre_checksum != hashes.checksum()
+                if seg.header.pre_checksum != running
                     || seg
                         .txns
                         .iter()
@@ -220,12 +254,22 @@ impl Follower {
                     continue; // a deposed primary's tail
                 }
                 for t in seg.txns.iter().take_while(|t| t.txid <= d.head_txid) {
-                    let post = hashes
-                        .apply(
-                            t.pages.iter().map(|(n, p)| (*n, p.as_ref())),
-                            t.db_size_pages,
-                        )
-                        .map_err(|e| FollowError::Other(format!("{key}: {e}")))?;
+                    if t.pre_checksum != running {
+                        return Err(FollowError::Other(format!(
+                            "{key}: txid {} does not continue the checksum chain",
+                            t.txid
+                        )));
+                    }
+                    let post = match hashes.as_mut() {
+                        Some(h) => h
+                            .apply(
+                                t.pages.iter().map(|(n, p)| (*n, p.as_ref())),
+                                t.db_size_pages,
+                            )
+                            .map_err(|e| FollowError::Other(format!("{key}: {e}")))?,
+                        None => t.post_checksum,
+                    };
+                    running = t.post_checksum;
                     if post != t.post_checksum {
                         return Err(FollowError::Other(format!(
                             "{key}: txid {} does not produce its checksum",
@@ -247,23 +291,111 @@ impl Follower {
                 txid + 1
             )));
         }
-        if Some(hashes.checksum()) != parse_hex64(&d.head_checksum) {
+        if Some(running) != parse_hex64(&d.head_checksum) {
             return Err(FollowError::Other(format!(
                 "{db}: after txid {txid} the checksum is not the manifest's"
             )));
         }
-        let ps = hashes.page_size();
-        self.locked_install(db, move |f| {
-            for (pgno, page) in &pages {
-                f.write_all_at(page, (*pgno as u64 - 1) * ps as u64)?;
-            }
-            f.set_len(size as u64 * ps as u64)
-        })
-        .await?;
+        let (ps, rt, name) = (d.page_size, self.read_through.clone(), db.to_string());
+        self.locked_install(db, move |f| rt.apply(&name, f, &pages, size, ps))
+            .await?;
         tracing::debug!(db, from = a.txid + 1, to = txid, "applied");
         a.txid = txid;
+        a.checksum = running;
         a.hashes = hashes;
         a.committed_ms = last_ms;
+        Ok(())
+    }
+
+    /// Serve `db` at the head before it is local: lay the file out at the
+    /// head's size, write the pages changed since the snapshot, and let
+    /// read-through and the hydrator bring in the snapshot's pages.
+    async fn bootstrap_lazy(&self, db: &str) -> Result<Applied, FollowError> {
+        let start =
+            restore::open_lazy(self.store.as_ref(), &self.layout, &self.canonical_id, db).await?;
+        self.keep_aside(db);
+        let a = Applied {
+            txid: start.txid,
+            generation: start.generation,
+            checksum: start.checksum,
+            page_size: start.page_size,
+            hashes: None,
+            committed_ms: start.commit_ms,
+        };
+        let (rt, name) = (self.read_through.clone(), db.to_string());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.locked_install(db, move |f| {
+            let ps = u64::from(start.page_size);
+            f.set_len(0)?;
+            f.set_len(u64::from(start.size_pages) * ps)?;
+            for (pgno, page) in &start.overlay {
+                f.write_all_at(page, (u64::from(*pgno) - 1) * ps)?;
+            }
+            let h = rt.install(
+                &name,
+                &start.snapshot_key,
+                start.reader,
+                f.try_clone()?,
+                start.overlay.keys().copied(),
+                start.size_pages,
+            );
+            let _ = tx.send(h);
+            Ok(())
+        })
+        .await?;
+        if let Ok(h) = rx.await {
+            tokio::spawn(self.read_through.clone().hydrate(h));
+        }
+        tracing::info!(
+            db,
+            txid = a.txid,
+            downloaded = start.bytes_downloaded,
+            "serving from the bucket while the local copy hydrates"
+        );
+        Ok(a)
+    }
+
+    /// Once a hydrating database is whole, hash it against the checksum of
+    /// the txid it is at; a mismatch (or a failed hydration) rebuilds it from
+    /// a full download.
+    async fn check_hydrated(
+        &self,
+        applied: &mut HashMap<String, Applied>,
+    ) -> Result<(), FollowError> {
+        for (db, a) in applied.iter_mut() {
+            if a.hashes.is_some() {
+                continue;
+            }
+            let why = match self.read_through.state(db) {
+                State::Running => continue,
+                State::Failed(e) => e,
+                State::None | State::Complete => {
+                    let (path, page_size) = (self.backing.join(db), a.page_size);
+                    let h = tokio::task::spawn_blocking(move || {
+                        PageHashes::from_file(&path, page_size)
+                    })
+                    .await
+                    .map_err(|e| FollowError::Other(e.to_string()))?
+                    .map_err(|e| FollowError::Other(format!("{db}: {e}")))?;
+                    if h.checksum() == a.checksum {
+                        tracing::info!(db = %db, txid = a.txid, "hydrated copy verified");
+                        a.hashes = Some(h);
+                        self.read_through.remove(db);
+                        continue;
+                    }
+                    format!(
+                        "the hydrated copy at txid {} has checksum {:016x}, expected {:016x}",
+                        a.txid,
+                        h.checksum(),
+                        a.checksum
+                    )
+                }
+            };
+            tracing::error!(db = %db, error = %why, "hydration did not produce the head; downloading it whole");
+            self.read_through.remove(db);
+            let fresh = self.bootstrap(db, a.generation).await?;
+            *a = fresh;
+        }
         Ok(())
     }
 
@@ -291,7 +423,9 @@ impl Follower {
             .map_err(|e| FollowError::Other(e.to_string()))?;
         self.keep_aside(db);
         let len = image.len() as u64;
+        let (rt, name) = (self.read_through.clone(), db.to_string());
         self.locked_install(db, move |f| {
+            rt.remove(&name);
             f.write_all_at(&image, 0)?;
             f.set_len(len)
         })
@@ -301,7 +435,9 @@ impl Follower {
         Ok(Applied {
             txid: report.txid,
             generation,
-            hashes,
+            checksum: report.checksum,
+            page_size: report.page_size,
+            hashes: Some(hashes),
             committed_ms: report.commit_ms,
         })
     }

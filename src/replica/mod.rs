@@ -1,7 +1,9 @@
-//! Replication: the primary's capture and uploader, the secondary's follower.
+//! Replication: the primary's capture and uploader, the secondary's follower
+//! and read-through.
 
 pub mod capture;
 pub mod follower;
+pub mod hydrate;
 pub mod legacy;
 pub mod manifest;
 pub mod node;

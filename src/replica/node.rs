@@ -19,6 +19,7 @@ use crate::sqlite::header;
 use crate::status::Status;
 
 use super::capture::Capture;
+use super::hydrate::ReadThrough;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -57,6 +58,13 @@ impl Role {
     }
 }
 
+/// The presented change counter lives above 2^31, where the real counter of
+/// a database (one per rollback-mode write transaction) never gets: a
+/// connection opened on the rollback view that is still open at promotion
+/// must find the real header different from the one it cached, re-read page
+/// 1 and switch to WAL, rather than write in rollback mode over a WAL file.
+const VIEW_COUNTER_BASE: u32 = 0x8000_0001;
+
 pub struct Node {
     capture: Arc<Capture>,
     role: AtomicU8,
@@ -65,6 +73,8 @@ pub struct Node {
     view_counter: AtomicU32,
     status: Status,
     fencing: std::sync::atomic::AtomicBool,
+    /// Pages of a secondary's databases not local yet come from here.
+    read_through: std::sync::OnceLock<Arc<ReadThrough>>,
 }
 
 impl Node {
@@ -72,9 +82,10 @@ impl Node {
         let node = Node {
             capture,
             role: AtomicU8::new(role as u8),
-            view_counter: AtomicU32::new(1),
+            view_counter: AtomicU32::new(VIEW_COUNTER_BASE),
             status,
             fencing: std::sync::atomic::AtomicBool::new(false),
+            read_through: std::sync::OnceLock::new(),
         };
         node.publish(role);
         node
@@ -88,7 +99,7 @@ impl Node {
         let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
         if old != role {
             tracing::info!(from = old.name(), to = role.name(), "role changed");
-            self.view_counter.fetch_add(1, Ordering::AcqRel);
+            self.bump_view();
             self.publish(role);
         }
     }
@@ -96,7 +107,11 @@ impl Node {
     /// The view's content changed (a transaction was applied): readers must
     /// see a new change counter and drop their page caches.
     pub fn bump_view(&self) {
-        self.view_counter.fetch_add(1, Ordering::AcqRel);
+        let _ = self
+            .view_counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                Some(c.wrapping_add(1).max(VIEW_COUNTER_BASE))
+            });
     }
 
     fn publish(&self, role: Role) {
@@ -129,6 +144,16 @@ impl Node {
 impl Node {
     pub fn capture(&self) -> &Capture {
         &self.capture
+    }
+
+    pub fn set_read_through(&self, rt: Arc<ReadThrough>) {
+        let _ = self.read_through.set(rt);
+    }
+
+    /// Whether every database is whole locally (a node still hydrating
+    /// cannot become primary: its file is not the bucket's head yet).
+    pub fn all_local(&self) -> bool {
+        self.read_through.get().is_none_or(|r| r.all_local())
     }
 
     /// This node may no longer write: stop writes at once, keep what was not
@@ -195,6 +220,13 @@ impl Replication for Node {
 
     fn visible(&self, class: &PathClass) -> bool {
         self.primary() || !matches!(class, PathClass::Sidecar(_, Sidecar::Wal | Sidecar::Shm))
+    }
+
+    fn before_read(&self, class: &PathClass, offset: u64, len: u32) -> Result<(), i32> {
+        match (class, self.read_through.get()) {
+            (PathClass::Database(db), Some(rt)) => rt.ensure(db, offset, len),
+            _ => Ok(()),
+        }
     }
 
     fn present(&self, class: &PathClass, buf: &mut [u8], offset: u64) {

@@ -290,20 +290,8 @@ pub async fn restore_with(
     opts: RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     preflight(out, opts.force)?;
-    let mkey = layout.manifest();
-    let m = manifest::load(store, layout, canonical_id)
-        .await?
-        .ok_or_else(|| RestoreError::NoManifest { key: mkey.clone() })?
-        .manifest;
-    let d = m.databases.get(db).ok_or_else(|| RestoreError::UnknownDb {
-        key: mkey.clone(),
-        db: db.to_string(),
-        known: if m.databases.is_empty() {
-            "none".into()
-        } else {
-            m.databases.keys().cloned().collect::<Vec<_>>().join(", ")
-        },
-    })?;
+    let (m, mkey) = load_manifest(store, layout, canonical_id, db).await?;
+    let d = &m.databases[db];
     let head = Head::from_manifest(&mkey, db, d)?;
 
     // The target as a txid bound (and a time bound for Time).
@@ -441,6 +429,182 @@ pub async fn restore_with(
         txns_applied,
         bytes_downloaded: downloaded,
         commit_ms,
+    })
+}
+
+/// The manifest, which must know `db`, and its key.
+async fn load_manifest(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    canonical_id: &str,
+    db: &str,
+) -> Result<(Manifest, String), RestoreError> {
+    let mkey = layout.manifest();
+    let m = manifest::load(store, layout, canonical_id)
+        .await?
+        .ok_or_else(|| RestoreError::NoManifest { key: mkey.clone() })?
+        .manifest;
+    if !m.databases.contains_key(db) {
+        return Err(RestoreError::UnknownDb {
+            key: mkey.clone(),
+            db: db.to_string(),
+            known: if m.databases.is_empty() {
+                "none".into()
+            } else {
+                m.databases.keys().cloned().collect::<Vec<_>>().join(", ")
+            },
+        });
+    }
+    Ok((m, mkey))
+}
+
+/// What a secondary needs to serve a database before it is local: the
+/// latest snapshot, read frame by frame on demand, and the pages the
+/// transactions after it changed (their last images), at the head.
+pub struct LazyStart {
+    pub snapshot_key: String,
+    pub reader: SnapshotReader,
+    /// Last image of every page changed after the snapshot, within the head's size.
+    pub overlay: std::collections::BTreeMap<u32, Bytes>,
+    pub txid: u64,
+    pub generation: u64,
+    pub checksum: u64,
+    pub size_pages: u32,
+    pub page_size: u32,
+    pub commit_ms: Option<i64>,
+    pub bytes_downloaded: u64,
+}
+
+/// Plans the head of `db` as snapshot + later transactions, downloading only
+/// the snapshot's header and index and the segments after it. The segment
+/// chain is verified by its checksums (pre of each transaction = post of the
+/// one before, ending on the manifest's head); the page-level verification
+/// is left to whoever assembles the pages (the hydrator hashes the file
+/// once it is whole).
+pub async fn open_lazy(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    canonical_id: &str,
+    db: &str,
+) -> Result<LazyStart, RestoreError> {
+    let (m, mkey) = load_manifest(store, layout, canonical_id, db).await?;
+    let d = &m.databases[db];
+    let head = Head::from_manifest(&mkey, db, d)?;
+    let ctx = Ctx {
+        store,
+        layout,
+        manifest: &m,
+        manifest_key: &mkey,
+        db,
+        head: &head,
+    };
+    let mut downloaded = 0u64;
+    let snap = ctx
+        .choose_snapshot(Target::Latest, head.txid, None, d, &mut downloaded)
+        .await?;
+    let corrupt = |source| RestoreError::Corrupt {
+        key: snap.key.clone(),
+        what: "snapshot",
+        source,
+    };
+    let suffix_len = snap.header.index_suffix_len().min(snap.size);
+    let suffix = ctx
+        .get_range(
+            &snap.key,
+            snap.size - suffix_len,
+            suffix_len,
+            &mut downloaded,
+        )
+        .await?;
+    let reader = SnapshotReader::new(snap.header.clone(), &suffix).map_err(corrupt)?;
+    if reader.object_len() != snap.size {
+        return Err(corrupt(CodecError::LengthMismatch {
+            expected: reader.object_len(),
+            actual: snap.size,
+        }));
+    }
+    let (segments, _) = ctx
+        .plan_segments(
+            snap.header.txid,
+            snap.header.db_checksum,
+            head.txid,
+            false,
+            &mut downloaded,
+        )
+        .await?;
+    let mut at = snap.header.txid;
+    let mut running = snap.header.db_checksum;
+    let mut size = snap.header.page_count;
+    let mut overlay = std::collections::BTreeMap::new();
+    let mut commit_ms = None;
+    for seg in &segments {
+        let body = ctx.get_object(&seg.key, &mut downloaded).await?;
+        let bad = |source| RestoreError::Corrupt {
+            key: seg.key.clone(),
+            what: "segment",
+            source,
+        };
+        let decoded = codec::decode_segment(&body).map_err(bad)?;
+        check_segment_key(seg, &decoded.header, db, head.page_size)?;
+        for t in decoded.txns {
+            if t.txid <= at {
+                continue; // already in the snapshot this segment is entered from
+            }
+            if t.txid != at + 1 {
+                return Err(RestoreError::ChainGap {
+                    key: seg.key.clone(),
+                    from: t.txid,
+                    at,
+                });
+            }
+            if let Some(owner) = m.epoch_of(db, t.txid).filter(|o| *o != t.epoch) {
+                return Err(RestoreError::ForeignEpoch {
+                    key: seg.key.clone(),
+                    epoch: t.epoch,
+                    txid: t.txid,
+                    owner,
+                });
+            }
+            if t.pre_checksum != running {
+                return Err(RestoreError::ChecksumChain {
+                    key: seg.key.clone(),
+                    txid: t.txid,
+                    expected: running,
+                    found: t.pre_checksum,
+                });
+            }
+            size = t.db_size_pages;
+            overlay.retain(|p, _| *p <= size);
+            overlay.extend(t.pages);
+            running = t.post_checksum;
+            at = t.txid;
+            commit_ms = Some(t.timestamp_ms);
+            if at == head.txid {
+                break;
+            }
+        }
+    }
+    if at != head.txid || running != head.checksum || size != head.size_pages {
+        return Err(RestoreError::HeadMismatch {
+            key: mkey,
+            txid: head.txid,
+            expected: manifest::hex64(head.checksum),
+            pages: head.size_pages,
+            computed: running,
+            computed_pages: size,
+        });
+    }
+    Ok(LazyStart {
+        snapshot_key: snap.key,
+        reader,
+        overlay,
+        txid: at,
+        generation: d.generation,
+        checksum: running,
+        size_pages: size,
+        page_size: head.page_size,
+        commit_ms: commit_ms.or(Some(snap.header.timestamp_ms)),
+        bytes_downloaded: downloaded,
     })
 }
 

@@ -308,6 +308,11 @@ impl Uploader {
                 let newer = j.generation > d.generation && j.base_txid > d.head_txid;
                 same || newer
             };
+            if !local.as_ref().is_some_and(continues) && !self.node.all_local() {
+                return Err(UploadError::Conflict(format!(
+                    "{db}: still hydrating from the bucket; taking writes once it is local"
+                )));
+            }
             if !local.as_ref().is_some_and(continues) {
                 // A secondary being promoted: its follower's copy, if it is
                 // exactly the bucket's head, becomes the start of its history.
