@@ -606,7 +606,10 @@ impl Filesystem for MemFs {
             return match self.virt.render(ino.0) {
                 Some(bytes) => {
                     let fh = self.new_handle(Handle::Virtual(bytes));
-                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+                    reply.opened(
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
+                    )
                 }
                 None => reply.error(Errno::ENOENT),
             };
@@ -632,7 +635,7 @@ impl Filesystem for MemFs {
         match opened {
             Ok(fd) => reply.opened(
                 FileHandle(fd.into_raw_fd() as u64),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
             ),
             Err(e) => reply.error(err(e)),
         }
@@ -724,6 +727,9 @@ impl Filesystem for MemFs {
         reply.written(n as u32)
     }
 
+    /// Opens say FOPEN_NOFLUSH (there is nothing to do at flush): a close
+    /// never waits for the daemon, which matters most for the daemon's own
+    /// fds through the mount (the follower's lock fd), closed as it exits.
     fn flush(
         &self,
         _req: &Request,
@@ -1008,7 +1014,7 @@ impl Filesystem for MemFs {
                 &attr,
                 Generation(0),
                 FileHandle(file.into_raw_fd() as u64),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
             ),
             Err(e) => reply.error(e),
         }
