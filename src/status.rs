@@ -43,6 +43,9 @@ pub struct HydrationStatus {
     pub pages_total: u64,
     pub pages_local: u64,
     pub done: bool,
+    /// The whole file was hashed against the head's checksum.
+    #[serde(default)]
+    pub verified: bool,
     pub snapshot: String,
     pub error: Option<String>,
 }
@@ -193,7 +196,11 @@ pub fn render_text(d: &StatusDoc) -> String {
                 h.pages_local,
                 h.pages_total,
                 h.pages_local as f64 * 100.0 / h.pages_total.max(1) as f64,
-                if h.done { ", hydrated" } else { ", hydrating" },
+                match (h.done, h.verified) {
+                    (_, true) => ", hydrated and verified",
+                    (true, false) => ", hydrated",
+                    _ => ", hydrating",
+                },
             );
         }
         if let Some(rate) = db.cache_hit_rate() {

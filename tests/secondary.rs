@@ -360,3 +360,328 @@ fn leadership_select_hands_over_without_losing_a_transaction() {
     let out = a.run(&["push"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
 }
+
+/// The primary's head and the secondary's applied txid, once the secondary
+/// holds everything the primary published.
+fn converged(a: &Mount, b: &Mount) -> bool {
+    published(a)
+        .is_some_and(|head| b.status()["databases"][DB]["applied_txid"].as_u64() == Some(head))
+}
+
+fn integrity(c: &rusqlite::Connection) -> String {
+    c.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_reader_kept_open_sees_500_transactions_whole_within_3_s() {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    const TXNS: i64 = 500;
+    const ROWS: i64 = 4;
+    let s3 = SeaweedFs::shared();
+    let env = s3.env(&s3.new_bucket("reader500"), "reader500");
+    let a = node(&env, "node-a");
+    let b = node(&env, "node-b");
+    let pc = rusqlite::Connection::open(a.dir.join(DB)).unwrap();
+    pc.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+         CREATE TABLE t(txn INTEGER, v INTEGER);
+         CREATE TABLE sums(txn INTEGER PRIMARY KEY, n INTEGER, total INTEGER);",
+    )
+    .unwrap();
+    let bdb = b.dir.join(DB);
+    wait_for(
+        "the schema on the secondary",
+        Duration::from_secs(20),
+        || {
+            rusqlite::Connection::open(&bdb)
+                .and_then(|c| c.query_row("SELECT count(*) FROM sums", [], |r| r.get::<_, i64>(0)))
+                .is_ok()
+        },
+    );
+    // Opened before the primary writes, and kept open throughout.
+    let mut reader = rusqlite::Connection::open(&bdb).unwrap();
+    reader.busy_timeout(Duration::from_secs(10)).unwrap();
+    let committed: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let writer = {
+        let committed = committed.clone();
+        std::thread::spawn(move || {
+            let mut pc = pc;
+            for k in 1..=TXNS {
+                let tx = pc.transaction().unwrap();
+                let mut total = 0;
+                for i in 0..ROWS {
+                    let v = (k * 7919 + i * 104_729) % 1_000_003;
+                    total += v;
+                    tx.execute("INSERT INTO t VALUES (?1, ?2)", [k, v]).unwrap();
+                }
+                tx.execute("INSERT INTO sums VALUES (?1, ?2, ?3)", [k, ROWS, total])
+                    .unwrap();
+                tx.commit().unwrap();
+                committed.lock().unwrap().push(Instant::now());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut seen = 0i64;
+    let mut lags: Vec<Duration> = Vec::new();
+    let mut snapshots = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen < TXNS {
+        assert!(
+            Instant::now() < deadline,
+            "the reader saw only {seen} transactions"
+        );
+        // One read transaction: one snapshot of the database.
+        let tx = reader.transaction().unwrap();
+        let rows: BTreeMap<i64, (i64, i64)> = tx
+            .prepare("SELECT txn, count(*), sum(v) FROM t GROUP BY txn")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let sums: BTreeMap<i64, (i64, i64)> = tx
+            .prepare("SELECT txn, n, total FROM sums")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        tx.commit().unwrap();
+        snapshots += 1;
+        assert_eq!(rows, sums, "the secondary showed part of a transaction");
+        let max = sums.keys().last().copied().unwrap_or(0);
+        assert_eq!(
+            sums.len() as i64,
+            max,
+            "a transaction is missing before {max}"
+        );
+        assert!(max >= seen, "the view went back from {seen} to {max}");
+        let now = Instant::now();
+        let done = committed.lock().unwrap().clone();
+        for k in seen + 1..=max {
+            lags.push(now.duration_since(done[k as usize - 1]));
+        }
+        seen = max;
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    writer.join().unwrap();
+    lags.sort();
+    let p50 = lags[lags.len() / 2];
+    let worst = *lags.last().unwrap();
+    println!(
+        "{TXNS} transactions seen whole by a reader kept open: lag p50 {p50:?}, max {worst:?}, {snapshots} snapshots checked"
+    );
+    assert!(worst < Duration::from_secs(3), "lag {worst:?}");
+}
+
+#[test]
+fn a_fresh_secondary_answers_its_first_query_on_200_mb_before_hydration_ends() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("first-query"), "first-query");
+    // The primary's first snapshot of 200 MB, then the secondary's first query.
+    env.push(("MEMBRIDGE_CACHE_MB".into(), "64".into()));
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("big.db");
+    let c = rusqlite::Connection::open(&src).unwrap();
+    c.execute_batch(
+        "PRAGMA page_size=4096; PRAGMA journal_mode=DELETE;
+         CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 50000)
+         INSERT INTO t SELECT x, randomblob(4000) FROM c;",
+    )
+    .unwrap();
+    drop(c);
+    let image = std::fs::read(&src).unwrap();
+    assert!(image.len() > 200_000_000, "{} bytes", image.len());
+    let mut a_env = env.clone();
+    a_env.push(("MEMBRIDGE_NODE_ID".into(), "node-a".into()));
+    let a = Mount::with_files(a_env, &[(DB, &image)]);
+    drop(image);
+    let t = Instant::now();
+    while !(published(&a).is_some() && a.status()["databases"][DB]["last_upload"].is_string()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "the 200 MB snapshot was not published: {}\n{}",
+            a.status(),
+            a.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "the primary published its 200 MB snapshot in {:?}",
+        t.elapsed()
+    );
+
+    let t = Instant::now();
+    let b = node(&env, "node-b");
+    let mounted = t.elapsed();
+    let c = rusqlite::Connection::open(b.dir.join(DB))
+        .unwrap_or_else(|e| panic!("opening: {e}\n{}", b.log_tail(30)));
+    let len: i64 = c
+        .query_row("SELECT length(v) FROM t WHERE id = 31337", [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("first query: {e}\n{}", b.log_tail(30)));
+    let first = t.elapsed();
+    let h = b.status()["databases"][DB]["hydration"].clone();
+    println!(
+        "200 MB database, fresh secondary: mounted in {mounted:?}, first query answered after {first:?}; \
+         {} of {} pages local at that point",
+        h["pages_local"], h["pages_total"]
+    );
+    assert_eq!(len, 4000);
+    assert!(
+        first < Duration::from_secs(2),
+        "first query after {first:?}"
+    );
+    assert_eq!(
+        h["done"], false,
+        "hydration ended before the first query: {h}"
+    );
+    drop(c);
+
+    let t = Instant::now();
+    wait_for("hydration", Duration::from_secs(180), || {
+        b.status()["databases"][DB]["hydration"]["verified"] == true
+    });
+    let d = &b.status()["databases"][DB];
+    println!(
+        "hydrated and verified in {:?} more; {} read-through fetches, {} cache hits",
+        t.elapsed(),
+        d["read_through_fetches"],
+        d["cache_hits"]
+    );
+    let primary_bytes = std::fs::read(a.dir.join(DB)).unwrap();
+    b.unmount();
+    let local = std::fs::read(b.dir.join(DB)).unwrap();
+    assert!(
+        local == primary_bytes,
+        "the hydrated file differs from the primary's ({} vs {} bytes)",
+        local.len(),
+        primary_bytes.len()
+    );
+}
+
+#[test]
+fn integrity_holds_on_the_secondary_through_vacuum_schema_change_truncate_and_failover() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("integrity"), "integrity");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    let b = node(&env, "node-b");
+    let pc = seed(&a, 300);
+    let bdb = b.dir.join(DB);
+    wait_for("the secondary", Duration::from_secs(30), || {
+        count(&bdb) == Some(300)
+    });
+    // A reader kept open across all of it, and a fresh one each time.
+    let kept = rusqlite::Connection::open(&bdb).unwrap();
+    kept.busy_timeout(Duration::from_secs(10)).unwrap();
+    let check = |what: &str, rows: i64| {
+        wait_for(what, Duration::from_secs(30), || converged(&a, &b));
+        assert_eq!(count(&bdb), Some(rows), "after {what}");
+        let fresh = rusqlite::Connection::open(&bdb).unwrap();
+        assert_eq!(integrity(&fresh), "ok", "fresh reader after {what}");
+        assert_eq!(integrity(&kept), "ok", "kept reader after {what}");
+        let n: i64 = kept
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, rows, "kept reader after {what}");
+    };
+    pc.execute_batch("DELETE FROM t WHERE id % 2 = 0; VACUUM;")
+        .unwrap();
+    check("a VACUUM", 150);
+    pc.execute_batch(
+        "ALTER TABLE t ADD COLUMN w TEXT; CREATE INDEX t_v ON t(v);
+         UPDATE t SET w = 'x' || id; CREATE TABLE extra(k TEXT PRIMARY KEY);
+         INSERT INTO extra VALUES ('a'), ('b');",
+    )
+    .unwrap();
+    check("a schema change", 150);
+    for i in 0..50 {
+        pc.execute(
+            "INSERT INTO t(v, w) VALUES (?1, 'y')",
+            [format!("more {i}")],
+        )
+        .unwrap();
+    }
+    let (busy, _, _): (i64, i64, i64) = pc
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(busy, 0);
+    check("a TRUNCATE checkpoint", 200);
+    for i in 0..20 {
+        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("last {i}")])
+            .unwrap();
+    }
+    check("the last writes", 220);
+    drop(pc);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("the failover", Duration::from_secs(30), || {
+        b.status()["role"] == "primary"
+    });
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    assert_eq!(integrity(&c), "ok", "after the failover");
+    assert_eq!(count(&bdb), Some(220));
+}
+
+#[test]
+fn a_connection_open_across_promotion_keeps_working_and_then_writes() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("promote"), "promote");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    let b = node(&env, "node-b");
+    drop(seed(&a, 10));
+    let bdb = b.dir.join(DB);
+    wait_for("the secondary", Duration::from_secs(30), || {
+        count(&bdb) == Some(10)
+    });
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 10);
+    let refused = c.execute("INSERT INTO t(v) VALUES ('too early')", []);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("readonly")),
+        "{refused:?}"
+    );
+    let out = b.run(&["leadership", "select", "node-b"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("node-b to be primary", Duration::from_secs(30), || {
+        b.status()["role"] == "primary"
+    });
+    // The same connection, as an application would retry it.
+    let t = Instant::now();
+    loop {
+        match c.execute("INSERT INTO t(v) VALUES ('after promotion')", []) {
+            Ok(_) => break,
+            Err(e) if t.elapsed() < Duration::from_secs(15) => {
+                let s = e.to_string();
+                assert!(s.contains("readonly") || s.contains("locked"), "{s}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("still refused after promotion: {e}"),
+        }
+    }
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 11);
+    assert_eq!(integrity(&c), "ok");
+    let adb = a.dir.join(DB);
+    wait_for("the old primary to follow", Duration::from_secs(30), || {
+        count(&adb) == Some(11)
+    });
+}

@@ -381,6 +381,13 @@ impl Follower {
                         tracing::info!(db = %db, txid = a.txid, "hydrated copy verified");
                         a.hashes = Some(h);
                         self.read_through.remove(db);
+                        self.status.update(|s| {
+                            if let Some(h) =
+                                s.databases.get_mut(db).and_then(|d| d.hydration.as_mut())
+                            {
+                                h.verified = true;
+                            }
+                        });
                         continue;
                     }
                     format!(

@@ -100,6 +100,7 @@ impl Hydration {
             pages_total: total,
             pages_local: total - u64::from(p.left),
             done: p.left == 0,
+            verified: false,
             snapshot: self.key.clone(),
             error: self.failed.lock().unwrap().clone(),
         }

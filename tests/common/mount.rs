@@ -69,6 +69,15 @@ impl Mount {
         serde_json::from_str(&text).expect("status.json is JSON")
     }
 
+    /// The last `lines` lines of the daemon's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let path = self.status()["log_file"].as_str().unwrap_or("").to_string();
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let mut tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.reverse();
+        tail.join("\n")
+    }
+
     pub fn pid(&self) -> i32 {
         self.status()["pid"].as_i64().unwrap() as i32
     }
