@@ -14,6 +14,8 @@ pub mod fs;
 pub mod journal;
 /// The leadership lease: conditional writes, renewal, fencing, heartbeats.
 pub mod lease;
+/// Prometheus counters and the `/metrics` endpoint (`--metrics-addr`).
+pub mod metrics;
 pub mod remote;
 pub mod replica;
 pub mod sqlite;

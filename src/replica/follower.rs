@@ -261,6 +261,7 @@ impl Follower {
         })
         .await?;
         tracing::debug!(db, from = a.txid + 1, to = txid, "applied");
+        self.status.metrics().txns_applied(db, txid - a.txid);
         a.txid = txid;
         a.hashes = hashes;
         a.committed_ms = last_ms;
@@ -297,6 +298,7 @@ impl Follower {
         })
         .await?;
         let _ = std::fs::remove_file(&tmp);
+        self.status.metrics().bootstrap(db);
         tracing::info!(db, txid = report.txid, "local copy rebuilt from the bucket");
         Ok(Applied {
             txid: report.txid,
