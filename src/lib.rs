@@ -16,6 +16,8 @@ pub mod journal;
 pub mod lease;
 /// Prometheus counters and the `/metrics` endpoint (`--metrics-addr`).
 pub mod metrics;
+/// Progress of long work: a bar on a terminal, log lines elsewhere.
+pub mod progress;
 pub mod remote;
 pub mod replica;
 pub mod sqlite;

@@ -282,7 +282,7 @@ impl Follower {
             Target::Latest,
             &tmp,
             RestoreOptions {
-                progress: false,
+                progress: true,
                 force: true,
             },
         )
