@@ -42,8 +42,14 @@ struct Cli {
     /// daemon (MEMBRIDGE_METRICS_ADDR), e.g. 127.0.0.1:9464
     #[arg(long, global = true, value_name = "ADDR:PORT")]
     metrics_addr: Option<String>,
-    /// Log format of the daemon
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format of the daemon: text, or one JSON object per line
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "MEMBRIDGE_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
