@@ -148,6 +148,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "keep segments/snapshots this long (default 7)",
         "7",
     ),
+    (
+        "MEMBRIDGE_METRICS_ADDR",
+        "serve Prometheus metrics at http://ADDR:PORT/metrics from the mount daemon (default off)",
+        "127.0.0.1:9464",
+    ),
 ];
 
 /// Raw layered key/value lookup. Flags win over the environment, which wins over the file.
@@ -387,6 +392,8 @@ pub struct Config {
     pub cache_bytes: usize,
     pub retention: Duration,
     pub snapshot_txns: u64,
+    /// Where the mount daemon serves `/metrics` (none: not served).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// `<state root>/<canonical_id>`: the local journal, divergent copies, logs.
     pub state_dir: PathBuf,
     pub config_file: Option<PathBuf>,
@@ -436,6 +443,16 @@ impl Config {
             databases: globs(l, "MEMBRIDGE_REPLICATE", &["claude-mem.db"])?,
             files: globs(l, "MEMBRIDGE_REPLICATE_FILES", &[])?,
         };
+        let metrics_addr = match l.get("MEMBRIDGE_METRICS_ADDR") {
+            None => None,
+            Some((raw, src)) => Some(raw.trim().parse::<std::net::SocketAddr>().map_err(|_| {
+                l.malformed(
+                    "MEMBRIDGE_METRICS_ADDR",
+                    &src,
+                    format!("{raw:?} is not IP:PORT"),
+                )
+            })?),
+        };
         let state_root = match l.get("MEMBRIDGE_STATE_DIR") {
             Some((v, _)) => PathBuf::from(v),
             None => default_state_root(),
@@ -459,6 +476,7 @@ impl Config {
             cache_bytes: cache_mb << 20,
             retention: Duration::from_secs(retention_days * 86_400),
             snapshot_txns,
+            metrics_addr,
             config_file: l.config_file().map(Path::to_path_buf),
         })
     }
@@ -678,6 +696,8 @@ mod tests {
             ("LEADERSHIP_LEASE_SECONDS", "soon"),
             ("LEADERSHIP_ENABLED", "maybe"),
             ("MEMBRIDGE_REPLICATE", "/abs.db"),
+            ("MEMBRIDGE_METRICS_ADDR", "localhost"),
+            ("MEMBRIDGE_METRICS_ADDR", "127.0.0.1:99999"),
         ] {
             let mut env: Vec<_> = GOOD.iter().filter(|(kk, _)| *kk != k).cloned().collect();
             env.push((k, v));
@@ -694,6 +714,7 @@ mod tests {
         assert_eq!(c.lease_ttl, Duration::from_secs(30));
         assert_eq!(c.classes.databases, vec!["claude-mem.db"]);
         assert_eq!(c.s3.region, "us-east-1");
+        assert_eq!(c.metrics_addr, None);
         assert!(!format!("{c:?}").contains("sk-very-secret"));
         let mut env = GOOD.to_vec();
         env.push(("PRIMARY_NODE_ID", "n1"));

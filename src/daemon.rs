@@ -134,11 +134,17 @@ fn block_signals() -> SigSet {
 
 fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let signals = block_signals();
+    // Bound before the lease or the mount: a port in use stops here, in one line.
+    let metrics = cfg.metrics_addr.map(crate::metrics::bind).transpose()?;
     let (dir, root_fd) = mount::prepare(&args.dir).map_err(|e| anyhow!(e))?;
     // Hold no directory busy: every path from here on is absolute or fd-relative.
     std::env::set_current_dir("/")?;
     let log = std::env::var_os(READY_FD_ENV).map(|_| log_file(cfg).display().to_string());
     let status = Status::new(cfg, &dir, log);
+    if let Some(listener) = metrics {
+        crate::metrics::spawn_server(listener, status.clone())
+            .context("starting the metrics server")?;
+    }
     let classifier = Classifier::new(&cfg.classes.databases, &cfg.classes.files);
     let replication = start_replication(cfg, &root_fd, &status)?;
     let fs = MemFs::new(

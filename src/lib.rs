@@ -14,6 +14,10 @@ pub mod fs;
 pub mod journal;
 /// The leadership lease: conditional writes, renewal, fencing, heartbeats.
 pub mod lease;
+/// Prometheus counters and the `/metrics` endpoint (`--metrics-addr`).
+pub mod metrics;
+/// Progress of long work: a bar on a terminal, log lines elsewhere.
+pub mod progress;
 pub mod remote;
 pub mod replica;
 pub mod sqlite;

@@ -38,8 +38,18 @@ struct Cli {
     /// Any config key, e.g. `-o MEMBRIDGE_POLL_MS=500` (repeatable)
     #[arg(short = 'o', long = "set", global = true, value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Log format of the daemon
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics from the mount
+    /// daemon (MEMBRIDGE_METRICS_ADDR), e.g. 127.0.0.1:9464
+    #[arg(long, global = true, value_name = "ADDR:PORT")]
+    metrics_addr: Option<String>,
+    /// Log format of the daemon: text, or one JSON object per line
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "MEMBRIDGE_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
@@ -150,6 +160,7 @@ fn flags(cli: &Cli) -> Result<BTreeMap<String, String>, String> {
         ("MINIO_BUCKET", cli.bucket.clone()),
         ("CLAUDE_PROJECT_ID", cli.project.clone()),
         ("MEMBRIDGE_NODE_ID", cli.node_id.clone()),
+        ("MEMBRIDGE_METRICS_ADDR", cli.metrics_addr.clone()),
         (
             "MEMBRIDGE_STATE_DIR",
             cli.state_dir.as_ref().map(|p| p.display().to_string()),

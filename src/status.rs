@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ClassGlobs, Config};
 use crate::fs::virt::VirtualFiles;
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DbStatus {
@@ -100,12 +101,16 @@ impl From<&ClassGlobs> for ClassGlobsDoc {
     }
 }
 
+/// The live document, and the counters that `/metrics` serves beside it.
 #[derive(Clone)]
-pub struct Status(Arc<RwLock<StatusDoc>>);
+pub struct Status {
+    doc: Arc<RwLock<StatusDoc>>,
+    metrics: Arc<Metrics>,
+}
 
 impl Status {
     pub fn new(cfg: &Config, mount_dir: &std::path::Path, log_file: Option<String>) -> Status {
-        Status(Arc::new(RwLock::new(StatusDoc {
+        Status::from_doc(StatusDoc {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             node_id: cfg.node_id.clone(),
@@ -128,15 +133,27 @@ impl Status {
             last_outage: None,
             divergent: Vec::new(),
             last_error: None,
-        })))
+        })
+    }
+
+    pub fn from_doc(doc: StatusDoc) -> Status {
+        Status {
+            doc: Arc::new(RwLock::new(doc)),
+            metrics: Arc::new(Metrics::default()),
+        }
     }
 
     pub fn update(&self, f: impl FnOnce(&mut StatusDoc)) {
-        f(&mut self.0.write().unwrap());
+        f(&mut self.doc.write().unwrap());
     }
 
     pub fn snapshot(&self) -> StatusDoc {
-        self.0.read().unwrap().clone()
+        self.doc.read().unwrap().clone()
+    }
+
+    /// The daemon's Prometheus counters (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 }
 
@@ -146,7 +163,7 @@ impl VirtualFiles for Status {
     }
 
     fn content(&self, name: &str) -> Option<Vec<u8>> {
-        let doc = self.0.read().unwrap();
+        let doc = self.doc.read().unwrap();
         match name {
             "status.json" => {
                 let mut v = serde_json::to_vec_pretty(&*doc).ok()?;

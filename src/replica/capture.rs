@@ -469,6 +469,7 @@ impl Capture {
             pages,
         };
         self.journal.append(&st.name, &txn)?;
+        self.status.metrics().txns_captured(&st.name, 1);
         st.hashes
             .apply(txn.pages.iter().map(|(n, p)| (*n, p.as_ref())), size)
             .map_err(|e| inconsistent(&st.name, e))?;

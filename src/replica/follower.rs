@@ -300,6 +300,7 @@ impl Follower {
         self.locked_install(db, move |f| rt.apply(&name, f, &pages, size, ps))
             .await?;
         tracing::debug!(db, from = a.txid + 1, to = txid, "applied");
+        self.status.metrics().txns_applied(db, txid - a.txid);
         a.txid = txid;
         a.checksum = running;
         a.hashes = hashes;
@@ -420,7 +421,7 @@ impl Follower {
             Target::Latest,
             &tmp,
             RestoreOptions {
-                progress: false,
+                progress: true,
                 force: true,
             },
         )
@@ -438,6 +439,7 @@ impl Follower {
         })
         .await?;
         let _ = std::fs::remove_file(&tmp);
+        self.status.metrics().bootstrap(db);
         tracing::info!(db, txid = report.txid, "local copy rebuilt from the bucket");
         Ok(Applied {
             txid: report.txid,

@@ -24,13 +24,12 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::IsTerminal;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::progress::Progress;
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::manifest::{self, parse_hex64, DbManifest, Manifest, ManifestError, SnapshotRef};
 use crate::journal::codec::{
@@ -71,7 +70,8 @@ impl fmt::Display for Target {
 /// Knobs of [`restore_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoreOptions {
-    /// Draw a progress bar on stderr (only when stderr is a terminal).
+    /// Show progress: a bar when stderr is a terminal, else an `info` log
+    /// line per 10% on long work (see [`crate::progress`]).
     pub progress: bool,
     /// Replace an existing FILE (and remove its `-wal`, `-shm`, `-journal`,
     /// which SQLite would otherwise apply over the restored content).
@@ -340,8 +340,7 @@ pub async fn restore_with(
         .await?;
 
     let total = snap.size + segments.iter().map(|s| s.size).sum::<u64>();
-    let bar = progress_bar(opts.progress, total);
-    bar.set_message(format!("restoring {db}"));
+    let bar = Progress::new(opts.progress, total, format!("restoring {db}"));
 
     let mut output = Output::create(out, head.page_size)?;
     output = ctx
@@ -390,7 +389,7 @@ pub async fn restore_with(
             break;
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     if let (false, Some(e)) = (time_reached, beyond) {
         return Err(e);
     }
@@ -669,19 +668,6 @@ fn sidecars(out: &Path) -> Vec<PathBuf> {
             PathBuf::from(s)
         })
         .collect()
-}
-
-fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
-    if !enabled || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 /// The manifest's head of one database, parsed.
@@ -1201,7 +1187,7 @@ impl Ctx<'_> {
         &self,
         snap: &ChosenSnapshot,
         mut output: Output,
-        bar: &ProgressBar,
+        bar: &Progress,
         downloaded: &mut u64,
     ) -> Result<Output, RestoreError> {
         let key = snap.key.as_str();

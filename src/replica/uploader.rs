@@ -20,6 +20,7 @@ use super::node::{Node, Role};
 use crate::journal::base::{base_path, materialize, BaseError};
 use crate::journal::codec::{self, SegmentMeta, SnapshotMeta};
 use crate::journal::{DbHead, Journal};
+use crate::metrics::Object;
 use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
 use crate::sqlite::checksum::PageHashes;
 use crate::status::Status;
@@ -164,7 +165,10 @@ impl Uploader {
                         Command::Push(reply) => {
                             let res = self.push().await.map_err(|e| match e {
                                 UploadError::Refused(why) => format!("refused {why}"),
-                                e => e.to_string(),
+                                e => {
+                                    self.status.metrics().upload_failure(e.is_unreachable());
+                                    e.to_string()
+                                }
                             });
                             let _ = reply.send(res);
                         }
@@ -195,6 +199,7 @@ impl Uploader {
                 }
                 Err(e) => {
                     let unreachable = e.is_unreachable();
+                    self.status.metrics().upload_failure(unreachable);
                     tracing::warn!(error = %e, "upload failed; will retry (writes go on locally)");
                     let now = chrono::Utc::now();
                     let since = *outage_since.get_or_insert(now);
@@ -473,7 +478,10 @@ impl Uploader {
                 .put(&key, Bytes::from(body), PutMode::CreateOnly)
                 .await
             {
-                Ok(_) => {}
+                Ok(_) => self
+                    .status
+                    .metrics()
+                    .uploaded(&h.name, Object::Segment, bytes as u64),
                 Err(StoreError::PreconditionFailed { .. }) => {
                     self.check_existing(&key, post).await?
                 }
@@ -615,12 +623,16 @@ impl Uploader {
         };
         let body = codec::encode_snapshot(meta, &image)?;
         let key = self.layout.snapshot(&h.name, txid);
+        let bytes = body.len() as u64;
         match self
             .store
             .put(&key, Bytes::from(body), PutMode::CreateOnly)
             .await
         {
-            Ok(_) => {}
+            Ok(_) => self
+                .status
+                .metrics()
+                .uploaded(&h.name, Object::Snapshot, bytes),
             Err(StoreError::PreconditionFailed { .. }) => {
                 let got = self.store.get_range(&key, 0, 4096).await?;
                 let found = codec::SnapshotReader::parse_header(&got)?;

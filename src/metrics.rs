@@ -1,0 +1,581 @@
+//! Prometheus metrics: counters kept with atomics where the work happens, gauges
+//! derived from the [`StatusDoc`] at scrape time, served as the text exposition
+//! format (version 0.0.4) at `/metrics` when `--metrics-addr` is given.
+//!
+//! Counters live in one [`Metrics`] per daemon, reached through
+//! [`Status::metrics`](crate::status::Status::metrics) by every component that
+//! already holds the status: capture ([`Metrics::txns_captured`]), the follower
+//! ([`Metrics::txns_applied`], [`Metrics::bootstrap`]), the uploader
+//! ([`Metrics::uploaded`], [`Metrics::upload_failure`]) and the read-through
+//! cache ([`Metrics::read_through_fetch`], [`Metrics::cache_hit`]).
+//!
+//! The HTTP side is a few dozen lines over `std::net` rather than a crate: one
+//! GET route, `Connection: close`, bounded request size and timeouts, on its
+//! own thread so a scrape never touches the FUSE or I/O threads.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use crate::status::{Status, StatusDoc};
+
+/// A counter per label set (pre-rendered `k="v",...`, sorted by key).
+#[derive(Default)]
+struct Family(RwLock<BTreeMap<String, AtomicU64>>);
+
+impl Family {
+    fn add(&self, labels: &[(&str, &str)], n: u64) {
+        let key = render_labels(labels);
+        if let Some(c) = self.0.read().unwrap().get(&key) {
+            c.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        self.0
+            .write()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(&self, labels: &[(&str, &str)]) -> u64 {
+        self.0
+            .read()
+            .unwrap()
+            .get(&render_labels(labels))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn samples(&self) -> Vec<(String, u64)> {
+        self.0
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// What an upload carried: a segment of transactions or a full snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Object {
+    Segment,
+    Snapshot,
+}
+
+impl Object {
+    fn name(self) -> &'static str {
+        match self {
+            Object::Segment => "segment",
+            Object::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The daemon's counters. Cheap to bump from any thread.
+#[derive(Default)]
+pub struct Metrics {
+    captured: Family,
+    applied: Family,
+    bootstraps: Family,
+    upload_bytes: Family,
+    uploads: Family,
+    upload_failures: Family,
+    read_through_fetches: AtomicU64,
+    cache_hits: AtomicU64,
+}
+
+impl Metrics {
+    /// The primary journaled `n` committed transactions of `db`.
+    pub fn txns_captured(&self, db: &str, n: u64) {
+        self.captured.add(&[("db", db)], n);
+    }
+
+    /// A secondary applied `n` transactions of `db` from the bucket.
+    pub fn txns_applied(&self, db: &str, n: u64) {
+        self.applied.add(&[("db", db)], n);
+    }
+
+    /// A secondary rebuilt `db` from the bucket's snapshot (and segments).
+    pub fn bootstrap(&self, db: &str) {
+        self.bootstraps.add(&[("db", db)], 1);
+    }
+
+    /// An object of `db` of `bytes` bytes was stored in the bucket.
+    pub fn uploaded(&self, db: &str, object: Object, bytes: u64) {
+        let labels = [("db", db), ("object", object.name())];
+        self.upload_bytes.add(&labels, bytes);
+        self.uploads.add(&labels, 1);
+    }
+
+    /// An upload round failed (it is retried); `unreachable`: the bucket did
+    /// not answer, as opposed to refusing or conflicting.
+    pub fn upload_failure(&self, unreachable: bool) {
+        let reason = if unreachable { "unreachable" } else { "error" };
+        self.upload_failures.add(&[("reason", reason)], 1);
+    }
+
+    /// The read-through cache fetched a page (range) from the bucket.
+    pub fn read_through_fetch(&self) {
+        self.read_through_fetches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A read was served from the read-through page cache.
+    pub fn cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn captured_total(&self, db: &str) -> u64 {
+        self.captured.get(&[("db", db)])
+    }
+
+    pub fn applied_total(&self, db: &str) -> u64 {
+        self.applied.get(&[("db", db)])
+    }
+
+    /// The whole exposition: counters from here, gauges from `doc`.
+    pub fn render(&self, doc: &StatusDoc) -> String {
+        let mut out = Text::default();
+
+        out.family(
+            "membridge_info",
+            "gauge",
+            "Constant 1, labelled with this daemon's version, node and project.",
+        );
+        out.sample(
+            "membridge_info",
+            &render_labels(&[
+                ("version", &doc.version),
+                ("node", &doc.node_id),
+                ("canonical_id", &doc.canonical_id),
+            ]),
+            1.0,
+        );
+
+        out.family(
+            "membridge_ready",
+            "gauge",
+            "1 once the mount serves requests, 0 while starting.",
+        );
+        out.sample("membridge_ready", "", bool01(doc.state == "ready"));
+
+        out.family(
+            "membridge_role",
+            "gauge",
+            "This node's role: 1 for the current one, 0 for the others.",
+        );
+        let mut roles: Vec<&str> = ROLES.to_vec();
+        if !roles.contains(&doc.role.as_str()) {
+            roles.push(&doc.role);
+        }
+        for r in roles {
+            out.sample(
+                "membridge_role",
+                &render_labels(&[("role", r)]),
+                bool01(doc.role == r),
+            );
+        }
+
+        out.family(
+            "membridge_epoch",
+            "gauge",
+            "Epoch of the lease this node last saw (absent before any lease).",
+        );
+        if let Some(e) = doc.epoch {
+            out.sample("membridge_epoch", "", e as f64);
+        }
+
+        out.family(
+            "membridge_upload_state",
+            "gauge",
+            "The uploader's state: 1 for the current one (ok, unreachable, error).",
+        );
+        let mut states = vec!["ok", "unreachable", "error"];
+        if !states.contains(&doc.upload_state.as_str()) {
+            states.push(&doc.upload_state);
+        }
+        for s in states {
+            out.sample(
+                "membridge_upload_state",
+                &render_labels(&[("state", s)]),
+                bool01(doc.upload_state == s),
+            );
+        }
+
+        let per_db: [(&str, &str, DbGauge); 5] = [
+            (
+                "membridge_head_txid",
+                "Newest txid known for the database (captured on the primary, published on a secondary).",
+                |d| Some(d.head_txid as f64),
+            ),
+            (
+                "membridge_uploaded_txid",
+                "Newest txid of the database this node has published to the bucket.",
+                |d| Some(d.uploaded_txid as f64),
+            ),
+            (
+                "membridge_applied_txid",
+                "Newest txid of the database applied on this secondary.",
+                |d| Some(d.applied_txid as f64),
+            ),
+            (
+                "membridge_backlog_transactions",
+                "Captured transactions of the database not yet in the bucket.",
+                |d| Some(d.backlog as f64),
+            ),
+            (
+                "membridge_replication_lag_seconds",
+                "How far this secondary's copy of the database is behind the bucket's head, in seconds.",
+                |d| d.lag_seconds,
+            ),
+        ];
+        for (name, help, value) in per_db {
+            out.family(name, "gauge", help);
+            for (db, d) in &doc.databases {
+                if let Some(v) = value(d) {
+                    out.sample(name, &render_labels(&[("db", db)]), v);
+                }
+            }
+        }
+
+        let counters: [(&str, &str, &Family); 6] = [
+            (
+                "membridge_transactions_captured_total",
+                "Committed transactions journaled on this node as primary.",
+                &self.captured,
+            ),
+            (
+                "membridge_transactions_applied_total",
+                "Transactions applied from the bucket on this node as secondary.",
+                &self.applied,
+            ),
+            (
+                "membridge_bootstraps_total",
+                "Rebuilds of a local copy from the bucket's snapshot.",
+                &self.bootstraps,
+            ),
+            (
+                "membridge_upload_bytes_total",
+                "Bytes of segments and snapshots stored in the bucket.",
+                &self.upload_bytes,
+            ),
+            (
+                "membridge_uploads_total",
+                "Segments and snapshots stored in the bucket.",
+                &self.uploads,
+            ),
+            (
+                "membridge_upload_failures_total",
+                "Upload rounds that failed and will be retried.",
+                &self.upload_failures,
+            ),
+        ];
+        for (name, help, family) in counters {
+            out.family(name, "counter", help);
+            for (labels, v) in family.samples() {
+                out.sample(name, &labels, v as f64);
+            }
+        }
+        for (name, help, v) in [
+            (
+                "membridge_read_through_fetches_total",
+                "Pages (ranges) fetched from the bucket by the read-through cache.",
+                &self.read_through_fetches,
+            ),
+            (
+                "membridge_cache_hits_total",
+                "Reads served from the read-through page cache.",
+                &self.cache_hits,
+            ),
+        ] {
+            out.family(name, "counter", help);
+            out.sample(name, "", v.load(Ordering::Relaxed) as f64);
+        }
+        out.0
+    }
+}
+
+/// Reads one per-database gauge from the status document.
+type DbGauge = fn(&crate::status::DbStatus) -> Option<f64>;
+
+/// Every role a node can be in (`replica::node::Role` names, and the
+/// configured role shown before the lease is known).
+const ROLES: &[&str] = &[
+    "primary",
+    "catching-up",
+    "secondary",
+    "fenced",
+    "handing-over",
+    "candidate",
+];
+
+fn bool01(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+#[derive(Default)]
+struct Text(String);
+
+impl Text {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, v: f64) {
+        let v = if v.is_nan() {
+            "NaN".to_string()
+        } else if v.is_infinite() {
+            if v > 0.0 { "+Inf" } else { "-Inf" }.to_string()
+        } else {
+            format!("{v}")
+        };
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {v}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{labels}}} {v}");
+        }
+    }
+}
+
+fn render_labels(labels: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{k}=\"{}\"", escape_label(v));
+    }
+    s
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// Bind the metrics address before anything else starts, so that a port in
+/// use stops the mount with one clear line.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot serve metrics on {addr} (MEMBRIDGE_METRICS_ADDR / --metrics-addr): {e}"
+        )
+    })
+}
+
+/// Serve `GET /metrics` on `listener` from a thread of its own, for the life
+/// of the process.
+pub fn spawn_server(listener: TcpListener, status: Status) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = handle(c, &status) {
+                            tracing::debug!(error = %e, "metrics: request failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics: accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+    tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+    Ok(())
+}
+
+const MAX_REQUEST: usize = 8192;
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One request, one response, then close. Scrapes are rare and answered at
+/// once, so connections are handled in turn.
+fn handle(mut conn: TcpStream, status: &Status) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        if buf.len() > MAX_REQUEST || Instant::now() > deadline {
+            return respond(&mut conn, "431 Request Header Fields Too Large", "", b"");
+        }
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let body = status.metrics().render(&status.snapshot());
+            let body = if method == "HEAD" { "" } else { body.as_str() };
+            respond(
+                &mut conn,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                body.as_bytes(),
+            )
+        }
+        ("GET" | "HEAD", _) => respond(
+            &mut conn,
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            b"membridge serves Prometheus metrics at /metrics\n",
+        ),
+        _ => respond(
+            &mut conn,
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            b"only GET and HEAD\n",
+        ),
+    }
+}
+
+fn respond(conn: &mut TcpStream, status: &str, ctype: &str, body: &[u8]) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if !ctype.is_empty() {
+        head += &format!("Content-Type: {ctype}\r\n");
+    }
+    if status.starts_with("405") {
+        head += "Allow: GET, HEAD\r\n";
+    }
+    head += "\r\n";
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body)?;
+    conn.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::DbStatus;
+
+    fn doc() -> StatusDoc {
+        let mut databases = BTreeMap::new();
+        databases.insert(
+            "claude-mem.db".to_string(),
+            DbStatus {
+                head_txid: 7,
+                uploaded_txid: 5,
+                backlog: 2,
+                lag_seconds: Some(0.5),
+                ..Default::default()
+            },
+        );
+        StatusDoc {
+            version: "0.1.0".into(),
+            pid: 1,
+            node_id: "n\"1".into(),
+            canonical_id: "abc".into(),
+            mount_dir: "/m".into(),
+            started_at: String::new(),
+            state: "ready".into(),
+            role: "primary".into(),
+            policy: "auto".into(),
+            epoch: Some(3),
+            primary: None,
+            classes: crate::status::ClassGlobsDoc {
+                replicated_databases: vec![],
+                replicated_files: vec![],
+                local: String::new(),
+            },
+            databases,
+            log_file: None,
+            upload_state: "ok".into(),
+            last_outage: None,
+            divergent: vec![],
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn renders_counters_and_gauges_as_prometheus_text() {
+        let m = Metrics::default();
+        m.txns_captured("claude-mem.db", 2);
+        m.txns_captured("claude-mem.db", 1);
+        m.uploaded("claude-mem.db", Object::Segment, 100);
+        m.upload_failure(true);
+        m.read_through_fetch();
+        m.cache_hit();
+        m.cache_hit();
+        let text = m.render(&doc());
+        for line in [
+            "membridge_role{role=\"primary\"} 1",
+            "membridge_role{role=\"secondary\"} 0",
+            "membridge_epoch 3",
+            "membridge_transactions_captured_total{db=\"claude-mem.db\"} 3",
+            "membridge_upload_bytes_total{db=\"claude-mem.db\",object=\"segment\"} 100",
+            "membridge_upload_failures_total{reason=\"unreachable\"} 1",
+            "membridge_backlog_transactions{db=\"claude-mem.db\"} 2",
+            "membridge_replication_lag_seconds{db=\"claude-mem.db\"} 0.5",
+            "membridge_read_through_fetches_total 1",
+            "membridge_cache_hits_total 2",
+            "membridge_info{version=\"0.1.0\",node=\"n\\\"1\",canonical_id=\"abc\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        // Every sample belongs to a family declared (HELP, TYPE) before it.
+        let mut typed = std::collections::HashSet::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap().to_string());
+            } else if !l.starts_with('#') {
+                let name = l.split(['{', ' ']).next().unwrap();
+                assert!(typed.contains(name), "untyped sample {l}");
+            }
+        }
+    }
+
+    #[test]
+    fn serves_metrics_over_http() {
+        let status = Status::from_doc(doc());
+        status.metrics().txns_applied("claude-mem.db", 4);
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        spawn_server(l, status).unwrap();
+        let get = |req: &str| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(req.as_bytes()).unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            s
+        };
+        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
+        assert!(
+            ok.contains("membridge_transactions_applied_total{db=\"claude-mem.db\"} 4\n"),
+            "{ok}"
+        );
+        assert!(get("GET / HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        // A port in use is one clear line.
+        let e = bind(addr).unwrap_err().to_string();
+        assert!(e.contains(&addr.to_string()) && !e.contains('\n'), "{e}");
+    }
+}
