@@ -14,6 +14,8 @@ pub mod fs;
 pub mod journal;
 /// The leadership lease: conditional writes, renewal, fencing, heartbeats.
 pub mod lease;
+/// `membridge migrate`: adopt a bucket written by the old hook-based tool.
+pub mod migrate;
 pub mod remote;
 pub mod replica;
 pub mod sqlite;

@@ -111,6 +111,18 @@ enum Cmd {
     },
     /// List the nodes' heartbeats (stale ones marked)
     Nodes,
+    /// Adopt a project that the old hook-based tool left in the bucket
+    /// (sqlite/claude-mem.db + .sha256 + manifest.json, and its lease)
+    Migrate {
+        /// The directory that will be mounted (default ~/.claude-mem)
+        dir: Option<PathBuf>,
+        /// Print each step and change nothing, in the bucket or locally
+        #[arg(long)]
+        dry_run: bool,
+        /// Take the bucket's copy even if the local database differs (it is backed up first)
+        #[arg(long)]
+        replace_local: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -243,6 +255,20 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Leadership { cmd } => leadership(&load(&cli)?, cmd),
         Cmd::Nodes => nodes(&load(&cli)?),
+        Cmd::Migrate {
+            dir,
+            dry_run,
+            replace_local,
+        } => {
+            let cfg = load(&cli)?;
+            let opts = membridge::migrate::Options {
+                dir: dir.clone().unwrap_or_else(default_dir),
+                dry_run: *dry_run,
+                replace_local: *replace_local,
+                progress: true,
+            };
+            migrate(&cfg, &opts)
+        }
     }
 }
 
@@ -340,6 +366,20 @@ fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
     } else {
         Err("doctor: some checks failed".into())
     }
+}
+
+fn migrate(cfg: &Config, opts: &membridge::migrate::Options) -> Result<(), String> {
+    let store =
+        membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
+    runtime()?
+        .block_on(membridge::migrate::run(
+            cfg,
+            &store,
+            opts,
+            &mut std::io::stdout(),
+        ))
+        .map(|_| ())
+        .map_err(|e| format!("migrate: {e}"))
 }
 
 /// A request to the running daemon; a refusal exits with the old tool's code.

@@ -507,7 +507,8 @@ fn sidecars(out: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
+/// A byte-count bar on stderr, hidden unless `enabled` and stderr is a terminal.
+pub(crate) fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
