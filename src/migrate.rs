@@ -740,17 +740,8 @@ fn plan_local(local: &Path, seed: &Seed, sha: &str, replace: bool) -> Result<Loc
         return Ok(LocalPlan::Keep);
     }
     let what = format!("the local database {}", local.display());
-    // Without a -wal (or -shm) nobody is in the middle of writing it: read it
-    // as an image, so that SQLite creates no sidecar (a dry run changes nothing).
-    let quiescent = !wal.exists() && !sidecar(local, "-shm").exists();
-    let conn = if quiescent {
-        legacy::open_image(local)
-    } else {
-        rusqlite::Connection::open_with_flags(
-            local,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-    };
+    // Read without creating sidecars: a dry run changes nothing.
+    let conn = legacy::open_quiet(local);
     let local_stats = conn.and_then(|c| {
         c.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok((legacy::stats(&c)?, content_digest(&c)?))

@@ -208,6 +208,34 @@ pub fn open_image(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     )
 }
 
+/// A database read-only without leaving sidecars behind: as an image when
+/// nobody is writing it (no `-wal`, no `-shm`), else through SQLite's locks.
+/// Only for a file outside a mount; through a mount use plain `mode=ro`.
+pub fn open_quiet(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let side = |s: &str| {
+        let mut p = path.as_os_str().to_os_string();
+        p.push(s);
+        std::path::PathBuf::from(p).exists()
+    };
+    if !side("-wal") && !side("-shm") {
+        return open_image(path);
+    }
+    open_ro(path)
+}
+
+/// Read-only through SQLite's locks (`mode=ro`), with a short busy timeout.
+pub fn open_ro(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let c = rusqlite::Connection::open_with_flags(
+        format!("file:{}?mode=ro", uri_path(path)),
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    c.busy_timeout(std::time::Duration::from_secs(2))?;
+    Ok(c)
+}
+
 fn image_stats(path: &Path) -> rusqlite::Result<ImageStats> {
     stats(&open_image(path)?)
 }
