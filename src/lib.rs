@@ -8,7 +8,7 @@
 
 pub mod config;
 pub mod daemon;
-/// `membridge doctor`: configuration, bucket and conditional-write checks.
+/// `membridge doctor`: bucket, lease, mount, databases, replication; a STATUS verdict.
 pub mod doctor;
 pub mod fs;
 pub mod journal;
