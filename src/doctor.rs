@@ -11,9 +11,25 @@
 //!
 //! Secrets are never printed: the config line leaves the keys out, and store
 //! errors are scrubbed of them by the store itself.
+//!
+//! [`run_full`] (what `membridge doctor [DIR]` runs) adds this machine's side:
+//! identity, the mount and its `.membridge/status.json` (role, replication lag,
+//! backlog, last error), each replicated database (`PRAGMA integrity_check`,
+//! read-only, through the mount when mounted, and the claude-mem counts), and
+//! what is installed (mount helper, systemd units, the Claude SessionStart hook,
+//! the old tool's hooks). It ends with one verdict line and exit code:
+//!
+//! | last line | when | exit |
+//! |---|---|---|
+//! | `STATUS: OK` | every check ok (info lines do not count) | 0 |
+//! | `STATUS: DEGRADED` | some warning, no failure (not mounted, backlog waiting, lag, leadership disabled...) | 4 |
+//! | `STATUS: ERROR` | some failure (bucket unreachable, credentials, corrupt database, stale mount...) | 1 |
+//!
+//! 2 and 3 stay the old tool's "refused on the primary / on a secondary".
 
 use std::fmt;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -26,6 +42,8 @@ use crate::remote::{Layout, ObjectStore, PutMode, S3Options, S3Store, StoreError
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     Ok,
+    /// For the record only; never changes the verdict (e.g. no mount helper).
+    Info,
     /// Works, but the user should know (e.g. leadership disabled).
     Warn,
     Fail,
@@ -38,6 +56,7 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Status::Ok => "[ok]  ",
+            Status::Info => "[info]",
             Status::Warn => "[warn]",
             Status::Fail => "[FAIL]",
             Status::Skip => "[skip]",
@@ -65,13 +84,26 @@ impl DoctorReport {
         !self.checks.iter().any(|c| c.status == Status::Fail)
     }
 
-    /// 0 when every check passed, 1 otherwise (DESIGN §6).
-    pub fn exit_code(&self) -> i32 {
-        if self.passed() {
-            0
+    /// The verdict: an error if any check failed, degraded if any warned.
+    pub fn verdict(&self) -> Verdict {
+        if !self.passed() {
+            Verdict::Error
+        } else if self.checks.iter().any(|c| c.status == Status::Warn) {
+            Verdict::Degraded
         } else {
-            1
+            Verdict::Ok
         }
+    }
+
+    /// 0 OK, 4 DEGRADED, 1 ERROR (see the module docs).
+    pub fn exit_code(&self) -> i32 {
+        self.verdict().exit_code()
+    }
+
+    /// Prints the last line, `STATUS: OK|DEGRADED|ERROR`.
+    pub fn finish(&self, out: &mut dyn Write) {
+        let _ = writeln!(out, "STATUS: {}", self.verdict().name());
+        let _ = out.flush();
     }
 
     /// Records a check and prints its line at once, so that a slow check shows
@@ -99,6 +131,32 @@ impl DoctorReport {
     }
 }
 
+/// The overall result of a doctor run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Degraded,
+    Error,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Ok => "OK",
+            Verdict::Degraded => "DEGRADED",
+            Verdict::Error => "ERROR",
+        }
+    }
+
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Ok => 0,
+            Verdict::Error => 1,
+            Verdict::Degraded => 4,
+        }
+    }
+}
+
 /// Runs every check against the configured bucket, with retries short enough
 /// that a dead endpoint is reported within seconds.
 pub async fn run(cfg: &Config, out: &mut dyn Write) -> DoctorReport {
@@ -114,10 +172,21 @@ pub async fn run_with_store(
 ) -> DoctorReport {
     let mut report = DoctorReport::default();
     check_config(cfg, &mut report, out);
+    check_remote(cfg, store, &mut report, out).await;
+    report
+}
+
+/// Bucket, credentials, conditional writes and the lease; returns the lease.
+async fn check_remote(
+    cfg: &Config,
+    store: &dyn ObjectStore,
+    report: &mut DoctorReport,
+    out: &mut dyn Write,
+) -> Option<Lease> {
     let layout = Layout::for_config(cfg);
-    if check_bucket(cfg, store, &layout, &mut report, out).await {
-        check_conditional_writes(store, &layout, &mut report, out).await;
-        check_lease(cfg, store, &layout, &mut report, out).await;
+    if check_bucket(cfg, store, &layout, report, out).await {
+        check_conditional_writes(store, &layout, report, out).await;
+        check_lease(cfg, store, &layout, report, out).await
     } else {
         report.record(
             out,
@@ -125,8 +194,429 @@ pub async fn run_with_store(
             "conditional writes, lease",
             "need a reachable bucket",
         );
+        None
     }
+}
+
+/// This machine's side of `doctor`: where to look.
+#[derive(Debug, Clone)]
+pub struct Local {
+    /// The mount directory (`~/.claude-mem`).
+    pub dir: PathBuf,
+    /// The home holding `.claude/settings.json` and `.config/systemd/user`.
+    pub home: Option<PathBuf>,
+}
+
+/// Everything: the bucket checks of [`run`], then identity, mount, role,
+/// databases, replication and what is installed, and the `STATUS:` line.
+pub async fn run_full(cfg: &Config, local: &Local, out: &mut dyn Write) -> DoctorReport {
+    let store = S3Store::new(&cfg.s3, S3Options::interactive());
+    let mut report = DoctorReport::default();
+    check_config(cfg, &mut report, out);
+    report.record(
+        out,
+        Status::Ok,
+        "identity",
+        format!(
+            "node {}, project {:?}, canonical_id {}, state dir {}",
+            cfg.node_id,
+            cfg.project_id,
+            cfg.canonical_id,
+            cfg.state_dir.display()
+        ),
+    );
+    let lease = check_remote(cfg, &store, &mut report, out).await;
+    let doc = check_mount(&local.dir, &mut report, out);
+    check_role(cfg, lease.as_ref(), doc.as_ref(), &mut report, out);
+    check_databases(cfg, &local.dir, doc.is_some(), &mut report, out);
+    if let Some(doc) = &doc {
+        check_replication(doc, &mut report, out);
+    }
+    check_installed(local.home.as_deref(), &mut report, out);
+    report.finish(out);
     report
+}
+
+fn check_mount(
+    dir: &Path,
+    report: &mut DoctorReport,
+    out: &mut dyn Write,
+) -> Option<crate::status::StatusDoc> {
+    use crate::fs::mount::{state, MountState};
+    let shown = dir.display();
+    if !dir.exists() {
+        report.record(
+            out,
+            Status::Warn,
+            "mount",
+            format!(
+                "{shown} does not exist (create it, or name the directory: membridge doctor DIR)"
+            ),
+        );
+        return None;
+    }
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    match state(&dir) {
+        MountState::NotMounted => {
+            report.record(
+                out,
+                Status::Warn,
+                "mount",
+                format!("{shown} is not mounted: nothing is replicated (membridge mount {shown})"),
+            );
+            None
+        }
+        MountState::Stale => {
+            report.record(
+                out,
+                Status::Fail,
+                "mount",
+                format!("{shown} is a stale mount (its daemon is gone: Transport endpoint is not connected); run membridge mount {shown} again"),
+            );
+            None
+        }
+        MountState::Foreign => {
+            report.record(
+                out,
+                Status::Fail,
+                "mount",
+                format!("{shown} has another filesystem mounted over it, not membridge"),
+            );
+            None
+        }
+        MountState::Live => match crate::daemon::read_status(&dir) {
+            Ok(doc) => {
+                let status = if doc.state == "ready" {
+                    Status::Ok
+                } else {
+                    Status::Warn
+                };
+                let log = doc
+                    .log_file
+                    .as_deref()
+                    .map(|l| format!(", log {l}"))
+                    .unwrap_or_default();
+                report.record(
+                    out,
+                    status,
+                    "mount",
+                    format!(
+                        "{shown} mounted by membridge {} (pid {}, {}, since {}){log}",
+                        doc.version, doc.pid, doc.state, doc.started_at
+                    ),
+                );
+                Some(doc)
+            }
+            Err(e) => {
+                report.record(
+                    out,
+                    Status::Fail,
+                    "mount",
+                    format!("{shown} is mounted but its status is unreadable: {e:#}"),
+                );
+                None
+            }
+        },
+    }
+}
+
+fn check_role(
+    cfg: &Config,
+    lease: Option<&Lease>,
+    doc: Option<&crate::status::StatusDoc>,
+    report: &mut DoctorReport,
+    out: &mut dyn Write,
+) {
+    let Some(doc) = doc else {
+        let detail = match lease {
+            Some(l) if l.primary_node_id == cfg.node_id => {
+                "not mounted; the lease names this node, so it would mount as the primary".into()
+            }
+            Some(l) => format!(
+                "not mounted; it would follow {} as a secondary",
+                l.primary_node_id
+            ),
+            None => "not mounted".to_string(),
+        };
+        report.record(out, Status::Info, "role", detail);
+        return;
+    };
+    let epoch = doc
+        .epoch
+        .map(|e| format!(", epoch {e}"))
+        .unwrap_or_default();
+    let primary = doc.primary.as_deref().unwrap_or("none");
+    let mut status = match doc.role.as_str() {
+        "primary" | "secondary" => Status::Ok,
+        _ => Status::Warn, // catching-up, fenced, handing-over: in between
+    };
+    let mut detail = if doc.role == "primary" {
+        format!("primary{epoch}, policy {}", doc.policy)
+    } else {
+        format!(
+            "{}{epoch}, primary {primary}, policy {}",
+            doc.role, doc.policy
+        )
+    };
+    if let Some(l) = lease {
+        let lease_mine = l.primary_node_id == cfg.node_id && !l.is_released();
+        if (doc.role == "primary") != lease_mine && cfg.policy != Policy::Disabled {
+            status = Status::Warn;
+            detail += &format!(
+                "; but the lease says {} (changing hands? run doctor again)",
+                l.describe()
+            );
+        }
+    }
+    report.record(out, status, "role", detail);
+}
+
+/// Replicated databases under `dir` (through the mount when mounted).
+fn check_databases(
+    cfg: &Config,
+    dir: &Path,
+    mounted: bool,
+    report: &mut DoctorReport,
+    out: &mut dyn Write,
+) {
+    let mut names = Vec::new();
+    let root = format!("{}/", dir.display());
+    for pattern in &cfg.classes.databases {
+        let full = format!("{}{pattern}", glob::Pattern::escape(&root));
+        for p in glob::glob(&full).into_iter().flatten().flatten() {
+            if let Some(rel) = p.to_str().and_then(|s| s.strip_prefix(&root)) {
+                names.push(rel.to_string());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        report.record(
+            out,
+            Status::Info,
+            "databases",
+            format!(
+                "none in {} yet (MEMBRIDGE_REPLICATE={})",
+                dir.display(),
+                cfg.classes.databases.join(",")
+            ),
+        );
+    }
+    for name in names {
+        let path = dir.join(&name);
+        let (status, detail) = match db_health(&path, mounted) {
+            Ok(d) => (Status::Ok, d),
+            Err(d) => (Status::Fail, d),
+        };
+        report.record(out, status, format!("db {name}"), detail);
+    }
+}
+
+fn db_health(path: &Path, mounted: bool) -> Result<String, String> {
+    use crate::replica::legacy;
+    let conn = if mounted {
+        legacy::open_ro(path)
+    } else {
+        legacy::open_quiet(path)
+    }
+    .map_err(|e| format!("cannot open read-only: {e}"))?;
+    let problems: Vec<String> = conn
+        .prepare("PRAGMA integrity_check(3)")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(|e| format!("integrity_check could not run: {e}"))?;
+    if problems != ["ok"] {
+        return Err(format!("integrity_check: {}", problems.join("; ")));
+    }
+    let stats = legacy::stats(&conn).map_err(|e| format!("counting rows: {e}"))?;
+    let pages: (i64, i64) = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .and_then(|n| Ok((n, conn.query_row("PRAGMA page_size", [], |r| r.get(0))?)))
+        .unwrap_or((0, 0));
+    Ok(format!(
+        "integrity ok, {} ({} pages of {} bytes)",
+        stats.describe(),
+        pages.0,
+        pages.1
+    ))
+}
+
+/// Lag and backlog from the daemon's status.
+fn check_replication(
+    doc: &crate::status::StatusDoc,
+    report: &mut DoctorReport,
+    out: &mut dyn Write,
+) {
+    const LAG_WARN_SECONDS: f64 = 60.0;
+    let primary = doc.role == "primary" || doc.role == "handing-over";
+    for (name, d) in &doc.databases {
+        let (mut status, mut detail) = if primary {
+            (
+                Status::Ok,
+                format!(
+                    "head txid {}, uploaded {}, backlog {} transaction(s)",
+                    d.head_txid, d.uploaded_txid, d.backlog
+                ),
+            )
+        } else {
+            let lag = d
+                .lag_seconds
+                .map(|l| format!("{l:.1}s"))
+                .unwrap_or("-".into());
+            let behind = d.lag_seconds.is_some_and(|l| l > LAG_WARN_SECONDS);
+            (
+                if behind { Status::Warn } else { Status::Ok },
+                format!(
+                    "applied txid {} of {}, lag {lag}",
+                    d.applied_txid, d.head_txid
+                ),
+            )
+        };
+        if primary && doc.upload_state != "ok" {
+            status = Status::Warn;
+            let since = doc
+                .last_outage
+                .as_ref()
+                .map(|o| format!(" since {}", o.from))
+                .unwrap_or_default();
+            detail += &format!(
+                "; bucket {}{since}: writes go on locally, the backlog uploads when it returns",
+                doc.upload_state
+            );
+        }
+        if let Some(e) = &d.last_error {
+            status = Status::Warn;
+            detail += &format!("; last error: {e}");
+        }
+        report.record(out, status, format!("replication {name}"), detail);
+    }
+    if let Some(e) = &doc.last_error {
+        report.record(out, Status::Warn, "daemon last error", e.as_str());
+    }
+    if !doc.divergent.is_empty() {
+        report.record(
+            out,
+            Status::Warn,
+            "divergent copies",
+            format!(
+                "kept when this node was fenced, review them: {}",
+                doc.divergent.join(", ")
+            ),
+        );
+    }
+}
+
+/// Mount helper, systemd units, the Claude hook: informational, except the
+/// old tool's hooks still installed next to membridge (they would overwrite
+/// the mounted database).
+fn check_installed(home: Option<&Path>, report: &mut DoctorReport, out: &mut dyn Write) {
+    let helper = [
+        "/sbin/mount.fuse.membridge",
+        "/usr/sbin/mount.fuse.membridge",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists());
+    report.record(
+        out,
+        Status::Info,
+        "mount helper",
+        match helper {
+            Some(p) => p.to_string(),
+            None => "not installed (optional: mount-scripts/ for fstab and systemd)".into(),
+        },
+    );
+    let mut dirs: Vec<PathBuf> = [
+        "/etc/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+        "/etc/systemd/user",
+        "/usr/lib/systemd/user",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    if let Some(h) = home {
+        dirs.push(h.join(".config/systemd/user"));
+    }
+    let mut units = Vec::new();
+    for d in dirs {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let unit = name.ends_with(".service") || name.ends_with(".mount");
+            let ours = name.starts_with("membridge")
+                || (unit
+                    && std::fs::read_to_string(e.path()).is_ok_and(|t| {
+                        t.contains("fuse.membridge") || t.contains("membridge mount")
+                    }));
+            if unit && ours {
+                units.push(e.path().display().to_string());
+            }
+        }
+    }
+    report.record(
+        out,
+        Status::Info,
+        "systemd units",
+        if units.is_empty() {
+            "none installed (optional)".to_string()
+        } else {
+            units.join(", ")
+        },
+    );
+    let settings = home.map(|h| h.join(".claude/settings.json"));
+    let text = settings
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let Some(text) = text else {
+        report.record(
+            out,
+            Status::Info,
+            "Claude hook",
+            "no ~/.claude/settings.json: nothing makes sure the mount is up before claude starts (see mount-scripts/)",
+        );
+        return;
+    };
+    let shown = settings
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let session_start = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("hooks").and_then(|h| h.get("SessionStart")).cloned())
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    report.record(
+        out,
+        Status::Info,
+        "Claude hook",
+        if session_start.contains("membridge") {
+            format!("a SessionStart hook in {shown} mentions membridge")
+        } else {
+            format!("no SessionStart hook in {shown} mentions membridge (see mount-scripts/)")
+        },
+    );
+    const OLD_HOOKS: [&str; 5] = [
+        "claude-mem-pull",
+        "claude-mem-push",
+        "sqlite_minio_sync",
+        "cm-pull",
+        "cm-push",
+    ];
+    let old: Vec<&str> = OLD_HOOKS.into_iter().filter(|h| text.contains(h)).collect();
+    if !old.is_empty() {
+        report.record(
+            out,
+            Status::Warn,
+            "old tool's hooks",
+            format!(
+                "{shown} still runs {}: remove them on a machine that mounts with membridge, or they overwrite the database under it (docs/MIGRATION.md)",
+                old.join(", ")
+            ),
+        );
+    }
 }
 
 fn check_config(cfg: &Config, report: &mut DoctorReport, out: &mut dyn Write) {
@@ -319,7 +809,7 @@ async fn check_lease(
     layout: &Layout,
     report: &mut DoctorReport,
     out: &mut dyn Write,
-) {
+) -> Option<Lease> {
     let key = layout.lease();
     let got = match store.get(&key).await {
         Ok(g) => g,
@@ -330,11 +820,11 @@ async fn check_lease(
                 "none yet (the first eligible node to mount takes it)"
             };
             report.record(out, Status::Ok, "lease", detail);
-            return;
+            return None;
         }
         Err(e) => {
             report.record(out, Status::Fail, "lease", e.to_string());
-            return;
+            return None;
         }
     };
     // The lease module's parser: doctor and the daemon cannot disagree on what
@@ -343,7 +833,7 @@ async fn check_lease(
         Ok(l) => l,
         Err(e) => {
             report.record(out, Status::Fail, "lease", e.to_string());
-            return;
+            return None;
         }
     };
     let (primary, epoch) = (lease.primary_node_id.as_str(), lease.epoch);
@@ -366,4 +856,5 @@ async fn check_lease(
         "lease",
         format!("primary {primary}{mine}, epoch {epoch}, {expiry}"),
     );
+    Some(lease)
 }

@@ -8,7 +8,7 @@
 
 pub mod config;
 pub mod daemon;
-/// `membridge doctor`: configuration, bucket and conditional-write checks.
+/// `membridge doctor`: bucket, lease, mount, databases, replication; a STATUS verdict.
 pub mod doctor;
 pub mod fs;
 pub mod journal;
@@ -16,6 +16,8 @@ pub mod journal;
 pub mod lease;
 /// Prometheus counters and the `/metrics` endpoint (`--metrics-addr`).
 pub mod metrics;
+/// `membridge migrate`: adopt a bucket written by the old hook-based tool.
+pub mod migrate;
 /// Progress of long work: a bar on a terminal, log lines elsewhere.
 pub mod progress;
 pub mod remote;

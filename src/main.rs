@@ -1,5 +1,6 @@
 //! membridge CLI: parse, load config, dispatch. Exit codes follow the old tool:
-//! 0 ok, 1 error, 2 refused on the primary, 3 refused on a secondary.
+//! 0 ok, 1 error, 2 refused on the primary, 3 refused on a secondary; and
+//! `doctor` exits 4 when the node works but is degraded (STATUS: DEGRADED).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -108,8 +109,11 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Check config, bucket, credentials and conditional writes
+    /// Check config, bucket, lease, mount, databases, replication and what is
+    /// installed; ends with STATUS: OK (exit 0), DEGRADED (4) or ERROR (1)
     Doctor {
+        /// The mount directory (default ~/.claude-mem)
+        dir: Option<PathBuf>,
         /// Create the bucket first if it does not exist (first set-up)
         #[arg(long)]
         create_bucket: bool,
@@ -121,6 +125,18 @@ enum Cmd {
     },
     /// List the nodes' heartbeats (stale ones marked)
     Nodes,
+    /// Adopt a project that the old hook-based tool left in the bucket
+    /// (sqlite/claude-mem.db + .sha256 + manifest.json, and its lease)
+    Migrate {
+        /// The directory that will be mounted (default ~/.claude-mem)
+        dir: Option<PathBuf>,
+        /// Print each step and change nothing, in the bucket or locally
+        #[arg(long)]
+        dry_run: bool,
+        /// Take the bucket's copy even if the local database differs (it is backed up first)
+        #[arg(long)]
+        replace_local: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -248,12 +264,30 @@ fn run(cli: Cli) -> Result<(), String> {
             let cfg = load(&cli)?;
             restore(&cfg, db, to, *txid, time.as_deref(), *force)
         }
-        Cmd::Doctor { create_bucket } => {
+        Cmd::Doctor { dir, create_bucket } => {
             let cfg = load(&cli)?;
-            doctor(&cfg, *create_bucket)
+            doctor(
+                &cfg,
+                dir.clone().unwrap_or_else(default_dir),
+                *create_bucket,
+            )
         }
         Cmd::Leadership { cmd } => leadership(&load(&cli)?, cmd),
         Cmd::Nodes => nodes(&load(&cli)?),
+        Cmd::Migrate {
+            dir,
+            dry_run,
+            replace_local,
+        } => {
+            let cfg = load(&cli)?;
+            let opts = membridge::migrate::Options {
+                dir: dir.clone().unwrap_or_else(default_dir),
+                dry_run: *dry_run,
+                replace_local: *replace_local,
+                progress: true,
+            };
+            migrate(&cfg, &opts)
+        }
     }
 }
 
@@ -336,7 +370,7 @@ fn nodes(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
+fn doctor(cfg: &Config, dir: PathBuf, create_bucket: bool) -> Result<(), String> {
     let rt = runtime()?;
     if create_bucket {
         let store =
@@ -345,12 +379,33 @@ fn doctor(cfg: &Config, create_bucket: bool) -> Result<(), String> {
             .map_err(|e| format!("creating bucket {}: {e}", cfg.s3.bucket))?;
         println!("[ok]   bucket {} exists", cfg.s3.bucket);
     }
-    let report = rt.block_on(membridge::doctor::run(cfg, &mut std::io::stdout()));
-    if report.passed() {
-        Ok(())
-    } else {
-        Err("doctor: some checks failed".into())
+    let local = membridge::doctor::Local {
+        dir,
+        home: config::home_dir(),
+    };
+    let report = rt.block_on(membridge::doctor::run_full(
+        cfg,
+        &local,
+        &mut std::io::stdout(),
+    ));
+    match report.exit_code() {
+        0 => Ok(()),
+        code => std::process::exit(code),
     }
+}
+
+fn migrate(cfg: &Config, opts: &membridge::migrate::Options) -> Result<(), String> {
+    let store =
+        membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
+    runtime()?
+        .block_on(membridge::migrate::run(
+            cfg,
+            &store,
+            opts,
+            &mut std::io::stdout(),
+        ))
+        .map(|_| ())
+        .map_err(|e| format!("migrate: {e}"))
 }
 
 /// A request to the running daemon; a refusal exits with the old tool's code.

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::codec::Txn;
 
@@ -132,6 +132,36 @@ impl Journal {
         Ok(Journal {
             conn: Mutex::new(conn),
         })
+    }
+
+    /// The head of `db` in the journal at `path`, read without creating or
+    /// changing anything (`membridge migrate`, `doctor`); `None` when there is
+    /// no journal there or it has no row for `db`.
+    pub fn peek_head(path: &Path, db: &str) -> Result<Option<DbHead>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let c = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.busy_timeout(std::time::Duration::from_secs(5))?;
+        let has_table: i64 = c.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'dbs'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_table == 0 {
+            return Ok(None);
+        }
+        Ok(c.query_row(
+            "SELECT name, page_size, generation, head_txid, head_checksum, size_pages,
+                    uploaded_txid, base_txid
+             FROM dbs WHERE name = ?1",
+            [db],
+            row_head,
+        )
+        .optional()?)
     }
 
     pub fn head(&self, db: &str) -> Result<Option<DbHead>> {

@@ -315,6 +315,7 @@ impl Follower {
         let start =
             restore::open_lazy(self.store.as_ref(), &self.layout, &self.canonical_id, db).await?;
         self.keep_aside(db);
+        self.status.metrics().bootstrap(db);
         let a = Applied {
             txid: start.txid,
             generation: start.generation,

@@ -361,6 +361,9 @@ impl ReadThrough {
         }
         if on_demand {
             let fetches = u64::from(!want.is_empty());
+            let m = self.status.metrics();
+            (0..fetches).for_each(|_| m.read_through_fetch());
+            (0..hits).for_each(|_| m.cache_hit());
             self.status.update(|s| {
                 let d = s.databases.entry(h.db.clone()).or_default();
                 d.read_through_fetches += fetches;

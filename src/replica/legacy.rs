@@ -147,12 +147,33 @@ pub async fn publish(
     publish_legacy(store, layout, project_id, canonical_id, node_id, image).await
 }
 
-#[derive(Debug, Default)]
-struct ImageStats {
-    observations: Option<u64>,
-    session_summaries: Option<u64>,
-    user_prompts: Option<u64>,
-    table_names: Vec<String>,
+/// Row counts of the tables the old tool's manifest reports, and the table
+/// names; shared with `doctor`, which counts a live database the same way.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ImageStats {
+    pub observations: Option<u64>,
+    pub session_summaries: Option<u64>,
+    pub user_prompts: Option<u64>,
+    pub table_names: Vec<String>,
+}
+
+impl ImageStats {
+    /// "12 observations, 3 session_summaries" (tables that exist only).
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("observations", self.observations),
+            ("session_summaries", self.session_summaries),
+            ("user_prompts", self.user_prompts),
+        ]
+        .iter()
+        .filter_map(|(n, c)| c.map(|c| format!("{c} {n}")))
+        .collect();
+        if parts.is_empty() {
+            format!("{} tables", self.table_names.len())
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 fn read_image(path: &Path) -> Result<(Bytes, String, ImageStats), LegacyError> {
@@ -174,15 +195,53 @@ fn read_image(path: &Path) -> Result<(Bytes, String, ImageStats), LegacyError> {
     Ok((Bytes::from(body), sha256, stats))
 }
 
-fn image_stats(path: &Path) -> rusqlite::Result<ImageStats> {
+/// A standalone image (nobody writes it), opened read-only with
+/// `immutable=1`, so SQLite creates no sidecar next to it.
+pub fn open_image(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
     let uri = format!("file:{}?immutable=1", uri_path(path));
-    let conn = rusqlite::Connection::open_with_flags(
+    rusqlite::Connection::open_with_flags(
         uri,
         OpenFlags::SQLITE_OPEN_READ_ONLY
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+/// A database read-only without leaving sidecars behind: as an image when
+/// nobody is writing it (no `-wal`, no `-shm`), else through SQLite's locks.
+/// Only for a file outside a mount; through a mount use plain `mode=ro`.
+pub fn open_quiet(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    let side = |s: &str| {
+        let mut p = path.as_os_str().to_os_string();
+        p.push(s);
+        std::path::PathBuf::from(p).exists()
+    };
+    if !side("-wal") && !side("-shm") {
+        return open_image(path);
+    }
+    open_ro(path)
+}
+
+/// Read-only through SQLite's locks (`mode=ro`), with a short busy timeout.
+pub fn open_ro(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let c = rusqlite::Connection::open_with_flags(
+        format!("file:{}?mode=ro", uri_path(path)),
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    c.busy_timeout(std::time::Duration::from_secs(2))?;
+    Ok(c)
+}
+
+fn image_stats(path: &Path) -> rusqlite::Result<ImageStats> {
+    stats(&open_image(path)?)
+}
+
+/// Counts of `conn`'s main database; a count whose table does not exist is `None`.
+pub fn stats(conn: &rusqlite::Connection) -> rusqlite::Result<ImageStats> {
     let table_names: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type='table'")?
         .query_map([], |r| r.get(0))?
@@ -202,9 +261,16 @@ fn image_stats(path: &Path) -> rusqlite::Result<ImageStats> {
     })
 }
 
+/// The digest in a `.sha256` file as the old tool writes it (`<hex>  name`),
+/// or a bare digest; `None` if it holds no 64-digit hex digest.
+pub fn parse_sha256_file(text: &str) -> Option<String> {
+    let first = text.split_whitespace().next()?.to_ascii_lowercase();
+    (first.len() == 64 && first.bytes().all(|b| b.is_ascii_hexdigit())).then_some(first)
+}
+
 /// A file path as the path part of an SQLite `file:` URI: every byte that
 /// is not unreserved or `/` is percent-encoded (`?`, `#`, `%`, spaces...).
-fn uri_path(path: &Path) -> String {
+pub(crate) fn uri_path(path: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let abs = if path.is_absolute() {
         path.to_path_buf()

@@ -27,6 +27,29 @@ pub struct Manifest {
     pub updated_at: String,
     pub updated_by: String,
     pub databases: BTreeMap<String, DbManifest>,
+    /// Set by `membridge migrate` when the manifest was seeded from the old
+    /// tool's `sqlite/` snapshot; kept by every later advance (they clone the
+    /// manifest), so a later `migrate` knows the project was adopted already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<Adoption>,
+}
+
+/// Where an adopted project's history starts (see [`Manifest::adopted`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// The legacy object the first snapshot was made from.
+    pub from_key: String,
+    /// Its SHA-256, as verified against `claude-mem.db.sha256`.
+    pub sha256: String,
+    /// `timestamp` and `source_host` of the old tool's `sqlite/manifest.json`.
+    #[serde(default)]
+    pub legacy_timestamp: Option<String>,
+    #[serde(default)]
+    pub legacy_source_host: Option<String>,
+    /// The old tool's lease epoch kept as the manifest's epoch (None: no lease).
+    pub lease_epoch: Option<u64>,
+    pub by: String,
+    pub at: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +118,7 @@ impl Manifest {
             updated_at: chrono::Utc::now().to_rfc3339(),
             updated_by: node.to_string(),
             databases: BTreeMap::new(),
+            adopted: None,
         }
     }
 

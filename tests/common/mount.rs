@@ -16,6 +16,14 @@ pub struct Mount {
 impl Mount {
     /// A fresh temp dir holding `files` before the mount covers it.
     pub fn with_files(env: Vec<(String, String)>, files: &[(&str, &[u8])]) -> Mount {
+        let m = Mount::prepared(env, files);
+        m.mount();
+        m
+    }
+
+    /// Like [`Mount::with_files`], but not mounted yet (for commands that run
+    /// before the first mount, e.g. `migrate`); [`Mount::mount`] mounts it.
+    pub fn prepared(env: Vec<(String, String)>, files: &[(&str, &[u8])]) -> Mount {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("mnt");
         let state = tmp.path().join("state");
@@ -25,14 +33,12 @@ impl Mount {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, body).unwrap();
         }
-        let m = Mount {
+        Mount {
             dir,
             state,
             env,
             _tmp: tmp,
-        };
-        m.mount();
-        m
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
