@@ -163,10 +163,14 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let serving = std::thread::Builder::new()
         .name("fuse".into())
         .spawn(move || session.run())?;
-    if replication.capture.role() != Role::Primary {
+    let bucket_answered = matches!(
+        replication.keeper.state(),
+        LeaseState::HeldBy { .. } | LeaseState::Held { .. }
+    );
+    if replication.capture.role() != Role::Primary && bucket_answered {
         // A secondary is ready once it serves its databases (at the head,
         // read through from the bucket): wait for the follower's first poll,
-        // but never long when the bucket does not answer.
+        // but not when the bucket did not answer, and never long.
         let _ = replication
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(10), first_poll).await });
