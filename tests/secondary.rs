@@ -685,3 +685,42 @@ fn a_connection_open_across_promotion_keeps_working_and_then_writes() {
         count(&adb) == Some(11)
     });
 }
+
+#[test]
+fn a_wal_connection_open_across_demotion_is_named_and_the_view_resumes_when_it_closes() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("demote"), "demote");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    let b = node(&env, "node-b");
+    // Kept open in WAL mode while node-a is primary, and after.
+    let pc = seed(&a, 10);
+    let (adb, bdb) = (a.dir.join(DB), b.dir.join(DB));
+    wait_for("the secondary", Duration::from_secs(30), || {
+        count(&bdb) == Some(10)
+    });
+    let out = b.run(&["leadership", "select", "node-b"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("node-b to be primary", Duration::from_secs(30), || {
+        b.status()["role"] == "primary"
+    });
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.execute("INSERT INTO t(v) VALUES ('from b')", []).unwrap();
+    // The old primary's follower cannot apply while that connection holds
+    // SQLite's shared lock; it says who holds it.
+    let me = format!("pid {}", std::process::id());
+    wait_for("the holder to be named", Duration::from_secs(30), || {
+        a.status()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&me) && e.contains("holds the database"))
+    });
+    drop(pc);
+    wait_for(
+        "the old primary's view to resume",
+        Duration::from_secs(30),
+        || count(&adb) == Some(11),
+    );
+    let check = rusqlite::Connection::open(&adb).unwrap();
+    assert_eq!(integrity(&check), "ok");
+}

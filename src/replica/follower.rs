@@ -452,29 +452,10 @@ impl Follower {
         })
     }
 
-    /// Before replacing a local database that is not the bucket's: copy it and
-    /// its `-wal` to the state dir (never silently dropped), and remove the
-    /// `-wal`/`-shm`, whose stale frames SQLite would otherwise replay later.
+    /// Before replacing a local database that is not the bucket's: keep it
+    /// and its `-wal` aside (see [`keep_aside`]).
     fn keep_aside(&self, db: &str) {
-        let main = self.backing.join(db);
-        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-        let dir = self.state_dir.join("replaced");
-        for suffix in ["", "-wal"] {
-            let src = PathBuf::from(format!("{}{suffix}", main.display()));
-            if std::fs::metadata(&src).is_ok_and(|m| m.len() > 0) {
-                let _ = std::fs::create_dir_all(&dir);
-                let dst = dir.join(format!("{}-{stamp}{suffix}", db.replace('/', "%2F")));
-                match std::fs::copy(&src, &dst) {
-                    Ok(_) => {
-                        tracing::info!(from = %src.display(), to = %dst.display(), "kept the local copy aside")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "could not keep the local copy aside"),
-                }
-            }
-        }
-        for suffix in ["-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", main.display()));
-        }
+        keep_aside(&self.backing.join(db), db, &self.state_dir, true);
     }
 
     /// Take SQLite's PENDING and EXCLUSIVE locks through the mount, run
@@ -490,6 +471,8 @@ impl Follower {
         let node = self.node.clone();
         let inval = self.invalidator.clone();
         let name = db.to_string();
+        let status = self.status.clone();
+        let state_dir = self.state_dir.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             // Create it underneath first: through the mount a non-primary
             // refuses creating replicated files, the daemon's own included.
@@ -499,7 +482,24 @@ impl Follower {
                 .truncate(false)
                 .open(&backing)?;
             inval.invalidate_entry(&name);
-            let guard = lock_exclusive(&through_mount)?;
+            let guard = lock_exclusive(&through_mount, |holder| {
+                let why = format!(
+                    "{name}: waiting to apply transactions: {holder} holds the database \
+                     open (a WAL connection from when this node was primary keeps its lock \
+                     until it closes; restart that process)"
+                );
+                tracing::warn!("{why}");
+                status.update(|s| s.last_error = Some(why));
+            })?;
+            // A WAL left from when this node was primary would be replayed
+            // over these pages by the next WAL-mode opener. Nobody has it
+            // open now: WAL connections keep a shared lock on the database.
+            if ["-wal", "-shm"]
+                .iter()
+                .any(|x| std::fs::metadata(format!("{}{x}", backing.display())).is_ok())
+            {
+                keep_aside(&backing, &name, &state_dir, false);
+            }
             write(&f)?;
             node.bump_view();
             inval.invalidate(&name, &[]);
@@ -512,29 +512,98 @@ impl Follower {
     }
 }
 
+/// Copy a local database (`with_main`) and its `-wal` to the state dir
+/// (never silently dropped), and remove the `-wal`/`-shm`, whose stale
+/// frames SQLite would otherwise replay over what the follower applied.
+fn keep_aside(main: &Path, db: &str, state_dir: &Path, with_main: bool) {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let dir = state_dir.join("replaced");
+    let suffixes: &[&str] = if with_main { &["", "-wal"] } else { &["-wal"] };
+    for suffix in suffixes {
+        let src = PathBuf::from(format!("{}{suffix}", main.display()));
+        if std::fs::metadata(&src).is_ok_and(|m| m.len() > 0) {
+            let _ = std::fs::create_dir_all(&dir);
+            let dst = dir.join(format!("{}-{stamp}{suffix}", db.replace('/', "%2F")));
+            match std::fs::copy(&src, &dst) {
+                Ok(_) => {
+                    tracing::info!(from = %src.display(), to = %dst.display(), "kept the local copy aside")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not keep the local copy aside"),
+            }
+        }
+    }
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", main.display()));
+    }
+}
+
+/// How long a reader may hold the database before the wait is reported.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
+
 /// An open fd holding SQLite's PENDING and EXCLUSIVE locks; closing releases.
-fn lock_exclusive(path: &Path) -> std::io::Result<std::fs::File> {
+/// Blocks while readers finish; if one holds on past [`STUCK_AFTER`],
+/// `stuck` is told who it is (once), since only that process can end it.
+fn lock_exclusive(
+    path: &Path,
+    stuck: impl FnOnce(String) + Send,
+) -> std::io::Result<std::fs::File> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)?;
-    for (start, len) in [(PENDING_BYTE, 1), (PENDING_BYTE + 2, 510)] {
-        let fl = libc::flock {
-            l_type: libc::F_WRLCK as i16,
-            l_whence: libc::SEEK_SET as i16,
-            l_start: start as i64,
-            l_len: len,
-            l_pid: 0,
-        };
-        loop {
-            if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) } == 0 {
-                break;
+    let range = |start: u64, len: i64, kind: i32| libc::flock {
+        l_type: kind as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start as i64,
+        l_len: len,
+        l_pid: 0,
+    };
+    let ranges = [(PENDING_BYTE, 1), (PENDING_BYTE + 2, 510)];
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let t = std::time::Instant::now();
+            while t.elapsed() < STUCK_AFTER {
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
+            // Our own locks never show up in F_GETLK: any answer is another process.
+            let (start, len) = ranges[1];
+            let mut probe = range(start, len, libc::F_WRLCK);
+            if !done.load(std::sync::atomic::Ordering::Acquire)
+                && unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut probe) } == 0
+                && probe.l_type != libc::F_UNLCK as i16
+            {
+                let cmd = std::fs::read(format!("/proc/{}/cmdline", probe.l_pid))
+                    .map(|c| {
+                        String::from_utf8_lossy(&c)
+                            .replace('\0', " ")
+                            .trim()
+                            .to_string()
+                    })
+                    .unwrap_or_default();
+                stuck(format!("pid {} ({cmd})", probe.l_pid));
             }
-        }
-    }
+        });
+        let res = (|| {
+            for (start, len) in ranges {
+                let fl = range(start, len, libc::F_WRLCK);
+                loop {
+                    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) } == 0 {
+                        break;
+                    }
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        res
+    })?;
     Ok(f)
 }
