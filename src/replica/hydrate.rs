@@ -23,11 +23,21 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::journal::codec::SnapshotReader;
+use crate::progress::Progress;
 use crate::remote::{ObjectStore, StoreError};
 use crate::status::{HydrationStatus, Status};
 
 /// Frames fetched together by the background hydrator (one range read).
 const HYDRATE_RUN_BYTES: u64 = 4 << 20;
+
+/// Why frames could not be had: the bucket (retry) or the object (give up).
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("{0}")]
+    Corrupt(String),
+}
 
 /// A decoded snapshot frame: its pages, in order.
 type Frame = Arc<Vec<Bytes>>;
@@ -294,7 +304,10 @@ impl ReadThrough {
         let (Some(&lo), Some(&hi)) = (frames.first(), frames.last()) else {
             return Ok(());
         };
-        let got = self.rt.block_on(self.frames(&h, lo, hi, true));
+        let got = self
+            .rt
+            .block_on(self.frames(&h, lo, hi, true))
+            .map_err(|e| e.to_string());
         match got.and_then(|fs| {
             fs.into_iter()
                 .try_for_each(|(f, pages)| h.fill(f, &pages).map_err(|e| e.to_string()))
@@ -321,7 +334,7 @@ impl ReadThrough {
         lo: u32,
         hi: u32,
         on_demand: bool,
-    ) -> Result<Vec<(u32, Frame)>, String> {
+    ) -> Result<Vec<(u32, Frame)>, FetchError> {
         let mut out = Vec::new();
         let mut want = Vec::new();
         {
@@ -341,7 +354,7 @@ impl ReadThrough {
             let body = self
                 .fetch_range(&h.key, start, end - start)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(FetchError::Store)?;
             let mut c = self.cache.lock().unwrap();
             for f in a..=b {
                 let e = index[f as usize];
@@ -349,7 +362,7 @@ impl ReadThrough {
                 let pages = h
                     .reader
                     .decode_frame(f, &body[s..s + e.len as usize])
-                    .map_err(|e| format!("{}: frame {f}: {e}", h.key))?;
+                    .map_err(|e| FetchError::Corrupt(format!("{}: frame {f}: {e}", h.key)))?;
                 let pages = Arc::new(pages);
                 if on_demand {
                     c.put((h.id, f), pages.clone());
@@ -396,7 +409,15 @@ impl ReadThrough {
     pub async fn hydrate(self: Arc<Self>, h: Arc<Hydration>) {
         let frames = h.reader.header().frame_count();
         let index = h.reader.index().to_vec();
-        let mut next_log = 10u64;
+        let start = h.progress();
+        // A bar when the daemon runs in the foreground on a terminal, a log
+        // line per 10% otherwise.
+        let bar = Progress::new(
+            true,
+            (start.pages_total - start.pages_local) * h.page_size,
+            format!("hydrating {}", h.db),
+        );
+        let mut local = start.pages_local;
         let mut f = 0u32;
         while f < frames {
             if h.cancelled.load(Ordering::Acquire) {
@@ -428,24 +449,22 @@ impl ReadThrough {
                     }
                     f = hi + 1;
                 }
-                Err(e) if e.contains("frame") => {
+                Err(FetchError::Corrupt(e)) => {
                     self.fail(&h, e);
                     return;
                 }
-                Err(e) => {
+                Err(FetchError::Store(e)) => {
                     tracing::warn!(db = %h.db, error = %e, "hydration: fetch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             }
             let p = h.progress();
-            let pct = p.pages_local * 100 / p.pages_total.max(1);
-            if pct >= next_log {
-                tracing::info!(db = %h.db, percent = pct, pages = p.pages_local, of = p.pages_total, "hydrating");
-                next_log = pct / 10 * 10 + 10;
-            }
+            bar.inc(p.pages_local.saturating_sub(local) * h.page_size);
+            local = p.pages_local;
             self.publish(&h);
         }
+        bar.finish();
         self.publish(&h);
         tracing::info!(
             db = %h.db,
