@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every benchmark of benches/ in one run (real FUSE mounts, a real S3 server on
+# loopback), then the summaries they wrote to target/membridge-bench/.
+# Arguments go to the benches: `scripts/bench.sh -- lag` runs only the lag.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+out="${CARGO_TARGET_DIR:-target}/membridge-bench"
+rm -f "$out"/*.txt
+cargo bench "$@"
+echo
+echo "=== summary (load at end: $(cut -d' ' -f1-3 /proc/loadavg)) ==="
+cat "$out"/*.txt
