@@ -3,6 +3,9 @@
 //!
 //! - `write_tx`: single-row insert transactions (WAL, `synchronous=NORMAL`) on
 //!   the bare directory and through the primary's mount.
+//!   `write_tx/primary_local` writes a copy of the database at a local (not
+//!   replicated) path of the same mount: FUSE passthrough without capture,
+//!   which separates the cost of the FUSE round trips from that of capture.
 //! - `point_query` and `full_scan`: hot reads of a 50 MB database on the bare
 //!   directory, through the primary's mount and through a hydrated secondary.
 //!
@@ -30,6 +33,9 @@ use support::*;
 
 /// Size of the read database.
 const READ_MB: u64 = 50;
+/// A copy of the database on the primary's mount at a path that is not
+/// replicated: FUSE passthrough alone, without capture.
+const LOCAL_DB: &str = "bench-local.db";
 
 struct Setup {
     _s3: SeaweedFs,
@@ -47,12 +53,25 @@ impl Setup {
         let bare = tempfile::tempdir().unwrap();
         std::fs::write(bare.path().join(DB), &bytes).unwrap();
         let bucket = s3.new_bucket("bench-io");
-        let primary = node(&s3, &bucket, "bench-io", "bench-primary", &[(DB, &bytes)]);
+        let primary = node(
+            &s3,
+            &bucket,
+            "bench-io",
+            "bench-primary",
+            &[(DB, &bytes), (LOCAL_DB, &bytes)],
+        );
         assert_eq!(primary.status()["role"], "primary");
         let head = wait_drained(&primary, Duration::from_secs(300));
         let secondary = node(&s3, &bucket, "bench-io", "bench-secondary", &[]);
         assert_eq!(secondary.status()["role"], "secondary");
         wait_applied(&secondary, head, Duration::from_secs(300));
+        // For profiling a run: `perf record -g -p PID`.
+        eprintln!(
+            "io: primary daemon pid {}, secondary daemon pid {}, bench pid {}",
+            primary.pid(),
+            secondary.pid(),
+            std::process::id()
+        );
         Setup {
             _s3: s3,
             bare,
@@ -66,6 +85,7 @@ impl Setup {
         match place {
             "bare" => self.bare.path().join(DB),
             "primary" => self.primary.dir.join(DB),
+            "primary_local" => self.primary.dir.join(LOCAL_DB),
             "secondary" => self.secondary.dir.join(DB),
             _ => unreachable!(),
         }
@@ -82,9 +102,10 @@ impl Setup {
 /// `group/function` of each benchmark that ran (the others keep old estimates).
 type Ran = RefCell<Vec<String>>;
 
-const IDS: [&str; 8] = [
+const IDS: [&str; 9] = [
     "write_tx/bare",
     "write_tx/primary",
+    "write_tx/primary_local",
     "point_query/bare",
     "point_query/primary",
     "point_query/secondary",
@@ -97,7 +118,7 @@ fn write_tx(c: &mut Criterion, s: &Setup, ran: &Ran) {
     const GROUP: &str = "write_tx";
     let mut g = c.benchmark_group(GROUP);
     g.throughput(Throughput::Elements(1));
-    for place in ["bare", "primary"] {
+    for place in ["bare", "primary", "primary_local"] {
         let conn = open(&s.db(place));
         conn.execute_batch("PRAGMA synchronous=NORMAL").unwrap();
         let mode: String = conn
@@ -167,8 +188,9 @@ fn ratios(dir: &Path, ran: &[String]) -> Vec<String> {
         "{:<12} {:<10} {:>14} {:>14}   ratio to bare (target)",
         "bench", "where", "median", "bare median"
     )];
-    let rows: [(&str, &str, f64); 5] = [
+    let rows: [(&str, &str, f64); 6] = [
         ("write_tx", "primary", 0.7),
+        ("write_tx", "primary_local", 0.7),
         ("point_query", "primary", 0.9),
         ("point_query", "secondary", 0.9),
         ("full_scan", "primary", 0.9),
@@ -224,6 +246,20 @@ fn main() {
         return;
     }
     let s = Setup::new();
+    if let Some(secs) = std::env::var("MEMBRIDGE_BENCH_HOLD")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // For profiling by hand: keep the set-up alive, measure nothing.
+        eprintln!(
+            "io: holding for {secs} s: bare {}, primary {}, secondary {}",
+            s.db("bare").display(),
+            s.db("primary").display(),
+            s.db("secondary").display()
+        );
+        std::thread::sleep(Duration::from_secs(secs));
+        return;
+    }
     let ran = Ran::default();
     write_tx(&mut c, &s, &ran);
     reads(&mut c, &s, &ran);

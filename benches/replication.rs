@@ -33,10 +33,13 @@ use support::*;
 
 const COMMITS: usize = 200;
 
+/// A named part of this bench.
+type Section = (&'static str, fn(&SeaweedFs));
+
 fn main() {
     let wanted = positional_args();
     let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.contains(w.as_str()));
-    let sections: [(&str, fn(&SeaweedFs)); 4] = [
+    let sections: [Section; 4] = [
         ("lag", lag),
         ("upload", upload),
         ("first_query", first_query),
@@ -360,5 +363,13 @@ fn daemon(s3: &SeaweedFs) {
         done as f64 / WINDOW.as_secs_f64()
     ));
     lines.extend(load);
+    // The secondary really followed that load (it applies once a poll).
+    let head = wait_drained(&a, Duration::from_secs(60));
+    let t = Instant::now();
+    wait_applied(&b, head, Duration::from_secs(60));
+    lines.push(format!(
+        "the secondary applied the last of {done} transactions {:.1} s after the load ended",
+        t.elapsed().as_secs_f64()
+    ));
     report("daemon", &lines);
 }
