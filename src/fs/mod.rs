@@ -39,6 +39,29 @@ use virt::{VirtualFiles, VIRT_DIR_INO};
 /// a file goes through this mount, and the kernel updates sizes on its own writes.
 const TTL: Duration = Duration::from_secs(1);
 
+/// A lookup answer of inode 0: "no such entry", which the kernel caches for
+/// the TTL (an ENOENT error it does not). SQLite looks for `-journal` and
+/// `-wal` at every read transaction; uncached, each was a round trip. Only
+/// the daemon creates files behind the kernel's back, and it invalidates
+/// those entries (see [`Invalidator::invalidate_entry`]).
+const NEGATIVE: FileAttr = FileAttr {
+    ino: INodeNo(0),
+    size: 0,
+    blocks: 0,
+    atime: std::time::UNIX_EPOCH,
+    mtime: std::time::UNIX_EPOCH,
+    ctime: std::time::UNIX_EPOCH,
+    crtime: std::time::UNIX_EPOCH,
+    kind: FileType::RegularFile,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    rdev: 0,
+    blksize: 0,
+    flags: 0,
+};
+
 /// File handles of directories and virtual files live above every possible fd.
 const HANDLE_BASE: u64 = 1 << 40;
 
@@ -352,10 +375,11 @@ impl Filesystem for MemFs {
             Err(e) => return reply.error(e),
         };
         if !self.repl.visible(&self.child_class(parent.ino, name)) {
-            return reply.error(Errno::ENOENT);
+            return reply.entry(&TTL, &NEGATIVE, Generation(0));
         }
         match self.do_lookup(&parent, name) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) if e == Errno::ENOENT => reply.entry(&TTL, &NEGATIVE, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
