@@ -511,3 +511,49 @@ fn mounting_twice_is_refused_and_unmount_of_unmounted_fails() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not mounted"));
 }
+
+/// The daemon writes as root; an unprivileged writer must still lose the
+/// set-id bits it would lose on the bare directory (the kernel leaves that
+/// to the daemon once KILLPRIV_V2 is negotiated).
+#[test]
+fn unprivileged_writes_clear_set_id_bits_as_on_the_bare_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = Mount::with_files(env(), &[]);
+    let bare = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    for dir in [bare.path(), m.dir.as_path()] {
+        // nobody must reach the files
+        for d in [dir, dir.parent().unwrap()] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut modes = Vec::new();
+        for (name, script) in [
+            ("appended", "printf x >> \"$0\""),
+            ("truncated", ": > \"$0\""),
+        ] {
+            let f = dir.join(name);
+            fs::write(&f, b"data").unwrap();
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o6777)).unwrap();
+            let out = std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "sh",
+                    "-c",
+                    script,
+                ])
+                .arg(&f)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            modes.push(fs::metadata(&f).unwrap().permissions().mode() & 0o7777);
+        }
+        seen.push(modes);
+    }
+    assert_eq!(seen[0], [0o777, 0o777], "the bare directory");
+    assert_eq!(
+        seen[1], seen[0],
+        "the mount must behave as the bare directory"
+    );
+}

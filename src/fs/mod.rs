@@ -350,9 +350,13 @@ impl MemFs {
 
 impl Filesystem for MemFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // KILLPRIV_V2: the daemon clears set-id bits itself (see
+        // `sys::kill_suidgid`), so the kernel stops asking for
+        // `security.capability` with a GETXATTR round trip before every write.
         let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_EXPORT_SUPPORT;
+            | InitFlags::FUSE_EXPORT_SUPPORT
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -412,7 +416,7 @@ impl Filesystem for MemFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -451,6 +455,10 @@ impl Filesystem for MemFs {
                 match open_fd {
                     Some(fd) => sys::ftruncate(fd, size)?,
                     None => sys::truncate_path_fd(node.fd(), size)?,
+                }
+                // KILLPRIV_V2 leaves this to us; an explicit mode wins.
+                if req.uid() != 0 && mode.is_none() {
+                    sys::kill_suidgid(node.fd())?;
                 }
                 if replicated(&class) {
                     self.repl.truncated(&class, size)?;
@@ -622,7 +630,7 @@ impl Filesystem for MemFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if Self::is_virtual(ino) {
             if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
                 return reply.error(Errno::EROFS);
@@ -651,6 +659,12 @@ impl Filesystem for MemFs {
             }
         }
         let opened = sys::reopen(node.fd(), flags.0);
+        if let (true, true, Ok(fd)) = (truncating, req.uid() != 0, &opened) {
+            // KILLPRIV_V2 leaves clearing set-id bits on O_TRUNC to us.
+            if let Err(e) = sys::kill_suidgid(fd.as_raw_fd()) {
+                return reply.error(err(e));
+            }
+        }
         if let (true, true, Ok(_)) = (truncating, replicated(&class), &opened) {
             if let Err(e) = self.repl.truncated(&class, 0) {
                 return reply.error(err(e));
@@ -716,7 +730,7 @@ impl Filesystem for MemFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -730,6 +744,11 @@ impl Filesystem for MemFs {
         };
         if replicated(&class) {
             if let Err(e) = self.repl.check_write(&class) {
+                return reply.error(err(e));
+            }
+        }
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = sys::kill_suidgid(fh.0 as RawFd) {
                 return reply.error(err(e));
             }
         }

@@ -146,6 +146,23 @@ pub fn pwrite(fd: RawFd, buf: &[u8], off: u64) -> SysResult<usize> {
     Ok(done)
 }
 
+/// Drops set-user-ID, and set-group-ID on a group-executable file, as the
+/// kernel does when a writer without CAP_FSETID changes a file: the daemon
+/// writes as root, which would keep them.
+pub fn kill_suidgid(fd: RawFd) -> SysResult<()> {
+    let mode = fstat(fd)?.st_mode & 0o7777;
+    let sgid = if mode & libc::S_IXGRP != 0 {
+        mode & libc::S_ISGID
+    } else {
+        0
+    };
+    let kill = (mode & libc::S_ISUID) | sgid;
+    if kill != 0 {
+        chmod_path_fd(fd, mode & !kill)?;
+    }
+    Ok(())
+}
+
 pub fn ftruncate(fd: RawFd, size: u64) -> SysResult<()> {
     check(unsafe { libc::ftruncate(fd, size as libc::off_t) }).map(drop)
 }
