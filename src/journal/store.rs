@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS txns(
 ) WITHOUT ROWID;
 ";
 
+/// zstd's fast mode: the journal is compressed on the committing write's
+/// path (a tenth of the daemon's time at level 1), and it is local and short
+/// lived; segments are compressed again, harder, when uploaded.
+const JOURNAL_ZSTD_LEVEL: i32 = -1;
+
 fn encode_pages(pages: &[(u32, Bytes)]) -> std::io::Result<Vec<u8>> {
     let mut raw = Vec::with_capacity(pages.iter().map(|(_, p)| p.len() + 4).sum());
     for (pgno, page) in pages {
@@ -89,7 +94,7 @@ fn encode_pages(pages: &[(u32, Bytes)]) -> std::io::Result<Vec<u8>> {
         let mut z = z.borrow_mut();
         let c = match z.as_mut() {
             Some(c) => c,
-            None => z.insert(zstd::bulk::Compressor::new(1)?),
+            None => z.insert(zstd::bulk::Compressor::new(JOURNAL_ZSTD_LEVEL)?),
         };
         c.compress(&raw)
     })
