@@ -154,6 +154,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         replication.capture.clone(),
     )?;
     let invalidator = fs.invalidator();
+    replication.capture.set_invalidator(invalidator.clone());
     let mut session = mount::mount(fs, &dir, args.threads)
         .with_context(|| format!("mounting {}", dir.display()))?;
     invalidator.attach(session.notifier());

@@ -291,6 +291,19 @@ impl Capture {
     /// Promotion: the local file holds exactly the bucket's head (the
     /// follower's verified copy). Make it the start of this node's history,
     /// with a base image for later snapshots. `Ok(false)` if it does not match.
+    /// The replicated databases this node knows (journaled or being captured).
+    pub fn db_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .journal
+            .heads()
+            .map(|hs| hs.into_iter().map(|h| h.name).collect())
+            .unwrap_or_default();
+        names.extend(self.dbs.lock().unwrap().keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+
     pub fn adopt(&self, db: &str, d: &crate::replica::manifest::DbManifest) -> Result<bool> {
         let io = Self::io(db);
         let Some(main) = self.open(db).map_err(&io)? else {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fs::class::{PathClass, Sidecar};
-use crate::fs::Replication;
+use crate::fs::{Invalidator, Replication};
 use crate::sqlite::header;
 use crate::status::Status;
 
@@ -75,6 +75,8 @@ pub struct Node {
     fencing: std::sync::atomic::AtomicBool,
     /// Pages of a secondary's databases not local yet come from here.
     read_through: std::sync::OnceLock<Arc<ReadThrough>>,
+    /// Drops the kernel's cached entries of sidecars whose visibility changed.
+    invalidator: std::sync::OnceLock<Arc<Invalidator>>,
 }
 
 impl Node {
@@ -86,6 +88,7 @@ impl Node {
             status,
             fencing: std::sync::atomic::AtomicBool::new(false),
             read_through: std::sync::OnceLock::new(),
+            invalidator: std::sync::OnceLock::new(),
         };
         node.publish(role);
         node
@@ -99,6 +102,9 @@ impl Node {
         let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
         if old != role {
             tracing::info!(from = old.name(), to = role.name(), "role changed");
+            if (old == Role::Primary) != (role == Role::Primary) {
+                self.forget_sidecar_entries();
+            }
             self.bump_view();
             self.publish(role);
         }
@@ -144,6 +150,23 @@ impl Node {
 impl Node {
     pub fn capture(&self) -> &Capture {
         &self.capture
+    }
+
+    pub fn set_invalidator(&self, inval: Arc<Invalidator>) {
+        let _ = self.invalidator.set(inval);
+    }
+
+    /// `-wal`/`-shm` appear to readers only on the primary: after a change
+    /// of side, the kernel must not answer from entries cached before it.
+    fn forget_sidecar_entries(&self) {
+        let Some(inval) = self.invalidator.get() else {
+            return;
+        };
+        for db in self.capture.db_names() {
+            for suffix in ["-wal", "-shm"] {
+                inval.invalidate_entry(&format!("{db}{suffix}"));
+            }
+        }
     }
 
     pub fn set_read_through(&self, rt: Arc<ReadThrough>) {
