@@ -71,7 +71,17 @@ CREATE TABLE IF NOT EXISTS txns(
   pages BLOB NOT NULL,
   PRIMARY KEY(db, txid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta(
+  key TEXT PRIMARY KEY,
+  value INTEGER NOT NULL
+);
 ";
+
+/// Keeps the newest epoch in `meta` before transactions are deleted, so the
+/// epoch survives pruning (see [`Journal::last_epoch`]).
+const KEEP_EPOCH: &str = "INSERT INTO meta(key, value)
+  VALUES ('epoch', (SELECT coalesce(max(epoch), 0) FROM txns))
+  ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)";
 
 /// zstd's fast mode: the journal is compressed on the committing write's
 /// path (a tenth of the daemon's time at level 1), and it is local and short
@@ -210,6 +220,7 @@ impl Journal {
     pub fn start_generation(&self, head: &DbHead) -> Result<()> {
         let mut c = self.conn.lock().unwrap();
         let tx = c.transaction()?;
+        tx.execute(KEEP_EPOCH, [])?;
         tx.execute("DELETE FROM txns WHERE db = ?1", [&head.name])?;
         tx.execute(
             "INSERT OR REPLACE INTO dbs(name, page_size, generation, head_txid, head_checksum,
@@ -316,6 +327,7 @@ impl Journal {
             "UPDATE dbs SET base_txid = ?2 WHERE name = ?1",
             params![db, txid as i64],
         )?;
+        tx.execute(KEEP_EPOCH, [])?;
         tx.execute(
             "DELETE FROM txns WHERE db = ?1 AND txid <= ?2
                AND txid <= (SELECT uploaded_txid FROM dbs WHERE name = ?1)",
@@ -325,14 +337,30 @@ impl Journal {
         Ok(())
     }
 
-    /// The epoch of the newest journaled transaction (0 when there is none).
+    /// The epoch this node last wrote under: of its newest transaction, or
+    /// of the last lease it took writes under, even once its transactions
+    /// are pruned. Transactions captured at the next mount, before any lease
+    /// (recovery of a WAL tail), carry it: they were written under it, and the
+    /// manifest's epoch history gives their txids to it.
     pub fn last_epoch(&self) -> Result<u64> {
         let c = self.conn.lock().unwrap();
-        Ok(
-            c.query_row("SELECT coalesce(max(epoch), 0) FROM txns", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64,
-        )
+        Ok(c.query_row(
+            "SELECT max(coalesce((SELECT max(epoch) FROM txns), 0),
+                        coalesce((SELECT value FROM meta WHERE key = 'epoch'), 0))",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// This node takes writes under `epoch` from now on.
+    pub fn note_epoch(&self, epoch: u64) -> Result<()> {
+        let c = self.conn.lock().unwrap();
+        c.execute(
+            "INSERT INTO meta(key, value) VALUES ('epoch', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+            [epoch as i64],
+        )?;
+        Ok(())
     }
 
     /// Transactions and page bytes captured since the base image (snapshot cadence).
@@ -432,5 +460,42 @@ mod tests {
         drop(j);
         let j = Journal::open(&dir.path().join("journal.db")).unwrap();
         assert_eq!(j.head("claude-mem.db").unwrap().unwrap().base_txid, 4);
+    }
+
+    #[test]
+    fn the_last_epoch_survives_pruning_and_follows_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
+        assert_eq!(j.last_epoch().unwrap(), 0);
+        let mut head = DbHead {
+            name: "claude-mem.db".into(),
+            page_size: 512,
+            generation: 1,
+            head_txid: 0,
+            head_checksum: 0,
+            size_pages: 1,
+            uploaded_txid: 0,
+            base_txid: 0,
+        };
+        j.start_generation(&head).unwrap();
+        let mut t = txn(1, &[(1, 1)]);
+        t.epoch = 3;
+        j.append("claude-mem.db", &t).unwrap();
+        j.mark_uploaded("claude-mem.db", 1).unwrap();
+        j.set_base("claude-mem.db", 1).unwrap();
+        assert!(j
+            .txns("claude-mem.db", 0, u64::MAX, usize::MAX)
+            .unwrap()
+            .is_empty());
+        assert_eq!(j.last_epoch().unwrap(), 3, "pruned with its transactions");
+        head.generation = 2;
+        head.base_txid = 5;
+        j.start_generation(&head).unwrap();
+        assert_eq!(j.last_epoch().unwrap(), 3, "lost with a new generation");
+        j.note_epoch(5).unwrap();
+        j.note_epoch(4).unwrap();
+        drop(j);
+        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
+        assert_eq!(j.last_epoch().unwrap(), 5);
     }
 }

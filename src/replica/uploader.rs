@@ -362,6 +362,7 @@ impl Uploader {
             })
             .await?;
         }
+        self.journal.note_epoch(epoch)?;
         tracing::info!(epoch, "manifest epoch advanced; this node is the primary");
         Ok(())
     }
