@@ -607,22 +607,35 @@ impl Uploader {
             db: h.name.clone(),
             source,
         };
-        let image = tokio::fs::read(&path).await.map_err(io)?;
-        let hashes = PageHashes::from_bytes(&image, h.page_size).map_err(|e| UploadError::Io {
-            db: h.name.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let meta = SnapshotMeta {
-            db_name: h.name.clone(),
-            node_id: self.node_id.clone(),
-            txid,
-            epoch: self.epoch.load(Ordering::Relaxed),
-            page_size: h.page_size,
-            page_count: hashes.page_count(),
-            db_checksum: hashes.checksum(),
-            timestamp_ms: now_ms(),
-        };
-        let body = codec::encode_snapshot(meta, &image)?;
+        // Hashing and compressing a large image takes seconds: off the
+        // runtime's workers, which also renew the lease.
+        let (db_name, node_id) = (h.name.clone(), self.node_id.clone());
+        let (epoch, page_size) = (self.epoch.load(Ordering::Relaxed), h.page_size);
+        let image_path = path.clone();
+        let (hashes, body) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let image = std::fs::read(&image_path).map_err(|source| UploadError::Io {
+                db: db_name.clone(),
+                source,
+            })?;
+            let hashes =
+                PageHashes::from_bytes(&image, page_size).map_err(|e| UploadError::Io {
+                    db: db_name.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            let meta = SnapshotMeta {
+                db_name,
+                node_id,
+                txid,
+                epoch,
+                page_size,
+                page_count: hashes.page_count(),
+                db_checksum: hashes.checksum(),
+                timestamp_ms: now_ms(),
+            };
+            Ok((hashes, codec::encode_snapshot(meta, &image)?))
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e.to_string())))??;
         let key = self.layout.snapshot(&h.name, txid);
         let bytes = body.len() as u64;
         match self
