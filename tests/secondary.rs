@@ -724,3 +724,92 @@ fn a_wal_connection_open_across_demotion_is_named_and_the_view_resumes_when_it_c
     let check = rusqlite::Connection::open(&adb).unwrap();
     assert_eq!(integrity(&check), "ok");
 }
+
+/// A segment whose pages do not produce its checksum (a writer's bug: its CRC
+/// is fine, its chain looks right): the secondary stops applying, says so,
+/// tries to rebuild from the verified snapshot chain (which refuses it too),
+/// and keeps serving the last good state.
+#[test]
+fn a_segment_that_fails_its_checksum_is_refused_and_the_last_good_state_served() {
+    use bytes::Bytes;
+    use membridge::journal::codec::{self, SegmentMeta, Txn};
+    use membridge::remote::{Layout, ObjectStore, PutMode};
+    use membridge::replica::manifest::{self, hex64, parse_hex64};
+    let s3 = SeaweedFs::shared();
+    let bucket = s3.new_bucket("bad-segment");
+    let mut env = s3.env(&bucket, "bad-segment");
+    env.push(("PRIMARY_NODE_ID".into(), "node-a".into()));
+    let a = node(&env, "node-a");
+    let b = node(&env, "node-b");
+    drop(seed(&a, 20));
+    let bdb = b.dir.join(DB);
+    wait_for("the secondary", Duration::from_secs(30), || {
+        converged(&a, &b)
+    });
+    a.unmount(); // node-a writes nothing more; the forger takes its place
+    let applied = b.status()["databases"][DB]["applied_txid"]
+        .as_u64()
+        .unwrap();
+
+    let cfg = s3.config(&bucket, "bad-segment");
+    let layout = Layout::for_config(&cfg);
+    let store = s3.store(&bucket);
+    common::block_on(async {
+        let v = manifest::load(&store, &layout, &cfg.canonical_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let d = v.manifest.databases[DB].clone();
+        let head = d.head_txid;
+        let forged = Txn {
+            txid: head + 1,
+            epoch: v.manifest.epoch,
+            db_size_pages: d.size_pages,
+            pre_checksum: parse_hex64(&d.head_checksum).unwrap(),
+            post_checksum: 0x0123_4567_89ab_cdef,
+            timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            pages: vec![(2, Bytes::from(vec![0x5a; d.page_size as usize]))],
+        };
+        let meta = SegmentMeta {
+            db_name: DB.into(),
+            node_id: "node-a".into(),
+            page_size: d.page_size,
+            created_ms: forged.timestamp_ms,
+        };
+        let body = codec::encode_segment(&meta, std::slice::from_ref(&forged)).unwrap();
+        store
+            .put(
+                &layout.segment(DB, head + 1, head + 1),
+                body.into(),
+                PutMode::CreateOnly,
+            )
+            .await
+            .unwrap();
+        let mut next = v.manifest.clone();
+        let nd = next.databases.get_mut(DB).unwrap();
+        nd.head_txid = head + 1;
+        nd.head_checksum = hex64(forged.post_checksum);
+        manifest::swap(&store, &layout, Some(&v.etag), &next)
+            .await
+            .unwrap();
+    });
+    wait_for(
+        "the refusal to be reported",
+        Duration::from_secs(30),
+        || {
+            b.status()["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("checksum"))
+        },
+    );
+    let s = b.status();
+    println!("the secondary reports: {}", s["last_error"]);
+    assert_eq!(
+        s["databases"][DB]["applied_txid"].as_u64(),
+        Some(applied),
+        "{s}"
+    );
+    assert_eq!(count(&bdb), Some(20), "the last good state is still served");
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    assert_eq!(integrity(&c), "ok");
+}
