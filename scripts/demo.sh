@@ -51,11 +51,13 @@ chmod 600 "$root/config.env"
 mb() { "$bin" --config "$root/config.env" "$@"; }
 
 echo "demo: waiting for SeaweedFS on 127.0.0.1:$s3"
+# doctor exits 0 (OK) or 4 (DEGRADED: nothing mounted yet) once S3 answers.
 for _ in $(seq 1 120); do
-  mb doctor --create-bucket >/dev/null 2>&1 && break
+  rc=0
+  mb doctor --create-bucket >/dev/null 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ] || [ "$rc" -eq 4 ]; then break; fi
   sleep 0.5
 done
-mb doctor
 
 dir="$root/claude-mem"
 mkdir -p "$dir/logs"
@@ -75,6 +77,7 @@ sqlite3 "$dir/claude-mem.db" "PRAGMA synchronous=NORMAL; INSERT INTO observation
 echo "worker started" >>"$dir/logs/worker.log"
 sqlite3 "$dir/claude-mem.db" "SELECT id, text FROM observations;"
 mb status "$dir"
+mb doctor "$dir" || true
 cat <<MSG
 
 demo: mounted $dir (config $root/config.env, S3 on 127.0.0.1:$s3)
