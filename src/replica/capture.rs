@@ -497,7 +497,11 @@ impl Capture {
     fn publish(&self, db: &str, st: &DbCapture) {
         let head = st.head.head_txid;
         self.status.update(|s| {
-            s.databases.entry(db.to_string()).or_default().head_txid = head;
+            let d = s.databases.entry(db.to_string()).or_default();
+            d.head_txid = head;
+            // Txids are consecutive: what is not uploaded yet is the backlog
+            // (the uploader refreshes it from the journal after each round).
+            d.backlog = head.saturating_sub(d.uploaded_txid);
         });
     }
 
