@@ -418,11 +418,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn append_read_upload_prune() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
-        let head = DbHead {
+    /// A first generation of `claude-mem.db`, empty.
+    fn fresh_head() -> DbHead {
+        DbHead {
             name: "claude-mem.db".into(),
             page_size: 512,
             generation: 1,
@@ -431,7 +429,14 @@ mod tests {
             size_pages: 1,
             uploaded_txid: 0,
             base_txid: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn append_read_upload_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
+        let head = fresh_head();
         j.start_generation(&head).unwrap();
         for t in 1..=5 {
             j.append("claude-mem.db", &txn(t, &[(1, t as u8), (3, 0xee)]))
@@ -467,16 +472,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("journal.db")).unwrap();
         assert_eq!(j.last_epoch().unwrap(), 0);
-        let mut head = DbHead {
-            name: "claude-mem.db".into(),
-            page_size: 512,
-            generation: 1,
-            head_txid: 0,
-            head_checksum: 0,
-            size_pages: 1,
-            uploaded_txid: 0,
-            base_txid: 0,
-        };
+        let mut head = fresh_head();
         j.start_generation(&head).unwrap();
         let mut t = txn(1, &[(1, 1)]);
         t.epoch = 3;

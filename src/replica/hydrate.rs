@@ -134,6 +134,8 @@ pub struct ReadThrough {
     cache: Mutex<LruCache<(u64, u32), Frame>>,
     cache_bytes: usize,
     dbs: RwLock<HashMap<String, Arc<Hydration>>>,
+    /// Whether `dbs` holds anything (kept with it, under its write lock).
+    any: AtomicBool,
     next_id: AtomicU64,
 }
 
@@ -152,11 +154,17 @@ impl ReadThrough {
             cache: Mutex::new(LruCache::new(NonZeroUsize::MIN)),
             cache_bytes,
             dbs: RwLock::new(HashMap::new()),
+            any: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
         })
     }
 
     fn get(&self, db: &str) -> Option<Arc<Hydration>> {
+        // Every read of a replicated database asks; almost always nothing
+        // is hydrating, and that answer needs no lock.
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
         self.dbs.read().unwrap().get(db).cloned()
     }
 
@@ -201,23 +209,23 @@ impl ReadThrough {
             failed: Mutex::new(None),
             started: Instant::now(),
         });
-        if let Some(old) = self
-            .dbs
-            .write()
-            .unwrap()
-            .insert(db.to_string(), hyd.clone())
-        {
+        let mut dbs = self.dbs.write().unwrap();
+        if let Some(old) = dbs.insert(db.to_string(), hyd.clone()) {
             old.cancelled.store(true, Ordering::Release);
         }
+        self.any.store(true, Ordering::Release);
+        drop(dbs);
         self.publish(&hyd);
         hyd
     }
 
     /// Forgets `db`'s hydration (rebuilt whole, or verified).
     pub fn remove(&self, db: &str) {
-        if let Some(old) = self.dbs.write().unwrap().remove(db) {
+        let mut dbs = self.dbs.write().unwrap();
+        if let Some(old) = dbs.remove(db) {
             old.cancelled.store(true, Ordering::Release);
         }
+        self.any.store(!dbs.is_empty(), Ordering::Release);
     }
 
     pub fn state(&self, db: &str) -> State {
@@ -375,7 +383,9 @@ impl ReadThrough {
         if on_demand {
             let fetches = u64::from(!want.is_empty());
             let m = self.status.metrics();
-            (0..fetches).for_each(|_| m.read_through_fetch());
+            if fetches > 0 {
+                m.read_through_fetch();
+            }
             (0..hits).for_each(|_| m.cache_hit());
             self.status.update(|s| {
                 let d = s.databases.entry(h.db.clone()).or_default();
