@@ -25,6 +25,7 @@ use crate::fs::{mount, MemFs};
 use crate::journal::Journal;
 use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKeeper, LeaseState};
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
+use crate::replica::apply::Applier;
 use crate::replica::capture::Capture;
 use crate::replica::follower::Follower;
 use crate::replica::hydrate::ReadThrough;
@@ -128,6 +129,9 @@ fn block_signals() -> SigSet {
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGHUP);
+    // `membridge unmount`: close the view's own files on the mount for a
+    // moment, so they do not keep it busy.
+    set.add(Signal::SIGUSR1);
     let _ = set.thread_block();
     set
 }
@@ -158,12 +162,18 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let mut session = mount::mount(fs, &dir, args.threads)
         .with_context(|| format!("mounting {}", dir.display()))?;
     invalidator.attach(session.notifier());
-    let first_poll = replication.start_follower(cfg, invalidator, &dir);
     let mut unmounter = session.unmount_callable();
-    // Serve from now on: the follower's first poll goes through the mount.
+    // Serve from now on: the view applier and the follower's first poll go
+    // through the mount.
     let serving = std::thread::Builder::new()
         .name("fuse".into())
         .spawn(move || session.run())?;
+    let backing = PathBuf::from(format!("/proc/self/fd/{}", replication.root.as_raw_fd()));
+    let applier = Arc::new(
+        Applier::start(&dir, &backing, &cfg.state_dir).context("starting the view applier")?,
+    );
+    replication.capture.set_applier(applier.clone());
+    let first_poll = replication.start_follower(cfg, invalidator, &dir);
     let bucket_answered = matches!(
         replication.keeper.state(),
         LeaseState::HeldBy { .. } | LeaseState::Held { .. }
@@ -178,12 +188,20 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     }
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                tracing::info!(signal = ?sig, "shutting down: unmounting");
-                if let Err(e) = unmounter.unmount() {
-                    tracing::error!(error = %e, "unmount failed");
+        .spawn(move || loop {
+            match signals.wait() {
+                Ok(Signal::SIGUSR1) => {
+                    let _ = applier.pause(UNMOUNT_PAUSE);
                 }
+                Ok(sig) => {
+                    tracing::info!(signal = ?sig, "shutting down: unmounting");
+                    let _ = applier.pause(UNMOUNT_PAUSE);
+                    if let Err(e) = unmounter.unmount() {
+                        tracing::error!(error = %e, "unmount failed");
+                    }
+                    return;
+                }
+                Err(_) => return,
             }
         })?;
     status.update(|s| s.state = "ready".into());
@@ -618,10 +636,19 @@ pub fn unmount(dir: &Path, lazy: bool) -> Result<()> {
         }
         mount::MountState::Live => {}
     }
+    if let Some(pid) = pid {
+        // The view's own connections on the mount would keep it busy (or,
+        // detached, alive): the daemon closes them for a moment.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        );
+    }
     let res = if lazy {
+        std::thread::sleep(Duration::from_millis(100));
         mount::detach(&dir)
     } else {
-        mount::unmount(&dir)
+        unmount_live(&dir, pid.is_some())
     };
     if let Err(e) = res {
         if e.raw_os_error() == Some(libc::EBUSY) {
@@ -637,6 +664,27 @@ pub fn unmount(dir: &Path, lazy: bool) -> Result<()> {
     }
     println!("membridge: unmounted {}", dir.display());
     Ok(())
+}
+
+/// How long the view keeps its files on the mount closed for an unmount.
+const UNMOUNT_PAUSE: Duration = Duration::from_secs(5);
+
+/// Unmount, retrying briefly while the daemon closes the view's own
+/// connections (it was sent SIGUSR1 when `asked`).
+fn unmount_live(dir: &Path, asked: bool) -> std::io::Result<()> {
+    let start = Instant::now();
+    loop {
+        if asked {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        match mount::unmount(dir) {
+            Err(e)
+                if asked
+                    && e.raw_os_error() == Some(libc::EBUSY)
+                    && start.elapsed() < UNMOUNT_PAUSE / 5 => {}
+            other => return other,
+        }
+    }
 }
 
 fn wait_exit(pid: u32, limit: Duration) {

@@ -77,7 +77,15 @@ enum Handle {
 /// goes back to the caller.
 pub trait Replication: Send + Sync {
     /// May this mutation of a replicated path happen at all (role gate)?
-    fn check_write(&self, _class: &PathClass) -> Result<(), i32> {
+    /// `pid` is the requesting thread: a secondary lets its own view applier
+    /// through and nobody else.
+    fn check_write(&self, _class: &PathClass, _pid: u32) -> Result<(), i32> {
+        Ok(())
+    }
+    /// Just before `len` bytes at `offset` are written (a truncation to
+    /// `offset` passes `u64::MAX`): a hydrating secondary claims the range so
+    /// that no older snapshot page lands over it.
+    fn before_write(&self, _class: &PathClass, _offset: u64, _len: u64) -> Result<(), i32> {
         Ok(())
     }
     fn written(&self, class: &PathClass, offset: u64, len: u64) -> Result<(), i32>;
@@ -88,19 +96,11 @@ pub trait Replication: Send + Sync {
     fn replaced(&self, class: &PathClass) -> Result<(), i32>;
     /// fsync, or the last close of a handle that wrote.
     fn synced(&self, class: &PathClass) -> Result<(), i32>;
-    /// Whether the path exists for readers (a secondary hides the primary's
-    /// `-wal`/`-shm`: their presence would send SQLite into WAL mode).
-    fn visible(&self, _class: &PathClass) -> bool {
-        true
-    }
     /// Make a byte range readable from the backing file before a read
     /// (read-through of pages a secondary does not hold yet).
     fn before_read(&self, _class: &PathClass, _offset: u64, _len: u32) -> Result<(), i32> {
         Ok(())
     }
-    /// Rewrite bytes read from a replicated path for the reader (a secondary
-    /// presents its databases in rollback-journal form).
-    fn present(&self, _class: &PathClass, _buf: &mut [u8], _offset: u64) {}
 }
 
 /// Lets replication drop the kernel's cached pages and attributes of a file it
@@ -378,9 +378,6 @@ impl Filesystem for MemFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
-        if !self.repl.visible(&self.child_class(parent.ino, name)) {
-            return reply.entry(&TTL, &NEGATIVE, Generation(0));
-        }
         match self.do_lookup(&parent, name) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) if e == Errno::ENOENT => reply.entry(&TTL, &NEGATIVE, Generation(0)),
@@ -450,7 +447,8 @@ impl Filesystem for MemFs {
             }
             if let Some(size) = size {
                 if replicated(&class) {
-                    self.repl.check_write(&class)?;
+                    self.repl.check_write(&class, req.pid())?;
+                    self.repl.before_write(&class, size, u64::MAX)?;
                 }
                 match open_fd {
                     Some(fd) => sys::ftruncate(fd, size)?,
@@ -521,12 +519,12 @@ impl Filesystem for MemFs {
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, false, reply);
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(req.pid(), parent, name, false, reply);
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, true, reply);
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(req.pid(), parent, name, true, reply);
     }
 
     fn symlink(
@@ -548,7 +546,7 @@ impl Filesystem for MemFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -575,7 +573,7 @@ impl Filesystem for MemFs {
         let to = self.child_class(newparent.0, newname);
         for c in [&from, &to] {
             if replicated(c) {
-                if let Err(e) = self.repl.check_write(c) {
+                if let Err(e) = self.repl.check_write(c, req.pid()) {
                     return reply.error(err(e));
                 }
             }
@@ -653,8 +651,15 @@ impl Filesystem for MemFs {
         let class = node.class();
         let truncating =
             flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        if truncating && replicated(&class) {
-            if let Err(e) = self.repl.check_write(&class) {
+        if replicated(&class) {
+            let checked = match truncating {
+                true => self
+                    .repl
+                    .check_write(&class, req.pid())
+                    .and_then(|()| self.repl.before_write(&class, 0, u64::MAX)),
+                false => Ok(()),
+            };
+            if let Err(e) = checked {
                 return reply.error(err(e));
             }
         }
@@ -713,19 +718,14 @@ impl Filesystem for MemFs {
         }
         let mut buf = vec![0u8; size as usize];
         match sys::pread(fh.0 as RawFd, &mut buf, offset) {
-            Ok(n) => {
-                if repl {
-                    self.repl.present(&class, &mut buf[..n], offset);
-                }
-                reply.data(&buf[..n])
-            }
+            Ok(n) => reply.data(&buf[..n]),
             Err(e) => reply.error(err(e)),
         }
     }
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -743,7 +743,11 @@ impl Filesystem for MemFs {
             Err(e) => return reply.error(e),
         };
         if replicated(&class) {
-            if let Err(e) = self.repl.check_write(&class) {
+            let checked = self
+                .repl
+                .check_write(&class, req.pid())
+                .and_then(|()| self.repl.before_write(&class, offset, data.len() as u64));
+            if let Err(e) = checked {
                 return reply.error(err(e));
             }
         }
@@ -859,7 +863,6 @@ impl Filesystem for MemFs {
                         !(ino.0 == ROOT && n.as_slice() == virt::DIR_NAME.as_bytes())
                     })
                     .map(|(n, i, t)| (OsString::from_vec(n), i, dirent_type(t)))
-                    .filter(|(n, _, _)| self.repl.visible(&self.child_class(ino.0, n)))
                     .collect();
                 if ino.0 == ROOT {
                     entries.push((virt::DIR_NAME.into(), VIRT_DIR_INO, FileType::Directory));
@@ -1042,7 +1045,7 @@ impl Filesystem for MemFs {
         };
         let class = self.child_class(parent.0, name);
         if replicated(&class) {
-            if let Err(e) = self.repl.check_write(&class) {
+            if let Err(e) = self.repl.check_write(&class, req.pid()) {
                 return reply.error(err(e));
             }
         }
@@ -1168,7 +1171,7 @@ impl MemFs {
         }
     }
 
-    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+    fn remove(&self, pid: u32, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
         if Self::reserved(parent, name) || Self::is_virtual(parent) {
             return reply.error(Errno::EPERM);
         }
@@ -1176,7 +1179,7 @@ impl MemFs {
         let res = self.node(parent).and_then(|p| {
             let c = sys::cstr(name).map_err(err)?;
             if replicated(&class) {
-                self.repl.check_write(&class).map_err(err)?;
+                self.repl.check_write(&class, pid).map_err(err)?;
             }
             sys::unlink_at(p.fd(), &c, dir).map_err(err)?;
             if replicated(&class) {

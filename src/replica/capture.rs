@@ -292,6 +292,17 @@ impl Capture {
     /// follower's verified copy). Make it the start of this node's history,
     /// with a base image for later snapshots. `Ok(false)` if it does not match.
     /// The replicated databases this node knows (journaled or being captured).
+    /// The view applier wrote `db`'s `-wal` while this node was not primary
+    /// (and emptied it before promotion): what capture knew of it is void.
+    pub fn forget_wal(&self, db: &str) {
+        let st = self.dbs.lock().unwrap().get(db).cloned();
+        if let Some(st) = st {
+            let mut st = st.lock().unwrap();
+            st.tracker.reset_to_start();
+            st.wal = None;
+        }
+    }
+
     pub fn db_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .journal
@@ -310,7 +321,8 @@ impl Capture {
             return Ok(false);
         };
         let wal_len = std::fs::metadata(self.backing(&format!("{db}-wal"))).map(|m| m.len());
-        if wal_len.is_ok_and(|n| n > 0) {
+        if let Some(n) = wal_len.ok().filter(|n| *n > 0) {
+            tracing::info!(db, wal_bytes = n, "not adopting: the -wal holds frames");
             return Ok(false); // frames the bucket does not have: not the head
         }
         let mut hashes = PageHashes::from_reader(&main, d.page_size).map_err(&io)?;
@@ -318,6 +330,12 @@ impl Capture {
             .apply(std::iter::empty(), d.size_pages)
             .map_err(|e| inconsistent(db, e))?;
         if Some(hashes.checksum()) != crate::replica::manifest::parse_hex64(&d.head_checksum) {
+            tracing::info!(
+                db,
+                local = format!("{:016x}", hashes.checksum()),
+                head = %d.head_checksum,
+                "not adopting: the local file is not the bucket's head"
+            );
             return Ok(false);
         }
         std::fs::create_dir_all(&self.base_dir).map_err(&io)?;

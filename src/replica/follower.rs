@@ -2,15 +2,15 @@
 //!
 //! It polls `manifest.json` with `If-None-Match` (a cheap 304 when nothing
 //! moved), verifies new segments (txid chain, epoch, pre/post checksums) and
-//! applies them to the backing file the way a SQLite writer would: PENDING then
-//! EXCLUSIVE on the database, taken through the mount so readers' locks count
-//! (new readers wait, current ones finish), pages written, the presented change
-//! counter bumped, the kernel's cached pages dropped, locks released. A reader
-//! therefore sees each batch of transactions whole. A database with no usable
-//! local state (first mount, broken chain, checksum mismatch, new generation)
-//! is rebuilt from the latest snapshot through the same verified restore path.
+//! hands each transaction to the view applier ([`super::apply`]), which
+//! commits it as a real SQLite WAL transaction through the mount: readers keep
+//! their snapshot or see the transaction whole, and nobody waits. A database
+//! with no usable local state (first mount, broken chain, checksum mismatch,
+//! new generation) is laid out from the latest snapshot directly when no
+//! client has it open, or else committed whole through the applier; see
+//! docs/ARCHITECTURE.md, "The view on a secondary".
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::apply::ViewTxn;
 use super::hydrate::{ReadThrough, State};
 use super::manifest::{parse_hex64, DbManifest, Manifest};
 use super::node::{Node, Role};
@@ -66,6 +67,9 @@ enum FollowError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Restore(#[from] restore::RestoreError),
+    /// Clients have the database open: it cannot be laid out underneath them.
+    #[error("the database is open by {0}")]
+    Busy(String),
     #[error("{0}")]
     Other(String),
 }
@@ -165,7 +169,9 @@ impl Follower {
     ) -> Result<(), FollowError> {
         let head_sum = parse_hex64(&d.head_checksum);
         if !applied.contains_key(db) {
-            // First sight: the local file may already be at the head.
+            // First sight: the local file (with whatever WAL is left, folded
+            // in first) may already be at the head.
+            self.settle(db, true).await;
             if let Ok(h) = PageHashes::from_file(&self.backing.join(db), d.page_size) {
                 if Some(h.checksum()) == head_sum && h.page_count() == d.size_pages {
                     applied.insert(
@@ -236,8 +242,7 @@ impl Follower {
         let mut hashes = a.hashes.clone();
         let mut running = a.checksum;
         let mut txid = a.txid;
-        let mut pages: BTreeMap<u32, Bytes> = BTreeMap::new();
-        let mut size = hashes.as_ref().map_or(d.size_pages, |h| h.page_count());
+        let mut txns: Vec<ViewTxn> = Vec::new();
         let mut last_ms = a.committed_ms;
         'chain: while txid < d.head_txid {
             for (_, key) in segs.iter().filter(|(from, _)| *from == txid + 1) {
@@ -276,11 +281,10 @@ impl Follower {
                             t.txid
                         )));
                     }
-                    size = t.db_size_pages;
-                    pages.retain(|p, _| *p <= size);
-                    for (n, p) in &t.pages {
-                        pages.insert(*n, p.clone());
-                    }
+                    txns.push(ViewTxn {
+                        pages: t.pages.iter().map(|(n, p)| (*n, p.clone())).collect(),
+                        size_pages: t.db_size_pages,
+                    });
                     txid = t.txid;
                     last_ms = Some(t.timestamp_ms);
                 }
@@ -296,9 +300,7 @@ impl Follower {
                 "{db}: after txid {txid} the checksum is not the manifest's"
             )));
         }
-        let (ps, rt, name) = (d.page_size, self.read_through.clone(), db.to_string());
-        self.locked_install(db, move |f| rt.apply(&name, f, &pages, size, ps))
-            .await?;
+        self.apply_view(db, txns).await?;
         tracing::debug!(db, from = a.txid + 1, to = txid, "applied");
         self.status.metrics().txns_applied(db, txid - a.txid);
         a.txid = txid;
@@ -314,6 +316,7 @@ impl Follower {
     async fn bootstrap_lazy(&self, db: &str) -> Result<Applied, FollowError> {
         let start =
             restore::open_lazy(self.store.as_ref(), &self.layout, &self.canonical_id, db).await?;
+        self.settle(db, false).await;
         self.keep_aside(db);
         self.status.metrics().bootstrap(db);
         let a = Applied {
@@ -372,6 +375,9 @@ impl Follower {
                 State::Running => continue,
                 State::Failed(e) => e,
                 State::None | State::Complete => {
+                    if !self.settle(db, false).await {
+                        continue; // a reader kept the WAL busy: next round
+                    }
                     let (path, page_size) = (self.backing.join(db), a.page_size);
                     let h = tokio::task::spawn_blocking(move || {
                         PageHashes::from_file(&path, page_size)
@@ -430,15 +436,38 @@ impl Follower {
         let image = std::fs::read(&tmp).map_err(|e| FollowError::Other(e.to_string()))?;
         let hashes = PageHashes::from_bytes(&image, report.page_size)
             .map_err(|e| FollowError::Other(e.to_string()))?;
+        self.settle(db, false).await;
         self.keep_aside(db);
         let len = image.len() as u64;
         let (rt, name) = (self.read_through.clone(), db.to_string());
-        self.locked_install(db, move |f| {
-            rt.remove(&name);
-            f.write_all_at(&image, 0)?;
-            f.set_len(len)
-        })
-        .await?;
+        let whole = image.clone();
+        let installed = self
+            .locked_install(db, move |f| {
+                rt.remove(&name);
+                f.write_all_at(&whole, 0)?;
+                f.set_len(len)
+            })
+            .await;
+        match installed {
+            Ok(()) => {}
+            Err(FollowError::Busy(holder)) => {
+                // Clients have it open: commit the image whole, as one WAL
+                // transaction they see atomically.
+                tracing::info!(db, %holder, "the database is open: applying the rebuilt copy as one transaction");
+                self.read_through.remove(db);
+                let ps = report.page_size as usize;
+                let pages = image
+                    .chunks(ps)
+                    .enumerate()
+                    .map(|(i, p)| (i as u32 + 1, Bytes::copy_from_slice(p)))
+                    .filter(|(n, _)| *n != crate::sqlite::header::lock_byte_page(report.page_size))
+                    .collect();
+                let size_pages = (image.len() / ps) as u32;
+                self.apply_view(db, vec![ViewTxn { pages, size_pages }])
+                    .await?;
+            }
+            Err(e) => return Err(e),
+        }
         let _ = std::fs::remove_file(&tmp);
         self.status.metrics().bootstrap(db);
         tracing::info!(db, txid = report.txid, "local copy rebuilt from the bucket");
@@ -452,15 +481,53 @@ impl Follower {
         })
     }
 
-    /// Before replacing a local database that is not the bucket's: keep it
-    /// and its `-wal` aside (see [`keep_aside`]).
+    /// Before replacing a local database that is not the bucket's: keep a
+    /// copy of it and its `-wal` aside (see [`keep_aside`]).
     fn keep_aside(&self, db: &str) {
         keep_aside(&self.backing.join(db), db, &self.state_dir, true);
     }
 
-    /// Take SQLite's PENDING and EXCLUSIVE locks through the mount, run
-    /// `write` on the backing file, make readers see a new change counter and
-    /// drop the kernel's cached pages, then release.
+    /// Commits verified transactions into the view (one SQLite transaction
+    /// each) on the applier's thread.
+    async fn apply_view(&self, db: &str, txns: Vec<ViewTxn>) -> Result<(), FollowError> {
+        let Some(applier) = self.node.applier().cloned() else {
+            return Err(FollowError::Other("no view applier".into()));
+        };
+        let name = db.to_string();
+        tokio::task::spawn_blocking(move || applier.apply(&name, txns))
+            .await
+            .map_err(|e| FollowError::Other(e.to_string()))?
+            .map_err(|e| FollowError::Other(format!("applying: {e}")))
+    }
+
+    /// Folds the view's WAL into the main file (opening the view first when
+    /// `open`); `false` if that could not be done now (a reader kept the WAL
+    /// busy, or the file is not a database the view can open).
+    async fn settle(&self, db: &str, open: bool) -> bool {
+        let Some(applier) = self.node.applier().cloned() else {
+            return true;
+        };
+        let name = db.to_string();
+        let res = tokio::task::spawn_blocking(move || match open {
+            true => applier.settle_open(&name),
+            false => applier.settle(&name),
+        })
+        .await;
+        match res {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(db, error = %e, "view not settled");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Run `write` on the backing file while no connection has the database
+    /// open: the applier's own is closed first, and SQLite's PENDING and
+    /// EXCLUSIVE locks are taken through the mount with a bounded wait
+    /// ([`FollowError::Busy`] names who holds it). The view is reopened after,
+    /// so the `-wal` exists before any client looks for it.
     async fn locked_install(
         &self,
         db: &str,
@@ -468,53 +535,59 @@ impl Follower {
     ) -> Result<(), FollowError> {
         let through_mount = self.mount_dir.join(db);
         let backing = self.backing.join(db);
-        let node = self.node.clone();
         let inval = self.invalidator.clone();
         let name = db.to_string();
-        let status = self.status.clone();
         let state_dir = self.state_dir.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let applier = self.node.applier().cloned();
+        let res = tokio::task::spawn_blocking(move || -> Result<(), FollowError> {
+            if let Some(a) = &applier {
+                a.close(Some(&name))
+                    .map_err(|e| FollowError::Other(e.to_string()))?;
+            }
+            let io = |e: std::io::Error| FollowError::Other(format!("{name}: applying: {e}"));
             // Create it underneath first: through the mount a non-primary
             // refuses creating replicated files, the daemon's own included.
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(&backing)?;
+                .open(&backing)
+                .map_err(io)?;
             inval.invalidate_entry(&name);
-            let guard = lock_exclusive(&through_mount, |holder| {
-                let why = format!(
-                    "{name}: waiting to apply transactions: {holder} holds the database \
-                     open (a WAL connection from when this node was primary keeps its lock \
-                     until it closes; restart that process)"
-                );
-                tracing::warn!("{why}");
-                status.update(|s| s.last_error = Some(why));
-            })?;
-            // A WAL left from when this node was primary would be replayed
-            // over these pages by the next WAL-mode opener. Nobody has it
-            // open now: WAL connections keep a shared lock on the database.
+            let guard = lock_exclusive(&through_mount)?;
+            // Nobody has it open now (WAL connections keep a shared lock on
+            // the database): a WAL left behind would be replayed over these
+            // pages by the next opener.
             if ["-wal", "-shm"]
                 .iter()
                 .any(|x| std::fs::metadata(format!("{}{x}", backing.display())).is_ok())
             {
                 keep_aside(&backing, &name, &state_dir, false);
+                for suffix in ["-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", backing.display()));
+                }
+                inval.invalidate_entry(&format!("{name}-wal"));
+                inval.invalidate_entry(&format!("{name}-shm"));
             }
-            write(&f)?;
-            node.bump_view();
+            write(&f).map_err(io)?;
             inval.invalidate(&name, &[]);
             drop(guard);
+            if let Some(a) = &applier {
+                a.forget_page1(&name);
+            }
             Ok(())
         })
         .await
-        .map_err(|e| FollowError::Other(e.to_string()))?
-        .map_err(|e| FollowError::Other(format!("{db}: applying: {e}")))
+        .map_err(|e| FollowError::Other(e.to_string()))?;
+        res?;
+        // Open the view again (it creates the -wal clients will need).
+        self.settle(db, true).await;
+        Ok(())
     }
 }
 
-/// Copy a local database (`with_main`) and its `-wal` to the state dir
-/// (never silently dropped), and remove the `-wal`/`-shm`, whose stale
-/// frames SQLite would otherwise replay over what the follower applied.
+/// Copy a local database (`with_main`) and its `-wal` to the state dir:
+/// never silently dropped.
 fn keep_aside(main: &Path, db: &str, state_dir: &Path, with_main: bool) {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
     let dir = state_dir.join("replaced");
@@ -532,25 +605,22 @@ fn keep_aside(main: &Path, db: &str, state_dir: &Path, with_main: bool) {
             }
         }
     }
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", main.display()));
-    }
 }
 
-/// How long a reader may hold the database before the wait is reported.
-const STUCK_AFTER: Duration = Duration::from_secs(5);
+/// How long the follower waits for clients to close the database before it
+/// applies a rebuilt copy through the view instead.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// An open fd holding SQLite's PENDING and EXCLUSIVE locks; closing releases.
-/// Blocks while readers finish; if one holds on past [`STUCK_AFTER`],
-/// `stuck` is told who it is (once), since only that process can end it.
-fn lock_exclusive(
-    path: &Path,
-    stuck: impl FnOnce(String) + Send,
-) -> std::io::Result<std::fs::File> {
+/// Never blocks a reader for long: each try takes PENDING, then the SHARED
+/// range without waiting, and lets PENDING go again when a reader is in, for
+/// at most [`LOCK_WAIT`]; then [`FollowError::Busy`] names the holder.
+fn lock_exclusive(path: &Path) -> Result<std::fs::File, FollowError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| FollowError::Other(format!("{}: {e}", path.display())))?;
     let range = |start: u64, len: i64, kind: i32| libc::flock {
         l_type: kind as i16,
         l_whence: libc::SEEK_SET as i16,
@@ -558,22 +628,24 @@ fn lock_exclusive(
         l_len: len,
         l_pid: 0,
     };
-    let ranges = [(PENDING_BYTE, 1), (PENDING_BYTE + 2, 510)];
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let t = std::time::Instant::now();
-            while t.elapsed() < STUCK_AFTER {
-                if done.load(std::sync::atomic::Ordering::Acquire) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+    let pending = range(PENDING_BYTE, 1, libc::F_WRLCK);
+    let shared = range(PENDING_BYTE + 2, 510, libc::F_WRLCK);
+    let set = |fl: &libc::flock| {
+        // SAFETY: `f` is an open fd for the whole call and `fl` a valid flock.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, fl) == 0 }
+    };
+    let start = std::time::Instant::now();
+    loop {
+        if set(&pending) {
+            if set(&shared) {
+                return Ok(f);
             }
-            // Our own locks never show up in F_GETLK: any answer is another process.
-            let (start, len) = ranges[1];
-            let mut probe = range(start, len, libc::F_WRLCK);
-            if !done.load(std::sync::atomic::Ordering::Acquire)
-                && unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut probe) } == 0
+            set(&range(PENDING_BYTE, 1, libc::F_UNLCK));
+        }
+        if start.elapsed() > LOCK_WAIT {
+            let mut probe = shared;
+            // SAFETY: as above; F_GETLK only fills `probe`.
+            let holder = if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut probe) } == 0
                 && probe.l_type != libc::F_UNLCK as i16
             {
                 let cmd = std::fs::read(format!("/proc/{}/cmdline", probe.l_pid))
@@ -584,26 +656,12 @@ fn lock_exclusive(
                             .to_string()
                     })
                     .unwrap_or_default();
-                stuck(format!("pid {} ({cmd})", probe.l_pid));
-            }
-        });
-        let res = (|| {
-            for (start, len) in ranges {
-                let fl = range(start, len, libc::F_WRLCK);
-                loop {
-                    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) } == 0 {
-                        break;
-                    }
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::EINTR) {
-                        return Err(e);
-                    }
-                }
-            }
-            Ok(())
-        })();
-        done.store(true, std::sync::atomic::Ordering::Release);
-        res
-    })?;
-    Ok(f)
+                format!("pid {} ({cmd})", probe.l_pid)
+            } else {
+                "another process".to_string()
+            };
+            return Err(FollowError::Busy(holder));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -7,12 +7,12 @@
 //! A read of a missing page fetches its snapshot frame with one range read
 //! (kept in a bounded LRU of decoded frames) and writes the frame's missing
 //! pages into the backing file before the read is served; meanwhile a
-//! background task fetches the rest, frame run by frame run. Applied
-//! transactions write their pages under the same lock and mark them present,
-//! so a late snapshot page can never overwrite a newer one. Once nothing is
+//! background task fetches the rest, frame run by frame run. The view
+//! applier's checkpoints claim the pages they write under the same lock
+//! before writing them, so a late snapshot page never overwrites a newer one. Once nothing is
 //! missing, the follower hashes the whole file against the head's checksum.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -251,37 +251,26 @@ impl ReadThrough {
             .all(|h| h.pages.lock().unwrap().left == 0)
     }
 
-    /// Writes an applied batch (page images, new size) into `file`, marking
-    /// those pages present so hydration never overwrites them.
-    pub fn apply(
-        &self,
-        db: &str,
-        file: &std::fs::File,
-        pages: &BTreeMap<u32, Bytes>,
-        size_pages: u32,
-        page_size: u32,
-    ) -> std::io::Result<()> {
-        let ps = u64::from(page_size);
-        let write = || -> std::io::Result<()> {
-            for (pgno, page) in pages {
-                file.write_all_at(page, (u64::from(*pgno) - 1) * ps)?;
-            }
-            file.set_len(u64::from(size_pages) * ps)
-        };
+    /// Marks the pages a write of `len` bytes at `offset` covers as present
+    /// (`len == u64::MAX`: everything from `offset` on, a truncation), before
+    /// the write happens: the hydrator then never lays an older snapshot
+    /// page over them. The view applier's checkpoints write whole pages.
+    pub fn claim(&self, db: &str, offset: u64, len: u64) {
         let Some(h) = self.get(db) else {
-            return write();
+            return;
         };
+        if len == 0 {
+            return;
+        }
         let mut p = h.pages.lock().unwrap();
-        write()?;
-        for pgno in pages.keys() {
-            p.mark(*pgno);
+        let first = offset / h.page_size + 1;
+        let last = match len {
+            u64::MAX => p.missing.len() as u64,
+            _ => (offset + len - 1) / h.page_size + 1,
+        };
+        for pgno in first..=last.min(p.missing.len() as u64) {
+            p.mark(pgno as u32);
         }
-        // Pages cut off by a shrink read back as zeros if the file grows
-        // again, exactly as on the primary; they are no longer the snapshot's.
-        for pgno in size_pages + 1..=p.missing.len() as u32 {
-            p.mark(pgno);
-        }
-        Ok(())
     }
 
     /// Makes `len` bytes at `offset` of `db` local before a read. Runs on a

@@ -1,6 +1,7 @@
 //! Replication: the primary's capture and uploader, the secondary's follower
 //! and read-through.
 
+pub mod apply;
 pub mod capture;
 pub mod follower;
 pub mod hydrate;

@@ -1,23 +1,28 @@
 //! The node's role, and what it means for the replicated paths.
 //!
 //! Only a primary writes replicated databases: its writes pass through and are
-//! captured. Any other role refuses them so that SQLite reports "attempt to
-//! write a readonly database": the database opens read-write (an `O_RDWR` open
-//! that fails would leave the connection read-only for life, fatal at
-//! promotion) and the refusal comes when SQLite creates its journal, with the
-//! `EACCES` SQLite maps to SQLITE_READONLY_DIRECTORY. Readers of a non-primary
-//! see each database in rollback-journal form, so they never look for the
-//! primary's `-wal`/`-shm`, which are hidden.
+//! captured. On any other role the database is still the WAL database it is
+//! (docs/ARCHITECTURE.md, "The view on a secondary"): readers open it, read
+//! and share its `-shm` as usual, and the daemon's view applier commits the
+//! primary's transactions into it. Everyone else may *begin* a write
+//! transaction (claude-mem's worker runs dozens of `INSERT OR IGNORE` that
+//! change nothing at every start, and dies if one is refused), but the first
+//! frame written to the `-wal` or page to the database is refused: SQLite
+//! reports it as "disk I/O error", the only code WAL mode has for a refused
+//! write (a read-only `-wal` would say "readonly" but refuse the no-op
+//! transactions too). A rollback-mode client is refused at its journal
+//! instead, which SQLite reports as "attempt to write a readonly database".
+//! Each refusal is logged once per transaction with the primary's name.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::{Invalidator, Replication};
-use crate::sqlite::header;
 use crate::status::Status;
 
+use super::apply::Applier;
 use super::capture::Capture;
 use super::hydrate::ReadThrough;
 
@@ -58,25 +63,17 @@ impl Role {
     }
 }
 
-/// The presented change counter lives above 2^31, where the real counter of
-/// a database (one per rollback-mode write transaction) never gets: a
-/// connection opened on the rollback view that is still open at promotion
-/// must find the real header different from the one it cached, re-read page
-/// 1 and switch to WAL, rather than write in rollback mode over a WAL file.
-const VIEW_COUNTER_BASE: u32 = 0x8000_0001;
-
 pub struct Node {
     capture: Arc<Capture>,
     role: AtomicU8,
-    /// The change counter readers of the rollback view see; bumped whenever
-    /// the view's content changes, so their page caches are dropped.
-    view_counter: AtomicU32,
     status: Status,
     fencing: std::sync::atomic::AtomicBool,
     /// Pages of a secondary's databases not local yet come from here.
     read_through: std::sync::OnceLock<Arc<ReadThrough>>,
-    /// Drops the kernel's cached entries of sidecars whose visibility changed.
+    /// Drops the kernel's cached pages of files changed behind its back.
     invalidator: std::sync::OnceLock<Arc<Invalidator>>,
+    /// Commits the primary's transactions into this node's view.
+    applier: std::sync::OnceLock<Arc<Applier>>,
 }
 
 impl Node {
@@ -84,11 +81,11 @@ impl Node {
         let node = Node {
             capture,
             role: AtomicU8::new(role as u8),
-            view_counter: AtomicU32::new(VIEW_COUNTER_BASE),
             status,
             fencing: std::sync::atomic::AtomicBool::new(false),
             read_through: std::sync::OnceLock::new(),
             invalidator: std::sync::OnceLock::new(),
+            applier: std::sync::OnceLock::new(),
         };
         node.publish(role);
         node
@@ -102,22 +99,8 @@ impl Node {
         let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
         if old != role {
             tracing::info!(from = old.name(), to = role.name(), "role changed");
-            if (old == Role::Primary) != (role == Role::Primary) {
-                self.forget_sidecar_entries();
-            }
-            self.bump_view();
             self.publish(role);
         }
-    }
-
-    /// The view's content changed (a transaction was applied): readers must
-    /// see a new change counter and drop their page caches.
-    pub fn bump_view(&self) {
-        let _ = self
-            .view_counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                Some(c.wrapping_add(1).max(VIEW_COUNTER_BASE))
-            });
     }
 
     fn publish(&self, role: Role) {
@@ -156,17 +139,33 @@ impl Node {
         let _ = self.invalidator.set(inval);
     }
 
-    /// `-wal`/`-shm` appear to readers only on the primary: after a change
-    /// of side, the kernel must not answer from entries cached before it.
-    fn forget_sidecar_entries(&self) {
-        let Some(inval) = self.invalidator.get() else {
-            return;
+    pub fn invalidator(&self) -> Option<&Arc<Invalidator>> {
+        self.invalidator.get()
+    }
+
+    pub fn set_applier(&self, applier: Arc<Applier>) {
+        let _ = self.applier.set(applier);
+    }
+
+    pub fn applier(&self) -> Option<&Arc<Applier>> {
+        self.applier.get()
+    }
+
+    /// Before this node takes writes on `db`: the view's WAL is checkpointed
+    /// and emptied, the primary's page 1 written back, and the daemon's own
+    /// connection closed, so the backing file is exactly the bucket's head
+    /// (what [`Capture::adopt`] checks) and capture starts on an empty WAL.
+    /// `Ok(false)` when the view of `db` was not in use: nothing changed.
+    pub fn settle_view(&self, db: &str) -> Result<bool, String> {
+        let Some(a) = self.applier.get() else {
+            return Ok(false);
         };
-        for db in self.capture.db_names() {
-            for suffix in ["-wal", "-shm"] {
-                inval.invalidate_entry(&format!("{db}{suffix}"));
-            }
+        let res = a.settle(db).map_err(|e| e.to_string());
+        let _ = a.close(Some(db));
+        if let Some(inval) = self.invalidator.get() {
+            inval.invalidate(db, &[]);
         }
+        res
     }
 
     pub fn set_read_through(&self, rt: Arc<ReadThrough>) {
@@ -208,28 +207,61 @@ impl Node {
     }
 }
 
+impl Node {
+    fn is_applier(&self, pid: u32) -> bool {
+        self.applier.get().is_some_and(|a| a.is_applier(pid))
+    }
+}
+
 impl Replication for Node {
-    fn check_write(&self, class: &PathClass) -> Result<(), i32> {
+    fn check_write(&self, class: &PathClass, pid: u32) -> Result<(), i32> {
         match class {
             PathClass::Local => Ok(()),
             _ if self.primary() => Ok(()),
+            // Every reader writes its read marks into the wal-index.
+            PathClass::Sidecar(_, Sidecar::Shm) => Ok(()),
+            PathClass::Database(_) | PathClass::Sidecar(..) if self.is_applier(pid) => Ok(()),
             _ => Err(self.refuse(class)),
         }
     }
 
+    fn before_write(&self, class: &PathClass, offset: u64, len: u64) -> Result<(), i32> {
+        match (class, self.read_through.get()) {
+            (PathClass::Database(db), Some(rt)) if !self.primary() => {
+                rt.claim(db, offset, len);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    // Capture runs on the primary only: on any other role the writes that
+    // get through are the view applier's, already in the bucket.
     fn written(&self, class: &PathClass, offset: u64, len: u64) -> Result<(), i32> {
+        if !self.primary() {
+            return Ok(());
+        }
         self.capture.written(class, offset, len)
     }
 
     fn truncated(&self, class: &PathClass, len: u64) -> Result<(), i32> {
+        if !self.primary() {
+            return Ok(());
+        }
         self.capture.truncated(class, len)
     }
 
     fn removed(&self, class: &PathClass) -> Result<(), i32> {
+        if !self.primary() {
+            return Ok(());
+        }
         self.capture.removed(class)
     }
 
     fn replaced(&self, class: &PathClass) -> Result<(), i32> {
+        if !self.primary() {
+            return Ok(());
+        }
         self.capture.replaced(class)
     }
 
@@ -241,20 +273,10 @@ impl Replication for Node {
         }
     }
 
-    fn visible(&self, class: &PathClass) -> bool {
-        self.primary() || !matches!(class, PathClass::Sidecar(_, Sidecar::Wal | Sidecar::Shm))
-    }
-
     fn before_read(&self, class: &PathClass, offset: u64, len: u32) -> Result<(), i32> {
         match (class, self.read_through.get()) {
             (PathClass::Database(db), Some(rt)) => rt.ensure(db, offset, len),
             _ => Ok(()),
-        }
-    }
-
-    fn present(&self, class: &PathClass, buf: &mut [u8], offset: u64) {
-        if matches!(class, PathClass::Database(_)) && !self.primary() {
-            header::patch_read(buf, offset, self.view_counter.load(Ordering::Acquire));
         }
     }
 }

@@ -302,6 +302,20 @@ impl Uploader {
         }
         let mut starts = std::collections::BTreeMap::new();
         for (db, d) in &v.manifest.databases {
+            // The view's WAL is SQLite's own on a secondary: fold it into the
+            // main file first, so the file is the head and capture starts on
+            // an empty WAL (docs/ARCHITECTURE.md, "Promotion").
+            let node = self.node.clone();
+            let name = db.clone();
+            tokio::task::spawn_blocking(move || {
+                if node.settle_view(&name)? {
+                    node.capture().forget_wal(&name);
+                }
+                Ok::<(), String>(())
+            })
+            .await
+            .map_err(|e| UploadError::Conflict(e.to_string()))?
+            .map_err(|e| UploadError::Conflict(format!("{db}: settling the view: {e}")))?;
             let mut local = self.journal.head(db)?;
             let continues = |j: &DbHead| {
                 let same = j.generation == d.generation

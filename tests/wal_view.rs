@@ -1,0 +1,159 @@
+//! The secondary presents each replicated database as the WAL database it is
+//! (issue 10; docs/ARCHITECTURE.md, "The view on a secondary"): a client that
+//! runs `PRAGMA journal_mode = WAL` at connect works, a reader's snapshot is
+//! never disturbed and never waits, write transactions that change nothing
+//! succeed while real writes are refused, and the
+//! file is byte-exact after a hand-over even when the primary's SQLite is not
+//! membridge's own (page 1 carries the writer's library version).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::mount::Mount;
+use common::SeaweedFs;
+
+const DB: &str = "claude-mem.db";
+
+fn node(env: &[(String, String)], id: &str) -> Mount {
+    let mut env = env.to_vec();
+    env.push(("MEMBRIDGE_NODE_ID".into(), id.into()));
+    Mount::with_files(env, &[])
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+/// The `sqlite3` CLI (Debian's SQLite, not the bundled one) on `db`.
+fn cli(db: &Path, sql: &str) -> Result<String, String> {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("sqlite3 CLI (scripts/install-deps.sh installs it)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn rows(c: &rusqlite::Connection) -> i64 {
+    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("walview"), "walview");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    assert_eq!(a.status()["role"], "primary");
+    let adb = a.dir.join(DB);
+    // The primary's writer is the CLI: another SQLite version stamps page 1.
+    cli(
+        &adb,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);
+         INSERT INTO t(v) VALUES ('a1');",
+    )
+    .unwrap();
+    let b = node(&env, "node-b");
+    assert_eq!(b.status()["role"], "secondary");
+    let bdb = b.dir.join(DB);
+    assert!(b.run(&["pull"]).status.success());
+
+    // claude-mem's worker: one long-lived connection, WAL pragma at connect,
+    // no busy timeout needed for reads.
+    let worker = rusqlite::Connection::open(&bdb).unwrap();
+    let mode: String = worker
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .expect("PRAGMA journal_mode = WAL on a secondary");
+    assert_eq!(mode, "wal");
+    assert_eq!(rows(&worker), 1);
+
+    // A reader mid-transaction keeps its snapshot while the view advances.
+    let snap = rusqlite::Connection::open(&bdb).unwrap();
+    snap.execute_batch("BEGIN").unwrap();
+    assert_eq!(rows(&snap), 1);
+    for i in 0..20 {
+        // Schema changes and growth: page 1 is in these transactions.
+        cli(
+            &adb,
+            &format!(
+                "INSERT INTO t(v) VALUES ('a{i}'); CREATE TABLE IF NOT EXISTS u{} (x);",
+                i % 3
+            ),
+        )
+        .unwrap();
+    }
+    assert!(b.run(&["pull"]).status.success());
+    assert_eq!(rows(&snap), 1, "a reader's snapshot moved under it");
+    snap.execute_batch("COMMIT").unwrap();
+    assert_eq!(rows(&snap), 21);
+    assert_eq!(rows(&worker), 21);
+    // Another SQLite (the CLI, no busy timeout) reads the view too.
+    assert_eq!(cli(&bdb, "SELECT count(*) FROM t").unwrap(), "21");
+
+    // A write transaction that changes nothing succeeds (claude-mem's worker
+    // runs dozens at every start); a real write fails at once, and the
+    // refused frames never reach the view.
+    worker
+        .execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
+        .expect("a no-op write transaction on a secondary");
+    worker
+        .execute("INSERT OR IGNORE INTO t(id, v) VALUES (1, 'a1')", [])
+        .expect("INSERT OR IGNORE of an existing row on a secondary");
+    let t = Instant::now();
+    let e = worker
+        .execute("INSERT INTO t(v) VALUES ('nope')", [])
+        .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(e.to_string().contains("disk I/O error"), "{e}");
+    assert!(cli(&bdb, "INSERT INTO t(v) VALUES ('nope')").is_err());
+    assert_eq!(rows(&worker), 21);
+    assert_eq!(cli(&bdb, "SELECT count(*) FROM t").unwrap(), "21");
+    drop(snap);
+    drop(worker);
+
+    // Hand over: B's file must be exactly the bucket's head for its capture
+    // to continue the chain; A then follows B's transactions.
+    let out = b.run(&["leadership", "select", "node-b"]);
+    assert!(out.status.success(), "{out:?}");
+    let t = Instant::now();
+    while b.status()["role"] != "primary" {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "node-b never became primary:\n{}\n--- node-a:\n{}",
+            b.log_tail(40),
+            a.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.status()["divergent"].as_array().map_or(0, |d| d.len()), 0);
+    cli(&bdb, "INSERT INTO t(v) VALUES ('b1'); CREATE TABLE v(y);").unwrap();
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.execute("INSERT INTO t(v) VALUES ('b2')", []).unwrap();
+    drop(c);
+    wait_for("the old primary to follow", Duration::from_secs(30), || {
+        cli(&adb, "SELECT count(*) FROM t").ok().as_deref() == Some("23")
+    });
+    assert_eq!(a.status()["role"], "secondary");
+    let dump = |p: &Path| cli(p, ".dump").unwrap();
+    assert_eq!(dump(&adb), dump(&bdb));
+    assert_eq!(cli(&adb, "PRAGMA integrity_check").unwrap(), "ok");
+    let st = a.status();
+    assert!(
+        st["last_error"].is_null() || !st["last_error"].to_string().contains("checksum"),
+        "{st}"
+    );
+}
