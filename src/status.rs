@@ -136,6 +136,35 @@ impl Status {
         })
     }
 
+    /// A document for unit tests that drive components without a Config.
+    #[cfg(test)]
+    pub(crate) fn for_tests(node_id: &str) -> Status {
+        Status::from_doc(StatusDoc {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            node_id: node_id.into(),
+            canonical_id: "test".into(),
+            mount_dir: "/test".into(),
+            started_at: chrono::Utc::now().to_rfc3339(),
+            state: "ready".into(),
+            role: "secondary".into(),
+            policy: "auto".into(),
+            epoch: None,
+            primary: None,
+            classes: ClassGlobsDoc {
+                replicated_databases: vec![],
+                replicated_files: vec![],
+                local: String::new(),
+            },
+            databases: BTreeMap::new(),
+            log_file: None,
+            upload_state: "ok".into(),
+            last_outage: None,
+            divergent: Vec::new(),
+            last_error: None,
+        })
+    }
+
     pub fn from_doc(doc: StatusDoc) -> Status {
         Status {
             doc: Arc::new(RwLock::new(doc)),
