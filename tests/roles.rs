@@ -120,3 +120,65 @@ fn a_lone_auto_node_takes_the_lease_and_writes() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("solo"), "{text}");
 }
+
+/// Issue 11, item 6: fallocate and copy_file_range on a non-primary's
+/// database go through the same role check as write (a hole punched in it,
+/// or a file copied over it, would change the copy it serves), and a copy
+/// *from* it gives what a read gives (the presented view).
+#[test]
+fn a_non_primary_refuses_fallocate_and_copy_file_range_onto_databases() {
+    use std::os::fd::AsRawFd;
+    let m = secondary("falloc");
+    let db = m.dir.join(DB);
+    let before = std::fs::read(&db).unwrap();
+    let errno = || std::io::Error::last_os_error().raw_os_error();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&db)
+        .unwrap();
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 4096) };
+    assert_eq!((rc, errno()), (-1, Some(libc::EACCES)), "punch hole");
+    std::fs::write(m.dir.join("backup.db"), vec![7u8; 4096]).unwrap();
+    let src = std::fs::File::open(m.dir.join("backup.db")).unwrap();
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    let n = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            f.as_raw_fd(),
+            &mut off_out,
+            4096,
+            0,
+        )
+    };
+    assert_eq!((n, errno()), (-1, Some(libc::EACCES)), "copy onto the db");
+    drop(f);
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "the database changed"
+    );
+
+    let src = std::fs::File::open(&db).unwrap();
+    let out = std::fs::File::create(m.dir.join("copy.db")).unwrap();
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    while (off_in as usize) < before.len() {
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                out.as_raw_fd(),
+                &mut off_out,
+                before.len() - off_in as usize,
+                0,
+            )
+        };
+        assert!(n > 0, "copy from the db: {n} {:?}", errno());
+    }
+    drop(out);
+    assert!(
+        std::fs::read(m.dir.join("copy.db")).unwrap() == before,
+        "a copy of the database differs from a read of it"
+    );
+}
