@@ -268,8 +268,19 @@ impl Running {
         rx
     }
 
-    /// Let another node take the lease at once instead of waiting out the TTL.
+    /// Let another node take the lease at once instead of waiting out the TTL,
+    /// unless transactions are still unpublished: then the lease is kept (it
+    /// expires by itself), so that this node, mounted again in time, publishes
+    /// them instead of another node taking over without them.
     fn release_lease(&self) {
+        let unpublished = self.capture.capture().unpublished();
+        if self.keeper.state().is_held() && unpublished > 0 {
+            tracing::warn!(
+                transactions = unpublished,
+                "not releasing the lease: transactions are unpublished; it expires by itself"
+            );
+            return;
+        }
         if self.keeper.state().is_held() {
             let keeper = self.keeper.clone();
             let res = self.rt.block_on(async move {

@@ -76,6 +76,22 @@ pub struct StatusDoc {
     #[serde(default)]
     pub divergent: Vec<String>,
     pub last_error: Option<String>,
+    /// The last role changes, oldest first (at most [`ROLE_HISTORY`]).
+    #[serde(default)]
+    pub role_history: Vec<RoleChange>,
+}
+
+/// How many role changes `status.json` keeps.
+pub const ROLE_HISTORY: usize = 20;
+
+/// One role change and why it happened ("lease released", "lease lost: ...").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleChange {
+    pub at: String,
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +149,7 @@ impl Status {
             last_outage: None,
             divergent: Vec::new(),
             last_error: None,
+            role_history: Vec::new(),
         })
     }
 
@@ -162,6 +179,7 @@ impl Status {
             last_outage: None,
             divergent: Vec::new(),
             last_error: None,
+            role_history: Vec::new(),
         })
     }
 

@@ -182,3 +182,62 @@ fn a_non_primary_refuses_fallocate_and_copy_file_range_onto_databases() {
         "a copy of the database differs from a read of it"
     );
 }
+
+fn wait_for_role(m: &Mount, role: &str, limit: Duration) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        let st = m.status();
+        if st["role"] == role {
+            return st;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "never {role}: {st}\n{}",
+            m.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 11, item 8: giving the lease up on purpose (`leadership release`,
+/// unmount) is a release, not a loss: no "lease lost" warning, no fencing,
+/// and the role history says it was released.
+#[test]
+fn releasing_the_lease_is_not_a_loss() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("release"), "release");
+    env.push(("MEMBRIDGE_NODE_ID".into(), "solo".into()));
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "3".into()));
+    let m = Mount::with_files(env, &[(DB, &seeded_db())]);
+    assert_eq!(m.status()["role"], "primary");
+    let c = rusqlite::Connection::open(m.dir.join(DB)).unwrap();
+    c.execute("INSERT INTO observations(text) VALUES ('four')", [])
+        .unwrap();
+    drop(c);
+    let log_path = m.status()["log_file"].as_str().unwrap().to_string();
+
+    let out = m.run(&["leadership", "release"]);
+    assert!(out.status.success(), "{out:?}");
+    let st = wait_for_role(&m, "secondary", Duration::from_secs(10));
+    let last = st["role_history"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["from"], "primary", "{st}");
+    assert!(
+        last["reason"].as_str().unwrap_or("").contains("released"),
+        "{st}"
+    );
+    assert!(st["divergent"].as_array().unwrap().is_empty(), "{st}");
+    // A lone candidate takes it again once its release backoff is over.
+    wait_for_role(&m, "primary", Duration::from_secs(15));
+    m.unmount();
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("released the lease"), "{log}");
+    for bad in ["lease lost", "fenced"] {
+        assert!(!log.contains(bad), "{bad:?} in the log:\n{log}");
+    }
+}

@@ -289,9 +289,6 @@ impl Capture {
         Ok(())
     }
 
-    /// Promotion: the local file holds exactly the bucket's head (the
-    /// follower's verified copy). Make it the start of this node's history,
-    /// with a base image for later snapshots. `Ok(false)` if it does not match.
     /// The replicated databases this node knows (journaled or being captured).
     pub fn db_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -305,6 +302,19 @@ impl Capture {
         names
     }
 
+    /// Transactions journaled and not yet published, over every database.
+    pub fn unpublished(&self) -> u64 {
+        self.journal
+            .heads()
+            .unwrap_or_default()
+            .iter()
+            .map(|h| h.head_txid.saturating_sub(h.uploaded_txid))
+            .sum()
+    }
+
+    /// Promotion: the local file holds exactly the bucket's head (the
+    /// follower's verified copy). Make it the start of this node's history,
+    /// with a base image for later snapshots. `Ok(false)` if it does not match.
     pub fn adopt(&self, db: &str, d: &crate::replica::manifest::DbManifest) -> Result<bool> {
         let io = Self::io(db);
         let Some(main) = self.open(db).map_err(&io)? else {

@@ -99,14 +99,37 @@ impl Node {
     }
 
     pub fn set_role(&self, role: Role) {
+        self.set_role_for(role, "");
+    }
+
+    /// Changes the role; `reason` goes to the log and to the role history in
+    /// `status.json` (a release and a loss of the lease must read differently).
+    pub fn set_role_for(&self, role: Role, reason: &str) {
         let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
         if old != role {
-            tracing::info!(from = old.name(), to = role.name(), "role changed");
+            if reason.is_empty() {
+                tracing::info!(from = old.name(), to = role.name(), "role changed");
+            } else {
+                tracing::info!(from = old.name(), to = role.name(), reason, "role changed");
+            }
             if (old == Role::Primary) != (role == Role::Primary) {
                 self.forget_sidecar_entries();
             }
             self.bump_view();
             self.publish(role);
+            self.status.update(|s| {
+                s.role_history.push(crate::status::RoleChange {
+                    at: chrono::Utc::now().to_rfc3339(),
+                    from: old.name().into(),
+                    to: role.name().into(),
+                    reason: (!reason.is_empty()).then(|| reason.to_string()),
+                });
+                let extra = s
+                    .role_history
+                    .len()
+                    .saturating_sub(crate::status::ROLE_HISTORY);
+                s.role_history.drain(..extra);
+            });
         }
     }
 
@@ -185,7 +208,7 @@ impl Node {
         if self.fencing.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.set_role(Role::Fenced);
+        self.set_role_for(Role::Fenced, reason);
         tracing::info!(reason, "fenced: keeping unpublished transactions aside");
         let doc = self.status.snapshot();
         let epoch = doc.epoch.unwrap_or(0);
@@ -306,9 +329,27 @@ pub async fn drive_roles(
             }
             LeaseState::Disabled => node.set_role(Role::Primary),
             other => {
+                let released = keeper.released_on_purpose(epoch.load(Ordering::Acquire));
                 if was == Role::HandingOver {
                     // A graceful hand-over published everything first.
                     node.set_role(Role::Secondary);
+                } else if was == Role::Primary && released {
+                    // Given up on purpose (unmount, `leadership release`): not
+                    // a loss. Only what the bucket lacks is kept aside.
+                    let unpublished = node.capture().unpublished();
+                    if unpublished == 0 {
+                        node.set_role_for(Role::Secondary, "lease released");
+                    } else {
+                        tracing::warn!(
+                            transactions = unpublished,
+                            "lease released before everything was published"
+                        );
+                        let (n, why) = (
+                            node.clone(),
+                            format!("lease released with {unpublished} unpublished transaction(s)"),
+                        );
+                        let _ = tokio::task::spawn_blocking(move || n.fence(&why)).await;
+                    }
                 } else if was == Role::Primary {
                     tracing::warn!(state = ?other, "lease lost: no more writes on this node");
                     let (n, why) = (node.clone(), format!("lease lost ({other:?})"));
@@ -325,6 +366,10 @@ pub async fn drive_roles(
                     }
                     LeaseState::Unusable { reason } | LeaseState::Lost { reason } => {
                         s.last_error = Some(reason.clone());
+                        s.primary = None;
+                    }
+                    LeaseState::Released { .. } => {
+                        s.last_error = None;
                         s.primary = None;
                     }
                     _ => s.primary = None,
