@@ -281,5 +281,8 @@ pub fn render_text(d: &StatusDoc) -> String {
     if let Some(e) = &d.last_error {
         s += &format!("last error: {e}\n");
     }
+    for r in &d.divergent {
+        s += &format!("divergent: {r} (never uploaded; see membridge doctor)\n");
+    }
     s
 }

@@ -302,13 +302,14 @@ impl Capture {
         names
     }
 
-    /// Transactions journaled and not yet published, over every database.
+    /// Transactions journaled and still to be published (not set aside as
+    /// divergent), over every database.
     pub fn unpublished(&self) -> u64 {
         self.journal
             .heads()
             .unwrap_or_default()
             .iter()
-            .map(|h| h.head_txid.saturating_sub(h.uploaded_txid))
+            .map(|h| self.journal.backlog(&h.name).map_or(0, |b| b.0))
             .sum()
     }
 
@@ -376,58 +377,31 @@ impl Capture {
     }
 
     /// Fencing: this node lost the lease with transactions the bucket never
-    /// got. Each such database is written out as it stood locally (the base
-    /// image plus the journal) with a JSON report, under `divergent/` in the state dir —
-    /// never silently dropped, never merged — and capture forgets it, so the
-    /// follower can bring the bucket's history back.
-    pub fn set_aside(&self, epoch: u64, node: &str, reason: &str) -> Vec<PathBuf> {
-        let mut out = Vec::new();
+    /// got. Each such database is written out as it stood locally with a
+    /// report, under `divergent/` in the state dir (see
+    /// [`super::divergent`]), and capture forgets it, so the follower can
+    /// bring the bucket's history back.
+    pub fn set_aside(&self, node: &str, reason: &str) -> Vec<PathBuf> {
+        let dir = self.base_dir.with_file_name("divergent");
         let heads = self.journal.heads().unwrap_or_default();
-        for h in heads.iter().filter(|h| h.head_txid > h.uploaded_txid) {
-            let dir = self.base_dir.with_file_name("divergent");
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-            let stem = format!("{}-epoch{epoch}-{stamp}", h.name.replace('/', "%2F"));
-            let path = dir.join(format!("{stem}.db"));
-            let made = std::fs::create_dir_all(&dir)
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    crate::journal::base::materialize(
-                        &self.journal,
-                        &self.base_dir,
-                        h,
-                        h.head_txid,
-                        &path,
-                    )
-                    .map_err(|e| e.to_string())
-                });
-            let report = serde_json::json!({
-                "database": h.name,
-                "node": node,
-                "epoch": epoch,
-                "reason": reason,
-                "published_txid": h.uploaded_txid,
-                "local_head_txid": h.head_txid,
-                "unpublished_txids": [h.uploaded_txid + 1, h.head_txid],
-                "unpublished_count": h.head_txid - h.uploaded_txid,
-                "local_checksum": format!("{:016x}", h.head_checksum),
-                "copy": made.as_ref().ok().map(|_| path.display().to_string()),
-                "copy_error": made.as_ref().err(),
-                "created_at": chrono::Utc::now().to_rfc3339(),
-            });
-            let report_path = dir.join(format!("{stem}.json"));
-            let _ = std::fs::write(
-                &report_path,
-                serde_json::to_vec_pretty(&report).unwrap_or_default(),
-            );
-            tracing::warn!(
-                db = %h.name,
-                unpublished = h.head_txid - h.uploaded_txid,
-                copy = %path.display(),
-                report = %report_path.display(),
-                "fenced: unpublished transactions kept aside as a divergent copy"
-            );
-            out.push(report_path);
-        }
+        let out = heads
+            .iter()
+            .filter(|h| {
+                let aside = self.journal.divergent_through(&h.name).ok().flatten();
+                h.head_txid > h.uploaded_txid.max(aside.unwrap_or(0))
+            })
+            .map(|h| {
+                super::divergent::set_aside(
+                    &self.journal,
+                    &self.base_dir,
+                    &dir,
+                    h,
+                    node,
+                    None,
+                    reason,
+                )
+            })
+            .collect();
         self.dbs.lock().unwrap().clear();
         out
     }
@@ -515,6 +489,9 @@ impl Capture {
         self.status.update(|s| {
             let d = s.databases.entry(db.to_string()).or_default();
             d.head_txid = head;
+            // What the journal knew published when capture started (status
+            // starts at 0, and only a primary's uploader refreshes it).
+            d.uploaded_txid = d.uploaded_txid.max(st.head.uploaded_txid);
             // Txids are consecutive: what is not uploaded yet is the backlog
             // (the uploader refreshes it from the journal after each round).
             d.backlog = head.saturating_sub(d.uploaded_txid);

@@ -2,6 +2,7 @@
 //! and read-through.
 
 pub mod capture;
+pub mod divergent;
 pub mod follower;
 pub mod hydrate;
 pub mod legacy;

@@ -211,9 +211,8 @@ impl Node {
         self.set_role_for(Role::Fenced, reason);
         tracing::info!(reason, "fenced: keeping unpublished transactions aside");
         let doc = self.status.snapshot();
-        let epoch = doc.epoch.unwrap_or(0);
         let reports = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.capture.set_aside(epoch, &doc.node_id, reason)
+            self.capture.set_aside(&doc.node_id, reason)
         })) {
             Ok(r) => r,
             Err(_) => {
@@ -222,8 +221,12 @@ impl Node {
             }
         };
         self.status.update(|s| {
-            s.divergent
-                .extend(reports.iter().map(|p| p.display().to_string()));
+            for p in &reports {
+                let p = p.display().to_string();
+                if !s.divergent.contains(&p) {
+                    s.divergent.push(p);
+                }
+            }
             s.last_error = Some(format!("fenced: {reason}"));
         });
         self.set_role(Role::Secondary);

@@ -349,7 +349,12 @@ impl Uploader {
         let mut starts = std::collections::BTreeMap::new();
         for (db, d) in &v.manifest.databases {
             let mut local = self.journal.head(db)?;
-            let continues = |j: &DbHead| {
+            // A history whose tail was set aside as divergent cannot go on:
+            // the bucket's history went another way.
+            let continues = |j: &DbHead, aside: bool| {
+                if aside {
+                    return false;
+                }
                 let same = j.generation == d.generation
                     && ((j.head_txid == d.head_txid
                         && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
@@ -359,12 +364,14 @@ impl Uploader {
                 let newer = j.generation > d.generation && j.base_txid > d.head_txid;
                 same || newer
             };
-            if !local.as_ref().is_some_and(continues) && !self.node.all_local() {
+            let aside = self.journal.divergent_through(db)?.is_some();
+            let ours = local.as_ref().is_some_and(|j| continues(j, aside));
+            if !ours && !self.node.all_local() {
                 return Err(UploadError::Conflict(format!(
                     "{db}: still hydrating from the bucket; taking writes once it is local"
                 )));
             }
-            if !local.as_ref().is_some_and(continues) {
+            if !ours {
                 // A secondary being promoted: its follower's copy, if it is
                 // exactly the bucket's head, becomes the start of its history.
                 let node = self.node.clone();
@@ -377,7 +384,8 @@ impl Uploader {
                     local = self.journal.head(db)?;
                 }
             }
-            let ours = local.as_ref().is_some_and(continues);
+            let aside = self.journal.divergent_through(db)?.is_some();
+            let ours = local.as_ref().is_some_and(|j| continues(j, aside));
             if !ours {
                 return Err(UploadError::Conflict(format!(
                     "{db}: the bucket is at txid {} (generation {}), this node at {}; \
@@ -395,6 +403,10 @@ impl Uploader {
             starts.insert(db.clone(), local.map_or(d.head_txid, |j| j.head_txid) + 1);
         }
         for h in self.journal.heads()? {
+            if !v.manifest.databases.contains_key(&h.name) {
+                // The bucket has no history of it to diverge from.
+                self.journal.clear_divergent(&h.name)?;
+            }
             starts.entry(h.name.clone()).or_insert(h.head_txid + 1);
         }
         Ok(starts)
@@ -461,8 +473,8 @@ impl Uploader {
     }
 
     async fn publish_db(&mut self, h: DbHead) -> Result<()> {
-        if h.page_size == 0 {
-            return Ok(());
+        if h.page_size == 0 || self.journal.divergent_through(&h.name)?.is_some() {
+            return Ok(()); // nothing yet, or a history set aside: never uploaded
         }
         let v = self.current().await?;
         let in_bucket = v.manifest.databases.get(&h.name).cloned();
