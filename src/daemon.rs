@@ -251,7 +251,9 @@ impl Running {
             if start.elapsed() > limit {
                 tracing::warn!(
                     transactions = left,
-                    "exiting with a backlog; it is uploaded at the next mount"
+                    "exiting with unpublished transactions: they are uploaded if this node is the \
+                     primary again at the next mount; if another node takes over first, they are \
+                     set aside under divergent/ instead"
                 );
                 return;
             }
@@ -286,8 +288,19 @@ impl Running {
         rx
     }
 
-    /// Let another node take the lease at once instead of waiting out the TTL.
+    /// Let another node take the lease at once instead of waiting out the TTL,
+    /// unless transactions are still unpublished: then the lease is kept (it
+    /// expires by itself), so that this node, mounted again in time, publishes
+    /// them instead of another node taking over without them.
     fn release_lease(&self) {
+        let unpublished = self.capture.capture().unpublished();
+        if self.keeper.state().is_held() && unpublished > 0 {
+            tracing::warn!(
+                transactions = unpublished,
+                "not releasing the lease: transactions are unpublished; it expires by itself"
+            );
+            return;
+        }
         if self.keeper.state().is_held() {
             let keeper = self.keeper.clone();
             let res = self.rt.block_on(async move {
@@ -432,6 +445,60 @@ pub fn request(cfg: &Config, what: &str) -> Result<String> {
     }
 }
 
+/// Before taking any role: unpublished transactions the bucket's history has
+/// moved past (another node took over before they were uploaded) can never be
+/// uploaded. They are written under `divergent/` with a report, and shown (with
+/// every report still there) in `status.json`. If the bucket cannot be read
+/// now, taking the lease later still refuses to continue such a history.
+fn set_aside_divergent(
+    cfg: &Config,
+    rt: &tokio::runtime::Runtime,
+    store: &dyn ObjectStore,
+    journal: &Journal,
+    status: &Status,
+) {
+    use crate::replica::divergent;
+    let layout = Layout::for_config(cfg);
+    let found = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            divergent::diverged(store, &layout, &cfg.canonical_id, journal),
+        )
+        .await
+        .unwrap_or_else(|_| Err("the bucket did not answer within 10 s".into()))
+    });
+    match found {
+        Ok(found) => {
+            for (h, why, bucket_epoch) in found {
+                divergent::set_aside(
+                    journal,
+                    &cfg.state_dir.join("base"),
+                    &divergent::dir(&cfg.state_dir),
+                    &h,
+                    &cfg.node_id,
+                    Some(bucket_epoch),
+                    &why,
+                );
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not compare unpublished transactions with the bucket at start"
+        ),
+    }
+    let reports = divergent::reports(&cfg.state_dir);
+    let heads = journal.heads().unwrap_or_default();
+    status.update(|s| {
+        s.divergent = reports.iter().map(|p| p.display().to_string()).collect();
+        for h in &heads {
+            let d = s.databases.entry(h.name.clone()).or_default();
+            d.head_txid = h.head_txid;
+            d.uploaded_txid = h.uploaded_txid;
+            d.backlog = journal.backlog(&h.name).map_or(0, |b| b.0);
+        }
+    });
+}
+
 /// Open the journal, reconcile every replicated database with it (before the
 /// mount serves anything), and start the uploader on its own runtime.
 fn start_replication(
@@ -523,6 +590,7 @@ fn start_replication(
         cfg.cache_bytes,
     );
     node.set_read_through(read_through.clone());
+    set_aside_divergent(cfg, &rt, store.as_ref(), &journal, status);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     serve_control(
         control_socket(cfg),

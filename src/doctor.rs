@@ -232,6 +232,7 @@ pub async fn run_full(cfg: &Config, local: &Local, out: &mut dyn Write) -> Docto
     if let Some(doc) = &doc {
         check_replication(doc, &mut report, out);
     }
+    check_divergent(cfg, &mut report, out);
     check_installed(local.home.as_deref(), &mut report, out);
     report.finish(out);
     report
@@ -496,17 +497,29 @@ fn check_replication(
     if let Some(e) = &doc.last_error {
         report.record(out, Status::Warn, "daemon last error", e.as_str());
     }
-    if !doc.divergent.is_empty() {
-        report.record(
-            out,
-            Status::Warn,
-            "divergent copies",
-            format!(
-                "kept when this node was fenced, review them: {}",
-                doc.divergent.join(", ")
-            ),
-        );
+}
+
+/// Divergent reports under the state dir, mounted or not: transactions this
+/// node acknowledged that the bucket's history does not have. They stay a
+/// warning until the user has dealt with them and deleted the reports.
+fn check_divergent(cfg: &Config, report: &mut DoctorReport, out: &mut dyn Write) {
+    let found = crate::replica::divergent::reports(&cfg.state_dir);
+    if found.is_empty() {
+        return;
     }
+    let list: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+    report.record(
+        out,
+        Status::Warn,
+        "divergent copies",
+        format!(
+            "{} report(s) of transactions acknowledged on this node that the bucket's history \
+             does not have (another node took over first); they are never uploaded: review each \
+             copy, merge by hand what you need, then delete the report and its copy: {}",
+            found.len(),
+            list.join(", ")
+        ),
+    );
 }
 
 /// Mount helper, systemd units, the Claude hook: informational, except the

@@ -53,6 +53,7 @@
 //! bury the changes that matter under thousands of identical objects a day.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1065,9 +1066,12 @@ pub enum LeaseState {
     /// Nobody holds a valid lease and this node did not take it (not yet, or
     /// the policy forbids it). Also the state before the first read.
     None,
-    /// The lease this node held is gone (taken, released, handed over, or
+    /// The lease this node held is gone against its will (taken, deleted, or
     /// not renewed in time). The keeper goes on watching.
     Lost { reason: String },
+    /// This node gave up the lease at `epoch` on purpose (unmount, `membridge
+    /// leadership release`): not a loss. The keeper goes on watching.
+    Released { epoch: u64 },
     /// The lease object is malformed or belongs to another project: nobody may
     /// be primary until an operator fixes it.
     Unusable { reason: String },
@@ -1140,6 +1144,10 @@ enum Cmd {
 /// a crash: it expires); [`LeaseKeeper::shutdown`] can release it first.
 pub struct LeaseKeeper {
     state: watch::Receiver<LeaseState>,
+    /// The last epoch this node released on purpose (0: none). Kept apart
+    /// from `state`, whose watchers may miss a short-lived value: whoever
+    /// sees the lease gone asks [`LeaseKeeper::released_on_purpose`].
+    released: Arc<AtomicU64>,
     handover: watch::Receiver<Option<Handover>>,
     cmd: mpsc::Sender<Cmd>,
     task: tokio::task::JoinHandle<()>,
@@ -1151,10 +1159,12 @@ impl LeaseKeeper {
         let (state_tx, state) = watch::channel(LeaseState::None);
         let (handover_tx, handover) = watch::channel(None);
         let (cmd, cmd_rx) = mpsc::channel(4);
+        let released = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(
             KeeperTask {
                 client,
                 opts,
+                released: released.clone(),
                 state_tx,
                 handover_tx,
                 held: None,
@@ -1167,10 +1177,17 @@ impl LeaseKeeper {
         );
         LeaseKeeper {
             state,
+            released,
             handover,
             cmd,
             task,
         }
+    }
+
+    /// Whether this node gave up the lease of `epoch` on purpose (a release,
+    /// not a loss).
+    pub fn released_on_purpose(&self, epoch: u64) -> bool {
+        epoch != 0 && self.released.load(Ordering::Acquire) == epoch
     }
 
     pub fn state(&self) -> LeaseState {
@@ -1223,6 +1240,7 @@ impl LeaseKeeper {
 struct KeeperTask {
     client: LeaseClient,
     opts: KeeperOptions,
+    released: Arc<AtomicU64>,
     state_tx: watch::Sender<LeaseState>,
     handover_tx: watch::Sender<Option<Handover>>,
     held: Option<Versioned>,
@@ -1269,6 +1287,15 @@ impl KeeperTask {
             expires: v.lease.expires_at,
             valid_until: self.client.holder_deadline(&v.lease),
         });
+    }
+
+    /// This node gave up the lease of `epoch` on purpose.
+    fn stepped_down(&mut self, epoch: u64) {
+        self.held = None;
+        self.handover_tx.send_replace(None);
+        self.backoff_until = Some(tokio::time::Instant::now() + self.opts.release_backoff);
+        self.released.store(epoch, Ordering::Release);
+        self.publish(LeaseState::Released { epoch });
     }
 
     fn lose(&mut self, reason: String) {
@@ -1346,12 +1373,18 @@ impl KeeperTask {
                 let released_here = current
                     .as_ref()
                     .is_some_and(|c| c.primary_node_id == self.client.node_id && c.is_released());
-                self.lose(reason);
                 if released_here {
-                    // `membridge leadership release` on this node: step aside
-                    // long enough for another node to take it.
-                    self.backoff_until =
-                        Some(tokio::time::Instant::now() + self.opts.release_backoff);
+                    // `membridge leadership release` on this node: a release,
+                    // not a loss. Step aside long enough for another node to
+                    // take it.
+                    tracing::info!(
+                        node = %self.client.node_id,
+                        epoch = held.lease.epoch,
+                        "the lease was released on request (membridge leadership release)"
+                    );
+                    self.stepped_down(held.lease.epoch);
+                } else {
+                    self.lose(reason);
                 }
                 Duration::ZERO
             }
@@ -1528,29 +1561,31 @@ impl KeeperTask {
         let Some(held) = self.held.clone() else {
             return Ok(());
         };
-        // Whatever happens next, this node stops acting as the holder now.
-        self.held = None;
-        self.handover_tx.send_replace(None);
-        self.backoff_until = Some(tokio::time::Instant::now() + self.opts.release_backoff);
+        // Whatever happens next, this node stops acting as the holder now:
+        // a release, unless the lease turns out to have been taken already.
+        let epoch = held.lease.epoch;
         let left = until(self.client.holder_deadline(&held.lease));
         match tokio::time::timeout(left, self.client.release(&held)).await {
             Ok(Ok(v)) => {
                 tracing::info!(epoch = v.lease.epoch, "released the lease");
-                self.publish(LeaseState::None);
+                self.stepped_down(epoch);
                 Ok(())
             }
+            Ok(Err(e @ LeaseError::Lost { .. })) => {
+                self.backoff_until = Some(tokio::time::Instant::now() + self.opts.release_backoff);
+                self.lose(e.to_string());
+                Err(e)
+            }
             Ok(Err(e)) => {
-                self.publish(LeaseState::Lost {
-                    reason: e.to_string(),
-                });
+                tracing::warn!(epoch, error = %e, "the release did not reach the bucket; the lease will expire");
+                self.stepped_down(epoch);
                 Err(e)
             }
             Err(_) => {
                 let reason =
                     "the bucket did not answer the release; the lease will expire".to_string();
-                self.publish(LeaseState::Lost {
-                    reason: reason.clone(),
-                });
+                tracing::warn!(epoch, "{reason}");
+                self.stepped_down(epoch);
                 Err(LeaseError::Lost {
                     reason,
                     current: None,

@@ -510,6 +510,7 @@ mod tests {
             last_outage: None,
             divergent: vec![],
             last_error: None,
+            role_history: vec![],
         }
     }
 

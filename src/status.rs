@@ -76,6 +76,22 @@ pub struct StatusDoc {
     #[serde(default)]
     pub divergent: Vec<String>,
     pub last_error: Option<String>,
+    /// The last role changes, oldest first (at most [`ROLE_HISTORY`]).
+    #[serde(default)]
+    pub role_history: Vec<RoleChange>,
+}
+
+/// How many role changes `status.json` keeps.
+pub const ROLE_HISTORY: usize = 20;
+
+/// One role change and why it happened ("lease released", "lease lost: ...").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleChange {
+    pub at: String,
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +149,37 @@ impl Status {
             last_outage: None,
             divergent: Vec::new(),
             last_error: None,
+            role_history: Vec::new(),
+        })
+    }
+
+    /// A document for unit tests that drive components without a Config.
+    #[cfg(test)]
+    pub(crate) fn for_tests(node_id: &str) -> Status {
+        Status::from_doc(StatusDoc {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            node_id: node_id.into(),
+            canonical_id: "test".into(),
+            mount_dir: "/test".into(),
+            started_at: chrono::Utc::now().to_rfc3339(),
+            state: "ready".into(),
+            role: "secondary".into(),
+            policy: "auto".into(),
+            epoch: None,
+            primary: None,
+            classes: ClassGlobsDoc {
+                replicated_databases: vec![],
+                replicated_files: vec![],
+                local: String::new(),
+            },
+            databases: BTreeMap::new(),
+            log_file: None,
+            upload_state: "ok".into(),
+            last_outage: None,
+            divergent: Vec::new(),
+            last_error: None,
+            role_history: Vec::new(),
         })
     }
 
@@ -233,6 +280,9 @@ pub fn render_text(d: &StatusDoc) -> String {
     }
     if let Some(e) = &d.last_error {
         s += &format!("last error: {e}\n");
+    }
+    for r in &d.divergent {
+        s += &format!("divergent: {r} (never uploaded; see membridge doctor)\n");
     }
     s
 }

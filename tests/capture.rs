@@ -632,3 +632,62 @@ fn snapshots_every_n_transactions_restore_by_time_and_prune() {
         "{out:?}"
     );
 }
+
+/// Issue 11, item 6: `cp backups/x.db claude-mem.db` inside the mount on the
+/// primary (copy_file_range, as coreutils does) changes the database through
+/// capture like a write: the bucket gets the transaction, and a restore
+/// gives the copied database.
+#[test]
+fn copy_file_range_onto_the_database_is_captured() {
+    use std::os::fd::AsRawFd;
+    let s3 = SeaweedFs::shared();
+    let m = Mount::with_files(env_for(s3, "cfr"), &[]);
+    let db = m.dir.join(DB);
+    let c = open(&db, "delete");
+    c.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    drop(c);
+    let before = wait_drained(&m, Duration::from_secs(30));
+    std::fs::create_dir_all(m.dir.join("backups")).unwrap();
+    let backup = m.dir.join("backups/x.db");
+    let c = open(&backup, "delete");
+    c.execute_batch(
+        "CREATE TABLE t(x); INSERT INTO t VALUES (1), (2), (3);
+         CREATE TABLE u(y); INSERT INTO u VALUES (randomblob(5000));",
+    )
+    .unwrap();
+    drop(c);
+    let len = std::fs::metadata(&backup).unwrap().len() as usize;
+    let src = std::fs::File::open(&backup).unwrap();
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&db)
+        .unwrap();
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    while (off_in as usize) < len {
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                len - off_in as usize,
+                0,
+            )
+        };
+        assert!(n > 0, "{n}: {}", std::io::Error::last_os_error());
+    }
+    // Captured at fsync or at the last close; FUSE releases asynchronously.
+    dst.sync_all().unwrap();
+    drop(dst);
+    let after = wait_drained(&m, Duration::from_secs(30));
+    assert!(
+        after > before,
+        "the copy was not captured ({before} -> {after})"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let restored = tmp.path().join("r.db");
+    restore_ok(&m, &restored, None);
+    assert_eq!(dump(&restored), dump(&backup));
+}

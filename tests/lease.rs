@@ -707,6 +707,41 @@ async fn a_keeper_reclaims_its_nodes_lease_at_start_and_reports_losing_it() {
     k.shutdown(true).await.unwrap();
 }
 
+/// A release on purpose (the keeper's own, or `leadership release` on this
+/// node seen at the next renewal) is reported as `Released`, never `Lost`,
+/// and `released_on_purpose` remembers it however briefly the state lasted.
+#[tokio::test]
+async fn a_release_on_purpose_is_not_reported_as_a_loss() {
+    let bucket = SeaweedFs::shared().new_bucket("lease-released");
+    let c = fast(client(&bucket, "n1", &[]));
+    let k = LeaseKeeper::spawn(c.clone(), keeper_opts(&c));
+    let mut rx = k.subscribe();
+    let held = |s: &LeaseState| s.is_held();
+    let epoch = wait_state(&mut rx, "held", Duration::from_secs(10), held)
+        .await
+        .held_epoch()
+        .unwrap();
+    assert!(!k.released_on_purpose(epoch));
+    // `membridge leadership release` from another process on this node.
+    assert!(matches!(
+        c.release_own().await.unwrap(),
+        lease::Release::Released(_)
+    ));
+    let st = wait_state(&mut rx, "noticed", Duration::from_secs(5), |s| !s.is_held()).await;
+    assert_eq!(st, LeaseState::Released { epoch });
+    assert!(k.released_on_purpose(epoch));
+    // Taken again after the back-off, then released by the keeper itself.
+    let epoch = wait_state(&mut rx, "held again", Duration::from_secs(10), held)
+        .await
+        .held_epoch()
+        .unwrap();
+    assert!(!k.released_on_purpose(epoch));
+    k.release().await.unwrap();
+    assert_eq!(k.state(), LeaseState::Released { epoch });
+    assert!(k.released_on_purpose(epoch));
+    k.shutdown(false).await.unwrap();
+}
+
 // ─── The command line ───────────────────────────────────────────────────────
 
 fn run(bucket: &str, node: &str, args: &[&str]) -> Output {

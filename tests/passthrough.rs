@@ -78,6 +78,7 @@ fn worker_entry() {
         "sql-reader" => sql_reader(&args[0], &args[1]),
         "lock-holder" => lock_holder(&args[0], args[1].parse().unwrap()),
         "mmap-reader" => mmap_reader(&args[0], args[1].parse().unwrap()),
+        "create-modes" => create_modes(&args[0], u32::from_str_radix(&args[1], 8).unwrap()),
         other => panic!("unknown worker role {other}"),
     }
 }
@@ -556,4 +557,86 @@ fn unprivileged_writes_clear_set_id_bits_as_on_the_bare_dir() {
         seen[1], seen[0],
         "the mount must behave as the bare directory"
     );
+}
+
+/// Under `umask`, creates files, directories and a FIFO in `dir` with
+/// explicit modes and reports the modes they got.
+fn create_modes(dir: &str, umask: u32) {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    unsafe { libc::umask(umask as libc::mode_t) };
+    let dir = Path::new(dir);
+    for (name, mode) in [("f620", 0o620), ("f666", 0o666), ("f777", 0o777)] {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(dir.join(name))
+            .unwrap();
+    }
+    for (name, mode) in [("d777", 0o777), ("d750", 0o750)] {
+        fs::DirBuilder::new()
+            .mode(mode)
+            .create(dir.join(name))
+            .unwrap();
+    }
+    let fifo = std::ffi::CString::new(dir.join("p666").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
+    for name in ["f620", "f666", "f777", "d777", "d750", "p666"] {
+        let mode = fs::symlink_metadata(dir.join(name)).unwrap().mode() & 0o7777;
+        println!("@@ {name} {mode:o}");
+    }
+}
+
+/// Issue 11, item 9: files, directories and nodes created through the mount
+/// get exactly the mode the caller's umask gives them on the bare directory,
+/// whatever the daemon's own umask.
+#[test]
+fn created_modes_follow_the_callers_umask_as_on_the_bare_dir() {
+    let m = Mount::with_files(env(), &[]);
+    for umask in ["0", "22", "77"] {
+        let bare = tempfile::tempdir().unwrap();
+        let mounted = m.dir.join(format!("u{umask}"));
+        fs::create_dir(&mounted).unwrap();
+        fs::set_permissions(&mounted, fs::Permissions::from_mode(0o777)).unwrap();
+        let want = finish(spawn_worker(
+            "create-modes",
+            &[bare.path().to_str().unwrap(), umask],
+        ));
+        let got = finish(spawn_worker(
+            "create-modes",
+            &[mounted.to_str().unwrap(), umask],
+        ));
+        assert_eq!(
+            got, want,
+            "umask {umask}: the mount differs from the bare dir"
+        );
+        if umask == "0" {
+            assert!(
+                want.contains("f620 620") && want.contains("d777 777"),
+                "{want}"
+            );
+        }
+    }
+    // The daemon's own files (a base image, made on a FUSE thread at the
+    // database's first write) keep the umask the daemon was started with.
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let ours = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|u| u32::from_str_radix(u.trim(), 8).unwrap())
+        .unwrap();
+    let c = rusqlite::Connection::open(m.dir.join("claude-mem.db")).unwrap();
+    c.execute_batch("CREATE TABLE t(x)").unwrap();
+    drop(c);
+    // (the state dir of each project is under MEMBRIDGE_STATE_DIR)
+    let bases: Vec<_> = fs::read_dir(&m.state)
+        .unwrap()
+        .filter_map(|e| fs::read_dir(e.unwrap().path().join("base")).ok())
+        .flatten()
+        .collect();
+    assert!(!bases.is_empty());
+    for e in bases {
+        let mode = e.unwrap().metadata().unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !ours, "a base image under umask {ours:o}");
+    }
 }

@@ -21,7 +21,10 @@ fn b(s: &str) -> Bytes {
 #[tokio::test]
 async fn put_get_head_delete_round_trip() {
     let s3 = SeaweedFs::shared();
-    let store = s3.store(&s3.new_bucket("roundtrip"));
+    put_get_head_delete_round_trip_on(&s3.store(&s3.new_bucket("roundtrip"))).await;
+}
+
+async fn put_get_head_delete_round_trip_on(store: &dyn ObjectStore) {
     let key = "projects/x/nodes/n1.json";
 
     let etag = store
@@ -61,7 +64,10 @@ async fn put_get_head_delete_round_trip() {
 #[tokio::test]
 async fn empty_objects_and_binary_bodies_survive() {
     let s3 = SeaweedFs::shared();
-    let store = s3.store(&s3.new_bucket("bodies"));
+    empty_objects_and_binary_bodies_survive_on(&s3.store(&s3.new_bucket("bodies"))).await;
+}
+
+async fn empty_objects_and_binary_bodies_survive_on(store: &dyn ObjectStore) {
     store
         .put("empty", Bytes::new(), PutMode::CreateOnly)
         .await
@@ -79,7 +85,10 @@ async fn empty_objects_and_binary_bodies_survive() {
 #[tokio::test]
 async fn range_reads() {
     let s3 = SeaweedFs::shared();
-    let store = s3.store(&s3.new_bucket("range"));
+    range_reads_on(&s3.store(&s3.new_bucket("range"))).await;
+}
+
+async fn range_reads_on(store: &dyn ObjectStore) {
     let body: Bytes = (0..=255u8).cycle().take(10_000).collect();
     store
         .put("snap", body.clone(), PutMode::CreateOnly)
@@ -123,30 +132,31 @@ async fn list_follows_every_page() {
             ..common::fast_options()
         },
     );
+    list_in_key_order_on(&small_pages).await;
+}
+
+async fn list_in_key_order_on(store: &dyn ObjectStore) {
     for i in 0..30 {
         let key = format!("projects/p/db/d/seg/{i:016x}-{i:016x}.seg");
-        small_pages
-            .put(&key, b("s"), PutMode::CreateOnly)
-            .await
-            .unwrap();
+        store.put(&key, b("s"), PutMode::CreateOnly).await.unwrap();
     }
-    small_pages
+    store
         .put("projects/p/manifest.json", b("{}"), PutMode::Overwrite)
         .await
         .unwrap();
-    small_pages
+    store
         .put("projects/q/db/d/seg/x", b("other"), PutMode::Overwrite)
         .await
         .unwrap();
 
-    let listed = small_pages.list("projects/p/db/").await.unwrap();
+    let listed = store.list("projects/p/db/").await.unwrap();
     assert_eq!(listed.len(), 30);
     let keys: Vec<&str> = listed.iter().map(|m| m.key.as_str()).collect();
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(keys, sorted, "listing is in key order");
     assert!(listed.iter().all(|m| m.size == 1 && !m.etag.is_empty()));
-    assert!(small_pages.list("projects/none/").await.unwrap().is_empty());
+    assert!(store.list("projects/none/").await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -183,7 +193,10 @@ async fn list_beyond_one_thousand_keys() {
 #[tokio::test]
 async fn create_only_refuses_an_existing_key() {
     let s3 = SeaweedFs::shared();
-    let store = s3.store(&s3.new_bucket("create-only"));
+    create_only_refuses_an_existing_key_on(&s3.store(&s3.new_bucket("create-only"))).await;
+}
+
+async fn create_only_refuses_an_existing_key_on(store: &dyn ObjectStore) {
     let key = "projects/x/leadership/lease.json";
     store
         .put(key, b("first"), PutMode::CreateOnly)
@@ -200,7 +213,10 @@ async fn create_only_refuses_an_existing_key() {
 #[tokio::test]
 async fn if_match_is_compare_and_swap() {
     let s3 = SeaweedFs::shared();
-    let store = s3.store(&s3.new_bucket("if-match"));
+    if_match_is_compare_and_swap_on(&s3.store(&s3.new_bucket("if-match"))).await;
+}
+
+async fn if_match_is_compare_and_swap_on(store: &dyn ObjectStore) {
     let key = "projects/x/manifest.json";
     let e1 = store.put(key, b("v1"), PutMode::CreateOnly).await.unwrap();
     let e2 = store
@@ -242,7 +258,10 @@ async fn if_match_is_compare_and_swap() {
 #[tokio::test]
 async fn get_if_none_match_is_a_cheap_poll() {
     let s3 = SeaweedFs::shared();
-    let store = s3.store(&s3.new_bucket("poll"));
+    get_if_none_match_is_a_cheap_poll_on(&s3.store(&s3.new_bucket("poll"))).await;
+}
+
+async fn get_if_none_match_is_a_cheap_poll_on(store: &dyn ObjectStore) {
     let key = "projects/x/manifest.json";
     let e1 = store.put(key, b("m1"), PutMode::CreateOnly).await.unwrap();
     assert_eq!(store.get_if_none_match(key, &e1).await.unwrap(), None);
@@ -268,10 +287,14 @@ async fn get_if_none_match_is_a_cheap_poll() {
 /// poll about once a second, so a round of 8 takes up to ~4 s there: hence few rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cas_has_exactly_one_winner_per_round() {
+    let s3 = SeaweedFs::shared();
+    concurrent_cas_has_exactly_one_winner_per_round_on(Arc::new(s3.store(&s3.new_bucket("cas"))))
+        .await;
+}
+
+async fn concurrent_cas_has_exactly_one_winner_per_round_on(store: Arc<dyn ObjectStore>) {
     const WRITERS: usize = 8;
     const ROUNDS: usize = 5;
-    let s3 = SeaweedFs::shared();
-    let store: Arc<dyn ObjectStore> = Arc::new(s3.store(&s3.new_bucket("cas")));
     let key = "projects/x/leadership/lease.json";
     store
         .put(key, b("round 0"), PutMode::CreateOnly)
@@ -313,10 +336,13 @@ async fn concurrent_cas_has_exactly_one_winner_per_round() {
 /// chain (no lost update), so the counter ends at exactly the number of wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cas_loses_no_update() {
+    let s3 = SeaweedFs::shared();
+    concurrent_cas_loses_no_update_on(Arc::new(s3.store(&s3.new_bucket("counter")))).await;
+}
+
+async fn concurrent_cas_loses_no_update_on(store: Arc<dyn ObjectStore>) {
     const WRITERS: usize = 8;
     const WINS_EACH: usize = 3;
-    let s3 = SeaweedFs::shared();
-    let store: Arc<dyn ObjectStore> = Arc::new(s3.store(&s3.new_bucket("counter")));
     let key = "counter";
     store.put(key, b("0"), PutMode::CreateOnly).await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
@@ -621,4 +647,61 @@ async fn lost_response_to_a_conditional_put_is_not_a_lost_race() {
         "{mine:?}"
     );
     assert_eq!(other.get("seg2").await.unwrap().body, b("theirs"));
+}
+
+/// The same contract, on the in-memory store the model-based tests use: it
+/// must be exactly as strict as the real server.
+mod memory {
+    use std::sync::Arc;
+
+    use membridge::remote::MemStore;
+
+    fn store() -> MemStore {
+        MemStore::new("contract")
+    }
+
+    #[tokio::test]
+    async fn put_get_head_delete_round_trip() {
+        super::put_get_head_delete_round_trip_on(&store()).await;
+    }
+
+    #[tokio::test]
+    async fn empty_objects_and_binary_bodies_survive() {
+        super::empty_objects_and_binary_bodies_survive_on(&store()).await;
+    }
+
+    #[tokio::test]
+    async fn range_reads() {
+        super::range_reads_on(&store()).await;
+    }
+
+    #[tokio::test]
+    async fn list_in_key_order() {
+        super::list_in_key_order_on(&store()).await;
+    }
+
+    #[tokio::test]
+    async fn create_only_refuses_an_existing_key() {
+        super::create_only_refuses_an_existing_key_on(&store()).await;
+    }
+
+    #[tokio::test]
+    async fn if_match_is_compare_and_swap() {
+        super::if_match_is_compare_and_swap_on(&store()).await;
+    }
+
+    #[tokio::test]
+    async fn get_if_none_match_is_a_cheap_poll() {
+        super::get_if_none_match_is_a_cheap_poll_on(&store()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_cas_has_exactly_one_winner_per_round() {
+        super::concurrent_cas_has_exactly_one_winner_per_round_on(Arc::new(store())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_cas_loses_no_update() {
+        super::concurrent_cas_loses_no_update_on(Arc::new(store())).await;
+    }
 }

@@ -120,3 +120,124 @@ fn a_lone_auto_node_takes_the_lease_and_writes() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("solo"), "{text}");
 }
+
+/// Issue 11, item 6: fallocate and copy_file_range on a non-primary's
+/// database go through the same role check as write (a hole punched in it,
+/// or a file copied over it, would change the copy it serves), and a copy
+/// *from* it gives what a read gives (the presented view).
+#[test]
+fn a_non_primary_refuses_fallocate_and_copy_file_range_onto_databases() {
+    use std::os::fd::AsRawFd;
+    let m = secondary("falloc");
+    let db = m.dir.join(DB);
+    let before = std::fs::read(&db).unwrap();
+    let errno = || std::io::Error::last_os_error().raw_os_error();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&db)
+        .unwrap();
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 4096) };
+    assert_eq!((rc, errno()), (-1, Some(libc::EACCES)), "punch hole");
+    std::fs::write(m.dir.join("backup.db"), vec![7u8; 4096]).unwrap();
+    let src = std::fs::File::open(m.dir.join("backup.db")).unwrap();
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    let n = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            f.as_raw_fd(),
+            &mut off_out,
+            4096,
+            0,
+        )
+    };
+    assert_eq!((n, errno()), (-1, Some(libc::EACCES)), "copy onto the db");
+    drop(f);
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "the database changed"
+    );
+
+    let src = std::fs::File::open(&db).unwrap();
+    let out = std::fs::File::create(m.dir.join("copy.db")).unwrap();
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    while (off_in as usize) < before.len() {
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                out.as_raw_fd(),
+                &mut off_out,
+                before.len() - off_in as usize,
+                0,
+            )
+        };
+        assert!(n > 0, "copy from the db: {n} {:?}", errno());
+    }
+    drop(out);
+    assert!(
+        std::fs::read(m.dir.join("copy.db")).unwrap() == before,
+        "a copy of the database differs from a read of it"
+    );
+}
+
+fn wait_for_role(m: &Mount, role: &str, limit: Duration) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        let st = m.status();
+        if st["role"] == role {
+            return st;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "never {role}: {st}\n{}",
+            m.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 11, item 8: giving the lease up on purpose (`leadership release`,
+/// unmount) is a release, not a loss: no "lease lost" warning, no fencing,
+/// and the role history says it was released.
+#[test]
+fn releasing_the_lease_is_not_a_loss() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("release"), "release");
+    env.push(("MEMBRIDGE_NODE_ID".into(), "solo".into()));
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "3".into()));
+    let m = Mount::with_files(env, &[(DB, &seeded_db())]);
+    assert_eq!(m.status()["role"], "primary");
+    let c = rusqlite::Connection::open(m.dir.join(DB)).unwrap();
+    c.execute("INSERT INTO observations(text) VALUES ('four')", [])
+        .unwrap();
+    drop(c);
+    let log_path = m.status()["log_file"].as_str().unwrap().to_string();
+
+    let out = m.run(&["leadership", "release"]);
+    assert!(out.status.success(), "{out:?}");
+    let st = wait_for_role(&m, "secondary", Duration::from_secs(10));
+    let last = st["role_history"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["from"], "primary", "{st}");
+    assert!(
+        last["reason"].as_str().unwrap_or("").contains("released"),
+        "{st}"
+    );
+    assert!(st["divergent"].as_array().unwrap().is_empty(), "{st}");
+    // A lone candidate takes it again once its release backoff is over.
+    wait_for_role(&m, "primary", Duration::from_secs(15));
+    m.unmount();
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("released the lease"), "{log}");
+    for bad in ["lease lost", "fenced"] {
+        assert!(!log.contains(bad), "{bad:?} in the log:\n{log}");
+    }
+}

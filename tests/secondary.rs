@@ -813,3 +813,99 @@ fn a_segment_that_fails_its_checksum_is_refused_and_the_last_good_state_served()
     let c = rusqlite::Connection::open(&bdb).unwrap();
     assert_eq!(integrity(&c), "ok");
 }
+
+/// Issue 11, item 7: a primary killed with transactions the bucket never got,
+/// while another node takes over and writes, comes back. At start it writes
+/// them under `divergent/` (the database at its head and a report of txids
+/// and times), shows them in status.json, `membridge status` and `doctor`
+/// (DEGRADED), never counts them as backlog to upload, and follows the new
+/// primary. Every acknowledged commit is in the new primary's history or in
+/// the report.
+#[test]
+fn a_restarted_primary_sets_aside_what_a_new_primary_moved_past() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("diverge"), "diverge");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "3".into()));
+    // Node A reaches the bucket through a gate the test can close.
+    let gate = common::gate::Gate::start(s3.s3_port());
+    let mut env_a = env.clone();
+    for (k, v) in env_a.iter_mut() {
+        if k == "MINIO_ENDPOINT" {
+            *v = gate.endpoint.clone();
+        }
+    }
+    let a = node(&env_a, "node-a");
+    let adb = a.dir.join(DB);
+    let pc = seed(&a, 10);
+    wait_for("A to publish", Duration::from_secs(20), || {
+        published(&a).is_some()
+    });
+    let published_a = published(&a).unwrap();
+    gate.close();
+    for i in 0..5 {
+        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("tail{i}")])
+            .unwrap();
+    }
+    drop(pc);
+    let head_a = a.status()["databases"][DB]["head_txid"].as_u64().unwrap();
+    assert_eq!(head_a, published_a + 5, "{}", a.status());
+    let pid = nix::unistd::Pid::from_raw(a.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let b = node(&env, "node-b");
+    let bdb = b.dir.join(DB);
+    wait_for("B to take over", Duration::from_secs(30), || {
+        b.status()["role"] == "primary"
+    });
+    let c = rusqlite::Connection::open(&bdb).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.execute("INSERT INTO t(v) VALUES ('b-1')", []).unwrap();
+    drop(c);
+    wait_for("B to publish", Duration::from_secs(20), || {
+        published(&b).is_some()
+    });
+    assert_eq!(count(&bdb), Some(11));
+
+    gate.open();
+    a.mount(); // clears the stale mount
+    let st = a.status();
+    let reports = st["divergent"].as_array().cloned().unwrap_or_default();
+    assert_eq!(reports.len(), 1, "{st}");
+    let path = reports[0].as_str().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert_eq!(
+        report["unpublished_txids"],
+        serde_json::json!([published_a + 1, head_a]),
+        "{report}"
+    );
+    assert_eq!(report["unpublished_count"], 5, "{report}");
+    assert_eq!(report["bucket_epoch"], 2, "{report}");
+    assert!(report["first_commit_at"].is_string() && report["last_commit_at"].is_string());
+    let copy = std::path::Path::new(report["copy"].as_str().unwrap());
+    assert_eq!(
+        count(copy),
+        Some(15),
+        "the copy holds every row A acknowledged"
+    );
+    assert_eq!(st["databases"][DB]["backlog"], 0, "{st}");
+
+    let out = a.run(&["status", a.dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("divergent: {path}")), "{text}");
+    let out = a.run(&["doctor", a.dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains(path) && text.contains("STATUS: DEGRADED"),
+        "{text}"
+    );
+
+    // A follows B; at unmount nothing promises an upload of A's tail.
+    wait_for("A to follow B", Duration::from_secs(30), || {
+        count(&adb) == Some(11)
+    });
+    let log_path = st["log_file"].as_str().unwrap().to_string();
+    a.unmount();
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(!log.contains("uploaded at the next mount"), "{log}");
+}

@@ -742,36 +742,11 @@ impl Filesystem for MemFs {
             Ok(n) => n.class(),
             Err(e) => return reply.error(e),
         };
-        if replicated(&class) {
-            let checked = self
-                .repl
-                .check_write(&class, req.pid())
-                .and_then(|()| self.repl.before_write(&class, offset, data.len() as u64));
-            if let Err(e) = checked {
-                return reply.error(err(e));
-            }
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.write_at(&class, req.pid(), fh.0 as RawFd, data, offset, kill) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(e),
         }
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Err(e) = sys::kill_suidgid(fh.0 as RawFd) {
-                return reply.error(err(e));
-            }
-        }
-        let n = match sys::pwrite(fh.0 as RawFd, data, offset) {
-            Ok(n) => n,
-            Err(e) => return reply.error(err(e)),
-        };
-        if replicated(&class) {
-            // An O_APPEND handle wrote at the end, whatever `offset` said.
-            let at = if sys::is_append(fh.0 as RawFd) {
-                sys::lseek(fh.0 as RawFd, 0, libc::SEEK_END).map(|end| end as u64 - n as u64)
-            } else {
-                Ok(offset)
-            };
-            if let Err(e) = at.and_then(|at| self.repl.written(&class, at, n as u64)) {
-                return reply.error(err(e));
-            }
-        }
-        reply.written(n as u32)
     }
 
     /// Opens say FOPEN_NOFLUSH (there is nothing to do at flush): a close
@@ -1066,10 +1041,14 @@ impl Filesystem for MemFs {
         }
     }
 
+    /// On a replicated path, a write like any other: the role check first,
+    /// and the range reported as written (punching a hole or zeroing a range
+    /// writes zeros; allocating leaves the bytes, and capture finds nothing
+    /// changed). Modes that shift the bytes after `offset` are refused there.
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -1079,10 +1058,34 @@ impl Filesystem for MemFs {
         if fh.0 >= HANDLE_BASE {
             return reply.error(Errno::EBADF);
         }
-        match sys::fallocate(fh.0 as RawFd, mode, offset, length) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
+        let class = match self.node(ino) {
+            Ok(n) => n.class(),
+            Err(e) => return reply.error(e),
+        };
+        let repl = replicated(&class);
+        if repl {
+            let checked = self
+                .repl
+                .check_write(&class, req.pid())
+                .and_then(|()| self.repl.before_write(&class, offset, length));
+            if let Err(e) = checked {
+                return reply.error(err(e));
+            }
+            let in_place =
+                libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+            if mode & !in_place != 0 {
+                return reply.error(Errno::EOPNOTSUPP);
+            }
         }
+        if let Err(e) = sys::fallocate(fh.0 as RawFd, mode, offset, length) {
+            return reply.error(err(e));
+        }
+        if repl {
+            if let Err(e) = self.repl.written(&class, offset, length) {
+                return reply.error(err(e));
+            }
+        }
+        reply.ok()
     }
 
     fn lseek(
@@ -1103,13 +1106,18 @@ impl Filesystem for MemFs {
         }
     }
 
+    /// Between host-local files, the kernel copies. When either side is
+    /// replicated, the copy is a read and a write like any other (read-through
+    /// of the source, role check and capture of the
+    /// destination), one bounded chunk per call: the caller loops on a short
+    /// count as for any copy_file_range.
     fn copy_file_range(
         &self,
-        _req: &Request,
-        _ino_in: INodeNo,
+        req: &Request,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -1118,6 +1126,22 @@ impl Filesystem for MemFs {
     ) {
         if fh_in.0 >= HANDLE_BASE || fh_out.0 >= HANDLE_BASE {
             return reply.error(Errno::EBADF);
+        }
+        let (class_in, class_out) = match (self.node(ino_in), self.node(ino_out)) {
+            (Ok(a), Ok(b)) => (a.class(), b.class()),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        if replicated(&class_in) || replicated(&class_out) {
+            let copied = self.copy_through(
+                req.pid(),
+                (&class_in, fh_in.0 as RawFd, offset_in),
+                (&class_out, fh_out.0 as RawFd, offset_out),
+                len,
+            );
+            return match copied {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(e),
+            };
         }
         let len = len.min(u32::MAX as u64 / 2);
         match sys::copy_file_range(
@@ -1134,6 +1158,69 @@ impl Filesystem for MemFs {
 }
 
 impl MemFs {
+    /// `write` on an open file: the role check on a replicated path, the
+    /// write, then capture of what was written.
+    fn write_at(
+        &self,
+        class: &PathClass,
+        pid: u32,
+        fd: RawFd,
+        data: &[u8],
+        offset: u64,
+        kill_suidgid: bool,
+    ) -> Result<usize, Errno> {
+        if replicated(class) {
+            self.repl.check_write(class, pid).map_err(err)?;
+            self.repl
+                .before_write(class, offset, data.len() as u64)
+                .map_err(err)?;
+        }
+        if kill_suidgid {
+            sys::kill_suidgid(fd).map_err(err)?;
+        }
+        let n = sys::pwrite(fd, data, offset).map_err(err)?;
+        if replicated(class) {
+            // An O_APPEND handle wrote at the end, whatever `offset` said.
+            let at = if sys::is_append(fd) {
+                sys::lseek(fd, 0, libc::SEEK_END).map(|end| end as u64 - n as u64)
+            } else {
+                Ok(offset)
+            };
+            at.and_then(|at| self.repl.written(class, at, n as u64))
+                .map_err(err)?;
+        }
+        Ok(n)
+    }
+
+    /// copy_file_range with a replicated side: one chunk read as `read`
+    /// reads it and written as `write` writes it.
+    fn copy_through(
+        &self,
+        pid: u32,
+        (class_in, fd_in, offset_in): (&PathClass, RawFd, u64),
+        (class_out, fd_out, offset_out): (&PathClass, RawFd, u64),
+        len: u64,
+    ) -> Result<usize, Errno> {
+        const CHUNK: u64 = 1 << 20;
+        if replicated(class_out) {
+            // Refuse before reading anything.
+            self.repl.check_write(class_out, pid).map_err(err)?;
+        }
+        let len = len.min(CHUNK) as u32;
+        if replicated(class_in) {
+            self.repl
+                .before_read(class_in, offset_in, len)
+                .map_err(err)?;
+        }
+        let mut buf = vec![0u8; len as usize];
+        let n = sys::pread(fd_in, &mut buf, offset_in).map_err(err)?;
+
+        if n == 0 {
+            return Ok(0);
+        }
+        self.write_at(class_out, pid, fd_out, &buf[..n], offset_out, false)
+    }
+
     /// The parent node and C name for creating `name`; `.membridge` and the
     /// virtual dir refuse with `reserved`.
     fn target(

@@ -76,9 +76,50 @@ pub fn reopen(path_fd: RawFd, flags: i32) -> SysResult<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Runs `f` with this thread's umask at 0, so that what it creates gets
+/// exactly the mode asked for: the mode a FUSE request carries was already
+/// masked with the caller's umask (by the kernel, and by us with the umask
+/// the request carries), and the daemon's own umask must not mask it again.
+///
+/// The thread first takes a private copy of its filesystem attributes
+/// (`unshare(CLONE_FS)`: umask, cwd, root), so the umask is 0 only in this
+/// thread and only for the duration of `f`: the daemon's other threads (the
+/// journal, base images, divergent copies) keep creating files under the
+/// umask the daemon was started with. If the kernel refuses the unshare, the
+/// process umask applies as before.
+pub fn with_zero_umask<T>(f: impl FnOnce() -> T) -> T {
+    thread_local! {
+        static PRIVATE_FS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    }
+    let private = PRIVATE_FS.with(|p| {
+        if let Some(known) = p.get() {
+            return known;
+        }
+        let ok = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+        if !ok {
+            tracing::warn!(
+                error = %io::Error::last_os_error(),
+                "cannot give a FUSE thread its own umask: new files follow the daemon's umask"
+            );
+        }
+        p.set(Some(ok));
+        ok
+    });
+    if !private {
+        return f();
+    }
+    let old = unsafe { libc::umask(0) };
+    let out = f();
+    unsafe { libc::umask(old) };
+    out
+}
+
+/// With exactly `mode` (see [`with_zero_umask`]).
 pub fn create_at(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> SysResult<OwnedFd> {
     let flags = (flags | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW) & !libc::O_NOCTTY;
-    let fd = check(unsafe { libc::openat(dir, name.as_ptr(), flags, mode as libc::c_uint) })?;
+    let fd = with_zero_umask(|| {
+        check(unsafe { libc::openat(dir, name.as_ptr(), flags, mode as libc::c_uint) })
+    })?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -226,18 +267,23 @@ pub fn readlink(path_fd: RawFd) -> SysResult<Vec<u8>> {
     Ok(buf)
 }
 
+/// With exactly `mode` (see [`with_zero_umask`]).
 pub fn mkdir_at(dir: RawFd, name: &CStr, mode: u32) -> SysResult<()> {
-    check(unsafe { libc::mkdirat(dir, name.as_ptr(), mode as libc::mode_t) }).map(drop)
+    with_zero_umask(|| check(unsafe { libc::mkdirat(dir, name.as_ptr(), mode as libc::mode_t) }))
+        .map(drop)
 }
 
+/// With exactly `mode` (see [`with_zero_umask`]).
 pub fn mknod_at(dir: RawFd, name: &CStr, mode: u32, rdev: u32) -> SysResult<()> {
-    check(unsafe {
-        libc::mknodat(
-            dir,
-            name.as_ptr(),
-            mode as libc::mode_t,
-            rdev as libc::dev_t,
-        )
+    with_zero_umask(|| {
+        check(unsafe {
+            libc::mknodat(
+                dir,
+                name.as_ptr(),
+                mode as libc::mode_t,
+                rdev as libc::dev_t,
+            )
+        })
     })
     .map(drop)
 }

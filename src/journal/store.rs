@@ -222,6 +222,7 @@ impl Journal {
         let tx = c.transaction()?;
         tx.execute(KEEP_EPOCH, [])?;
         tx.execute("DELETE FROM txns WHERE db = ?1", [&head.name])?;
+        tx.execute("DELETE FROM meta WHERE key = ?1", [aside_key(&head.name)])?;
         tx.execute(
             "INSERT OR REPLACE INTO dbs(name, page_size, generation, head_txid, head_checksum,
                size_pages, uploaded_txid, base_txid)
@@ -374,16 +375,75 @@ impl Journal {
         )?)
     }
 
-    /// Bytes of page data captured but not yet uploaded.
+    /// Transactions (and their bytes of page data) captured and still to be
+    /// uploaded: not uploaded, and not set aside as divergent.
     pub fn backlog(&self, db: &str) -> Result<(u64, u64)> {
         let c = self.conn.lock().unwrap();
         Ok(c.query_row(
             "SELECT count(*), coalesce(sum(raw_bytes), 0) FROM txns
-             WHERE db = ?1 AND txid > (SELECT uploaded_txid FROM dbs WHERE name = ?1)",
-            [db],
+             WHERE db = ?1 AND txid > (SELECT uploaded_txid FROM dbs WHERE name = ?1)
+               AND txid > coalesce((SELECT value FROM meta WHERE key = ?2), 0)",
+            params![db, aside_key(db)],
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
         )?)
     }
+
+    /// The transactions of `db` up to `through` were set aside as divergent
+    /// (the bucket's history went on without them): they are no backlog, and
+    /// this history may not be continued. A new generation forgets the mark.
+    pub fn mark_divergent(&self, db: &str, through: u64) -> Result<()> {
+        let c = self.conn.lock().unwrap();
+        c.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+            params![aside_key(db), through as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Up to which txid `db`'s transactions were set aside, if they were.
+    pub fn divergent_through(&self, db: &str) -> Result<Option<u64>> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [aside_key(db)],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|v| v as u64))
+    }
+
+    pub fn clear_divergent(&self, db: &str) -> Result<()> {
+        let c = self.conn.lock().unwrap();
+        c.execute("DELETE FROM meta WHERE key = ?1", [aside_key(db)])?;
+        Ok(())
+    }
+
+    /// (txid, epoch, commit time in ms) of the transactions after `after` up
+    /// to `to`, without their pages.
+    pub fn txn_times(&self, db: &str, after: u64, to: u64) -> Result<Vec<(u64, u64, i64)>> {
+        let c = self.conn.lock().unwrap();
+        let mut st = c.prepare_cached(
+            "SELECT txid, epoch, ts FROM txns
+             WHERE db = ?1 AND txid > ?2 AND txid <= ?3 ORDER BY txid",
+        )?;
+        let rows = st.query_map(
+            params![db, after as i64, to.min(i64::MAX as u64) as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// The `meta` key marking `db`'s divergent transactions.
+fn aside_key(db: &str) -> String {
+    format!("aside:{db}")
 }
 
 fn row_head(r: &rusqlite::Row<'_>) -> rusqlite::Result<DbHead> {
@@ -465,6 +525,27 @@ mod tests {
         drop(j);
         let j = Journal::open(&dir.path().join("journal.db")).unwrap();
         assert_eq!(j.head("claude-mem.db").unwrap().unwrap().base_txid, 4);
+    }
+
+    #[test]
+    fn divergent_transactions_are_no_backlog_until_a_new_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("journal.db")).unwrap();
+        j.start_generation(&fresh_head()).unwrap();
+        for t in 1..=4 {
+            j.append("claude-mem.db", &txn(t, &[(1, t as u8)])).unwrap();
+        }
+        j.mark_uploaded("claude-mem.db", 1).unwrap();
+        assert_eq!(j.backlog("claude-mem.db").unwrap().0, 3);
+        j.mark_divergent("claude-mem.db", 3).unwrap();
+        assert_eq!(j.divergent_through("claude-mem.db").unwrap(), Some(3));
+        assert_eq!(j.backlog("claude-mem.db").unwrap().0, 1, "only txid 4");
+        let times = j.txn_times("claude-mem.db", 1, 3).unwrap();
+        assert_eq!(times, [(2, 1, 1002), (3, 1, 1003)]);
+        let mut head = fresh_head();
+        head.generation = 2;
+        j.start_generation(&head).unwrap();
+        assert_eq!(j.divergent_through("claude-mem.db").unwrap(), None);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`keys`]: the bucket layout under `projects/<canonical_id>/` (DESIGN §3).
 //! - [`s3`]: the production implementation on aws-sdk-s3 (MinIO, SeaweedFS, AWS).
 //! - [`retry`]: the bounded retry policy shared by the implementations.
+//! - [`mem`]: an in-memory bucket with the same semantics, for fast tests.
+//! - [`faults`]: a wrapper that injects errors, hangs and lost answers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,11 +15,15 @@ use std::pin::Pin;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
+pub mod faults;
 pub mod keys;
+pub mod mem;
 pub mod retry;
 pub mod s3;
 
+pub use faults::{Fault, FaultyStore, Op, Rule};
 pub use keys::Layout;
+pub use mem::MemStore;
 pub use retry::RetryPolicy;
 pub use s3::{S3Options, S3Store};
 

@@ -273,7 +273,7 @@ impl Capture {
         } else {
             tracing::info!(db = %db, txid, "first capture of this database: base snapshot taken");
         }
-        st.head = DbHead {
+        let head = DbHead {
             name: db.clone(),
             page_size,
             generation,
@@ -283,14 +283,12 @@ impl Capture {
             uploaded_txid: 0,
             base_txid: txid,
         };
-        self.journal.start_generation(&st.head)?;
+        self.journal.start_generation(&head)?;
+        st.head = head;
         self.wake.notify_one();
         Ok(())
     }
 
-    /// Promotion: the local file holds exactly the bucket's head (the
-    /// follower's verified copy). Make it the start of this node's history,
-    /// with a base image for later snapshots. `Ok(false)` if it does not match.
     /// The replicated databases this node knows (journaled or being captured).
     /// The view applier wrote `db`'s `-wal` while this node was not primary
     /// (and emptied it before promotion): what capture knew of it is void.
@@ -315,6 +313,20 @@ impl Capture {
         names
     }
 
+    /// Transactions journaled and still to be published (not set aside as
+    /// divergent), over every database.
+    pub fn unpublished(&self) -> u64 {
+        self.journal
+            .heads()
+            .unwrap_or_default()
+            .iter()
+            .map(|h| self.journal.backlog(&h.name).map_or(0, |b| b.0))
+            .sum()
+    }
+
+    /// Promotion: the local file holds exactly the bucket's head (the
+    /// follower's verified copy). Make it the start of this node's history,
+    /// with a base image for later snapshots. `Ok(false)` if it does not match.
     pub fn adopt(&self, db: &str, d: &crate::replica::manifest::DbManifest) -> Result<bool> {
         let io = Self::io(db);
         let Some(main) = self.open(db).map_err(&io)? else {
@@ -383,58 +395,31 @@ impl Capture {
     }
 
     /// Fencing: this node lost the lease with transactions the bucket never
-    /// got. Each such database is written out as it stood locally (the base
-    /// image plus the journal) with a JSON report, under `divergent/` in the state dir —
-    /// never silently dropped, never merged — and capture forgets it, so the
-    /// follower can bring the bucket's history back.
-    pub fn set_aside(&self, epoch: u64, node: &str, reason: &str) -> Vec<PathBuf> {
-        let mut out = Vec::new();
+    /// got. Each such database is written out as it stood locally with a
+    /// report, under `divergent/` in the state dir (see
+    /// [`super::divergent`]), and capture forgets it, so the follower can
+    /// bring the bucket's history back.
+    pub fn set_aside(&self, node: &str, reason: &str) -> Vec<PathBuf> {
+        let dir = self.base_dir.with_file_name("divergent");
         let heads = self.journal.heads().unwrap_or_default();
-        for h in heads.iter().filter(|h| h.head_txid > h.uploaded_txid) {
-            let dir = self.base_dir.with_file_name("divergent");
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-            let stem = format!("{}-epoch{epoch}-{stamp}", h.name.replace('/', "%2F"));
-            let path = dir.join(format!("{stem}.db"));
-            let made = std::fs::create_dir_all(&dir)
-                .map_err(|e| e.to_string())
-                .and_then(|_| {
-                    crate::journal::base::materialize(
-                        &self.journal,
-                        &self.base_dir,
-                        h,
-                        h.head_txid,
-                        &path,
-                    )
-                    .map_err(|e| e.to_string())
-                });
-            let report = serde_json::json!({
-                "database": h.name,
-                "node": node,
-                "epoch": epoch,
-                "reason": reason,
-                "published_txid": h.uploaded_txid,
-                "local_head_txid": h.head_txid,
-                "unpublished_txids": [h.uploaded_txid + 1, h.head_txid],
-                "unpublished_count": h.head_txid - h.uploaded_txid,
-                "local_checksum": format!("{:016x}", h.head_checksum),
-                "copy": made.as_ref().ok().map(|_| path.display().to_string()),
-                "copy_error": made.as_ref().err(),
-                "created_at": chrono::Utc::now().to_rfc3339(),
-            });
-            let report_path = dir.join(format!("{stem}.json"));
-            let _ = std::fs::write(
-                &report_path,
-                serde_json::to_vec_pretty(&report).unwrap_or_default(),
-            );
-            tracing::warn!(
-                db = %h.name,
-                unpublished = h.head_txid - h.uploaded_txid,
-                copy = %path.display(),
-                report = %report_path.display(),
-                "fenced: unpublished transactions kept aside as a divergent copy"
-            );
-            out.push(report_path);
-        }
+        let out = heads
+            .iter()
+            .filter(|h| {
+                let aside = self.journal.divergent_through(&h.name).ok().flatten();
+                h.head_txid > h.uploaded_txid.max(aside.unwrap_or(0))
+            })
+            .map(|h| {
+                super::divergent::set_aside(
+                    &self.journal,
+                    &self.base_dir,
+                    &dir,
+                    h,
+                    node,
+                    None,
+                    reason,
+                )
+            })
+            .collect();
         self.dbs.lock().unwrap().clear();
         out
     }
@@ -465,22 +450,27 @@ impl Capture {
             .clone())
     }
 
-    /// Record one committed transaction: journal first, then the in-memory head.
+    /// Record one committed transaction: journal first, then the in-memory
+    /// head and page hashes. All or nothing: on an error they are exactly as
+    /// the journal has them, so the next transaction chains on what is
+    /// journaled (a transaction SQLite was told failed is never half-counted).
     fn commit(&self, st: &mut DbCapture, pages: Vec<(u32, Bytes)>, size: u32) -> Result<()> {
         if st.head.page_size == 0 {
             // A database created under the mount: its history starts empty.
             let Some(ps) = pages.first().map(|(_, p)| p.len() as u32) else {
                 return Ok(());
             };
-            st.hashes = PageHashes::new(ps).map_err(|e| inconsistent(&st.name, e))?;
-            st.head = DbHead {
+            let hashes = PageHashes::new(ps).map_err(|e| inconsistent(&st.name, e))?;
+            let head = DbHead {
                 generation: 1,
                 ..empty_head(&st.name, ps)
             };
             let io = Self::io(&st.name);
             std::fs::create_dir_all(&self.base_dir).map_err(&io)?;
             File::create(base_path(&self.base_dir, &st.name, 0)).map_err(&io)?;
-            self.journal.start_generation(&st.head)?;
+            self.journal.start_generation(&head)?;
+            st.hashes = hashes;
+            st.head = head;
         }
         let pre = st.hashes.checksum();
         let post = st
@@ -517,6 +507,9 @@ impl Capture {
         self.status.update(|s| {
             let d = s.databases.entry(db.to_string()).or_default();
             d.head_txid = head;
+            // What the journal knew published when capture started (status
+            // starts at 0, and only a primary's uploader refreshes it).
+            d.uploaded_txid = d.uploaded_txid.max(st.head.uploaded_txid);
             // Txids are consecutive: what is not uploaded yet is the backlog
             // (the uploader refreshes it from the journal after each round).
             d.backlog = head.saturating_sub(d.uploaded_txid);
@@ -531,12 +524,24 @@ impl Capture {
         if st.wal.is_none() {
             st.wal = self.open(&format!("{db}-wal")).map_err(Self::io(&db))?;
         }
-        let Some(wal) = &st.wal else {
+        let Some(wal) = st.wal.take() else {
             return Ok(());
         };
-        let txns = st.tracker.scan(wal).map_err(Self::io(&db))?;
-        for t in &txns {
-            self.commit(st, wal_pages(t), t.db_size_pages)?;
+        let res = self.capture_wal(st, &wal);
+        st.wal = Some(wal);
+        res
+    }
+
+    /// One transaction at a time: one that cannot be journaled is taken back,
+    /// so the tracker's position and checksum chain stay where the journal
+    /// is. SQLite gets the error and writes its next transaction over the
+    /// same frames, and that is what the next scan reads.
+    fn capture_wal(&self, st: &mut DbCapture, wal: &File) -> Result<()> {
+        while let Some(t) = st.tracker.scan_next(wal).map_err(Self::io(&st.name))? {
+            if let Err(e) = self.commit(st, wal_pages(&t), t.db_size_pages) {
+                st.tracker.undo_last();
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -562,10 +567,25 @@ impl Capture {
         Ok(())
     }
 
-    /// Capture the database pages written since the journal went hot.
+    /// Capture the database pages written since the journal went hot. All or
+    /// nothing: if the transaction cannot be journaled, the written ranges
+    /// stay pending and are captured with the next commit (SQLite was told
+    /// the commit failed, but its pages may be in the file already: a
+    /// rollback journal is gone once it is deleted).
     fn capture_main(&self, st: &mut DbCapture) -> Result<()> {
+        let unjournaled = st.unjournaled;
         let ranges = std::mem::take(&mut st.dirty);
         st.unjournaled = false;
+        let res = self.capture_ranges(st, &ranges);
+        if res.is_err() {
+            let newer = std::mem::replace(&mut st.dirty, ranges);
+            st.dirty.extend(newer);
+            st.unjournaled |= unjournaled;
+        }
+        res
+    }
+
+    fn capture_ranges(&self, st: &mut DbCapture, ranges: &[(u64, u64)]) -> Result<()> {
         let db = st.name.clone();
         let io = Self::io(&db);
         let Some(main) = self.open(&db).map_err(&io)? else {
@@ -595,11 +615,16 @@ impl Capture {
             // A VACUUM changed the page size: history in the old page size
             // cannot continue; start a new generation from the file as it is.
             let old = st.head.clone();
-            st.hashes = PageHashes::from_reader(&main, ps as u32).map_err(&io)?;
-            st.hashes
+            let mut hashes = PageHashes::from_reader(&main, ps as u32).map_err(&io)?;
+            hashes
                 .apply(std::iter::empty(), size)
                 .map_err(|e| inconsistent(&db, e))?;
-            return self.new_generation(st, &main, &[], Some(&old));
+            let old_hashes = std::mem::replace(&mut st.hashes, hashes);
+            let res = self.new_generation(st, &main, &[], Some(&old));
+            if res.is_err() {
+                st.hashes = old_hashes;
+            }
+            return res;
         }
         let mut pages = Vec::with_capacity(pgnos.len());
         for pgno in pgnos {
@@ -755,5 +780,168 @@ fn inconsistent(db: &str, why: impl std::fmt::Display) -> CaptureError {
     CaptureError::Inconsistent {
         db: db.to_string(),
         why: why.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::testvfs::{Ev, Kind, RecVfs};
+
+    const DB: &str = "a.db";
+
+    /// Real SQLite writing a database whose every change is reported to a
+    /// real [`Capture`] the way the FUSE layer reports it (after it reached the
+    /// file, an error failing SQLite's call), over a real journal.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        journal: Arc<Journal>,
+        vfs: RecVfs,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let backing = dir.path().join("backing");
+            std::fs::create_dir_all(&backing).unwrap();
+            let journal = Arc::new(Journal::open(&dir.path().join("journal.db")).unwrap());
+            let root = nix::fcntl::open(
+                &backing,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            let capture = Arc::new(Capture::new(
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) },
+                journal.clone(),
+                dir.path().join("base"),
+                Arc::new(AtomicU64::new(1)),
+                Arc::new(tokio::sync::Notify::new()),
+                Status::for_tests("n"),
+            ));
+            let vfs = RecVfs::register(false);
+            vfs.on_change(move |ev| {
+                let class = |k: &Kind| match k {
+                    Kind::Db => Some(PathClass::Database(DB.into())),
+                    Kind::Wal => Some(PathClass::Sidecar(DB.into(), Sidecar::Wal)),
+                    Kind::Journal => Some(PathClass::Sidecar(DB.into(), Sidecar::Journal)),
+                    Kind::Other => None,
+                };
+                let res = match ev {
+                    Ev::Write { kind, offset, data } => {
+                        class(kind).map(|c| capture.written(&c, *offset, data.len() as u64))
+                    }
+                    Ev::Truncate { kind, size } => {
+                        class(kind).map(|c| capture.truncated(&c, *size))
+                    }
+                    Ev::Delete { kind } => class(kind).map(|c| capture.removed(&c)),
+                };
+                res.is_none_or(|r| r.is_ok())
+            });
+            Fixture { dir, journal, vfs }
+        }
+
+        fn db_path(&self) -> PathBuf {
+            self.dir.path().join("backing").join(DB)
+        }
+
+        fn head(&self) -> DbHead {
+            self.journal.head(DB).unwrap().expect("captured")
+        }
+
+        /// Makes the journal refuse the append of `txid` for real: a row
+        /// already holds its key, so the journal's own transaction fails and
+        /// rolls back, as it would on a full disk or an I/O error.
+        fn block_append(&self, txid: u64, blocked: bool) {
+            let c = rusqlite::Connection::open(self.dir.path().join("journal.db")).unwrap();
+            c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+            if blocked {
+                c.execute(
+                    "INSERT INTO txns VALUES (?1, ?2, 0, 0, 0, 0, 0, 1, 0, x'')",
+                    rusqlite::params![DB, txid as i64],
+                )
+                .unwrap();
+            } else {
+                c.execute(
+                    "DELETE FROM txns WHERE db = ?1 AND txid = ?2",
+                    rusqlite::params![DB, txid as i64],
+                )
+                .unwrap();
+            }
+        }
+
+        /// The journal's history ends exactly at the database file's content:
+        /// same checksum, and replaying it from the base gives the same bytes.
+        fn assert_journal_matches_file(&self) {
+            let h = self.head();
+            let file = std::fs::read(self.db_path()).unwrap();
+            let ps = h.page_size as usize;
+            let live = &file[..h.size_pages as usize * ps];
+            let hashes = PageHashes::from_bytes(live, h.page_size).unwrap();
+            assert_eq!(hashes.page_count(), h.size_pages);
+            assert_eq!(
+                hashes.checksum(),
+                h.head_checksum,
+                "the journal's head checksum is not the file's"
+            );
+            let out = self.dir.path().join("replayed.db");
+            crate::journal::base::materialize(
+                &self.journal,
+                &self.dir.path().join("base"),
+                &h,
+                h.head_txid,
+                &out,
+            )
+            .unwrap();
+            assert!(std::fs::read(&out).unwrap() == live, "replay differs");
+        }
+    }
+
+    /// Issue 11, item 1: a failed journal append leaves capture exactly as
+    /// before the transaction. SQLite gets the error and its transaction
+    /// fails; the next ones are captured in full, chained on the real file.
+    fn failed_append_then_capture_goes_on(mode: &str) {
+        let f = Fixture::new();
+        let c = f.vfs.open(&f.db_path());
+        c.execute_batch(&format!(
+            "PRAGMA journal_mode={mode};
+             CREATE TABLE t1(x); CREATE TABLE t2(x);
+             INSERT INTO t1 VALUES (randomblob(100));
+             INSERT INTO t2 VALUES (randomblob(100));"
+        ))
+        .unwrap();
+        if mode != "wal" {
+            f.assert_journal_matches_file(); // (in WAL mode the file lacks the WAL's pages)
+        }
+        let next = f.head().head_txid + 1;
+        f.block_append(next, true);
+        // Touches a page (t1's) that no later transaction touches.
+        let failed = c.execute("INSERT INTO t1 VALUES (randomblob(300))", []);
+        assert!(failed.is_err(), "{mode}: the commit must fail");
+        assert_eq!(f.head().head_txid, next - 1, "{mode}: nothing journaled");
+        f.block_append(next, false);
+        for i in 0..5 {
+            c.execute("INSERT INTO t2 VALUES (?1)", [i]).unwrap();
+        }
+        let h = f.head();
+        assert!(
+            h.head_txid >= next + 4,
+            "{mode}: later commits captured: {h:?}"
+        );
+        if mode == "wal" {
+            c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        }
+        drop(c);
+        f.assert_journal_matches_file();
+    }
+
+    #[test]
+    fn failed_append_leaves_wal_capture_as_before() {
+        failed_append_then_capture_goes_on("wal");
+    }
+
+    #[test]
+    fn failed_append_leaves_rollback_capture_as_before() {
+        failed_append_then_capture_goes_on("delete");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod capture;
+pub mod divergent;
 pub mod follower;
 pub mod hydrate;
 pub mod legacy;

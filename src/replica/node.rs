@@ -96,10 +96,33 @@ impl Node {
     }
 
     pub fn set_role(&self, role: Role) {
+        self.set_role_for(role, "");
+    }
+
+    /// Changes the role; `reason` goes to the log and to the role history in
+    /// `status.json` (a release and a loss of the lease must read differently).
+    pub fn set_role_for(&self, role: Role, reason: &str) {
         let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
         if old != role {
-            tracing::info!(from = old.name(), to = role.name(), "role changed");
+            if reason.is_empty() {
+                tracing::info!(from = old.name(), to = role.name(), "role changed");
+            } else {
+                tracing::info!(from = old.name(), to = role.name(), reason, "role changed");
+            }
             self.publish(role);
+            self.status.update(|s| {
+                s.role_history.push(crate::status::RoleChange {
+                    at: chrono::Utc::now().to_rfc3339(),
+                    from: old.name().into(),
+                    to: role.name().into(),
+                    reason: (!reason.is_empty()).then(|| reason.to_string()),
+                });
+                let extra = s
+                    .role_history
+                    .len()
+                    .saturating_sub(crate::status::ROLE_HISTORY);
+                s.role_history.drain(..extra);
+            });
         }
     }
 
@@ -184,12 +207,11 @@ impl Node {
         if self.fencing.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.set_role(Role::Fenced);
+        self.set_role_for(Role::Fenced, reason);
         tracing::info!(reason, "fenced: keeping unpublished transactions aside");
         let doc = self.status.snapshot();
-        let epoch = doc.epoch.unwrap_or(0);
         let reports = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.capture.set_aside(epoch, &doc.node_id, reason)
+            self.capture.set_aside(&doc.node_id, reason)
         })) {
             Ok(r) => r,
             Err(_) => {
@@ -198,8 +220,12 @@ impl Node {
             }
         };
         self.status.update(|s| {
-            s.divergent
-                .extend(reports.iter().map(|p| p.display().to_string()));
+            for p in &reports {
+                let p = p.display().to_string();
+                if !s.divergent.contains(&p) {
+                    s.divergent.push(p);
+                }
+            }
             s.last_error = Some(format!("fenced: {reason}"));
         });
         self.set_role(Role::Secondary);
@@ -328,9 +354,27 @@ pub async fn drive_roles(
             }
             LeaseState::Disabled => node.set_role(Role::Primary),
             other => {
+                let released = keeper.released_on_purpose(epoch.load(Ordering::Acquire));
                 if was == Role::HandingOver {
                     // A graceful hand-over published everything first.
                     node.set_role(Role::Secondary);
+                } else if was == Role::Primary && released {
+                    // Given up on purpose (unmount, `leadership release`): not
+                    // a loss. Only what the bucket lacks is kept aside.
+                    let unpublished = node.capture().unpublished();
+                    if unpublished == 0 {
+                        node.set_role_for(Role::Secondary, "lease released");
+                    } else {
+                        tracing::warn!(
+                            transactions = unpublished,
+                            "lease released before everything was published"
+                        );
+                        let (n, why) = (
+                            node.clone(),
+                            format!("lease released with {unpublished} unpublished transaction(s)"),
+                        );
+                        let _ = tokio::task::spawn_blocking(move || n.fence(&why)).await;
+                    }
                 } else if was == Role::Primary {
                     tracing::warn!(state = ?other, "lease lost: no more writes on this node");
                     let (n, why) = (node.clone(), format!("lease lost ({other:?})"));
@@ -347,6 +391,10 @@ pub async fn drive_roles(
                     }
                     LeaseState::Unusable { reason } | LeaseState::Lost { reason } => {
                         s.last_error = Some(reason.clone());
+                        s.primary = None;
+                    }
+                    LeaseState::Released { .. } => {
+                        s.last_error = None;
                         s.primary = None;
                     }
                     _ => s.primary = None,

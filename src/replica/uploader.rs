@@ -290,16 +290,62 @@ impl Uploader {
     /// The lease came to this node at `epoch`. Writes may resume only if every
     /// database the bucket knows continues this node's own history; then the
     /// manifest's epoch moves to `epoch`, so a deposed primary's next
-    /// compare-and-swap fails.
+    /// compare-and-swap fails. A lost race on that swap means the manifest
+    /// changed after it was judged (the old primary's last upload, say): the
+    /// whole decision is taken again from the manifest as it now is.
     async fn take_over(&mut self, epoch: u64) -> Result<()> {
-        self.manifest = None;
-        let v = self.current().await?;
-        if v.manifest.epoch > epoch {
-            return Err(UploadError::Conflict(format!(
-                "the manifest is at epoch {}, newer than this lease's {epoch}",
-                v.manifest.epoch
-            )));
+        for _ in 0..5 {
+            self.manifest = None;
+            let v = self.current().await?;
+            if v.manifest.epoch > epoch {
+                return Err(UploadError::Conflict(format!(
+                    "the manifest is at epoch {}, newer than this lease's {epoch}",
+                    v.manifest.epoch
+                )));
+            }
+            let starts = self.take_over_starts(&v).await?;
+            if v.manifest.epoch == epoch && v.manifest.epochs.iter().any(|x| x.epoch == epoch) {
+                return self.took_over(epoch); // bumped already (an earlier try's lost answer)
+            }
+            let mut next = v.manifest.clone();
+            next.epoch = epoch;
+            next.epochs.retain(|x| x.epoch != epoch);
+            next.epochs.push(EpochStart {
+                epoch,
+                start_txid: starts,
+            });
+            next.updated_at = chrono::Utc::now().to_rfc3339();
+            next.updated_by = self.node_id.clone();
+            match manifest::swap(self.store.as_ref(), &self.layout, Some(&v.etag), &next).await {
+                Ok(etag) => {
+                    self.manifest = Some(Versioned {
+                        manifest: next,
+                        etag,
+                    });
+                    return self.took_over(epoch);
+                }
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(UploadError::Conflict(
+            "manifest kept changing under us while taking over".into(),
+        ))
+    }
+
+    fn took_over(&self, epoch: u64) -> Result<()> {
+        self.journal.note_epoch(epoch)?;
+        tracing::info!(epoch, "manifest epoch advanced; this node is the primary");
+        Ok(())
+    }
+
+    /// Where the new epoch starts for each database, if every database in `v`
+    /// continues this node's history (a secondary's copy at the bucket's head
+    /// is adopted first); a conflict saying why not otherwise.
+    async fn take_over_starts(
+        &mut self,
+        v: &Versioned,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
         let mut starts = std::collections::BTreeMap::new();
         for (db, d) in &v.manifest.databases {
             // The view's WAL is SQLite's own on a secondary: fold it into the
@@ -317,7 +363,12 @@ impl Uploader {
             .map_err(|e| UploadError::Conflict(e.to_string()))?
             .map_err(|e| UploadError::Conflict(format!("{db}: settling the view: {e}")))?;
             let mut local = self.journal.head(db)?;
-            let continues = |j: &DbHead| {
+            // A history whose tail was set aside as divergent cannot go on:
+            // the bucket's history went another way.
+            let continues = |j: &DbHead, aside: bool| {
+                if aside {
+                    return false;
+                }
                 let same = j.generation == d.generation
                     && ((j.head_txid == d.head_txid
                         && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
@@ -327,12 +378,14 @@ impl Uploader {
                 let newer = j.generation > d.generation && j.base_txid > d.head_txid;
                 same || newer
             };
-            if !local.as_ref().is_some_and(continues) && !self.node.all_local() {
+            let aside = self.journal.divergent_through(db)?.is_some();
+            let ours = local.as_ref().is_some_and(|j| continues(j, aside));
+            if !ours && !self.node.all_local() {
                 return Err(UploadError::Conflict(format!(
                     "{db}: still hydrating from the bucket; taking writes once it is local"
                 )));
             }
-            if !local.as_ref().is_some_and(continues) {
+            if !ours {
                 // A secondary being promoted: its follower's copy, if it is
                 // exactly the bucket's head, becomes the start of its history.
                 let node = self.node.clone();
@@ -345,7 +398,8 @@ impl Uploader {
                     local = self.journal.head(db)?;
                 }
             }
-            let ours = local.as_ref().is_some_and(continues);
+            let aside = self.journal.divergent_through(db)?.is_some();
+            let ours = local.as_ref().is_some_and(|j| continues(j, aside));
             if !ours {
                 return Err(UploadError::Conflict(format!(
                     "{db}: the bucket is at txid {} (generation {}), this node at {}; \
@@ -363,22 +417,13 @@ impl Uploader {
             starts.insert(db.clone(), local.map_or(d.head_txid, |j| j.head_txid) + 1);
         }
         for h in self.journal.heads()? {
+            if !v.manifest.databases.contains_key(&h.name) {
+                // The bucket has no history of it to diverge from.
+                self.journal.clear_divergent(&h.name)?;
+            }
             starts.entry(h.name.clone()).or_insert(h.head_txid + 1);
         }
-        if v.manifest.epoch < epoch || !v.manifest.epochs.iter().any(|x| x.epoch == epoch) {
-            self.advance_with(None, |m| {
-                m.epoch = epoch;
-                m.epochs.retain(|x| x.epoch != epoch);
-                m.epochs.push(EpochStart {
-                    epoch,
-                    start_txid: starts.clone(),
-                });
-            })
-            .await?;
-        }
-        self.journal.note_epoch(epoch)?;
-        tracing::info!(epoch, "manifest epoch advanced; this node is the primary");
-        Ok(())
+        Ok(starts)
     }
 
     async fn advance(
@@ -442,8 +487,8 @@ impl Uploader {
     }
 
     async fn publish_db(&mut self, h: DbHead) -> Result<()> {
-        if h.page_size == 0 {
-            return Ok(());
+        if h.page_size == 0 || self.journal.divergent_through(&h.name)?.is_some() {
+            return Ok(()); // nothing yet, or a history set aside: never uploaded
         }
         let v = self.current().await?;
         let in_bucket = v.manifest.databases.get(&h.name).cloned();
@@ -804,4 +849,193 @@ fn advance_base(journal: &Journal, base_dir: &Path, h: &DbHead, to: u64) -> Resu
     journal.set_base(&h.name, to)?;
     let _ = std::fs::remove_file(base_path(base_dir, &h.name, h.base_txid));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Txn;
+    use crate::remote::{Fault, FaultyStore, MemStore, Op, Rule};
+    use crate::replica::capture::Capture;
+
+    const DB: &str = "claude-mem.db";
+    const PS: u32 = 4096;
+
+    /// One node's uploader on a bucket, its journal holding a first generation
+    /// of `DB` with `txns` transactions written under epoch 1.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        journal: Arc<Journal>,
+        epoch: Arc<AtomicU64>,
+        up: Uploader,
+    }
+
+    fn fixture(store: Arc<dyn ObjectStore>, txns: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("backing");
+        std::fs::create_dir_all(&backing).unwrap();
+        let base_dir = dir.path().join("base");
+        std::fs::create_dir_all(&base_dir).unwrap();
+        let journal = Arc::new(Journal::open(&dir.path().join("journal.db")).unwrap());
+        std::fs::write(base_path(&base_dir, DB, 0), vec![0u8; PS as usize]).unwrap();
+        journal
+            .start_generation(&DbHead {
+                name: DB.into(),
+                page_size: PS,
+                generation: 1,
+                head_txid: 0,
+                head_checksum: 0,
+                size_pages: 1,
+                uploaded_txid: 0,
+                base_txid: 0,
+            })
+            .unwrap();
+        for txid in 1..=txns {
+            journal
+                .append(
+                    DB,
+                    &Txn {
+                        txid,
+                        epoch: 1,
+                        db_size_pages: 1,
+                        pre_checksum: txid - 1,
+                        post_checksum: txid,
+                        timestamp_ms: 1,
+                        pages: vec![(1, Bytes::from(vec![txid as u8; PS as usize]))],
+                    },
+                )
+                .unwrap();
+        }
+        let epoch = Arc::new(AtomicU64::new(1));
+        let status = Status::for_tests("b");
+        let wake = Arc::new(Notify::new());
+        let root = nix::fcntl::open(
+            &backing,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        let root = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) };
+        let capture = Arc::new(Capture::new(
+            root,
+            journal.clone(),
+            base_dir.clone(),
+            epoch.clone(),
+            wake.clone(),
+            status.clone(),
+        ));
+        let node = Arc::new(Node::new(capture, Role::Primary, status.clone()));
+        let up = Uploader::new(
+            store,
+            Layout::new("test"),
+            "p".into(),
+            "test".into(),
+            "b".into(),
+            journal.clone(),
+            base_dir,
+            epoch.clone(),
+            wake,
+            status,
+            Policy::default(),
+            node,
+        );
+        Fixture {
+            _dir: dir,
+            journal,
+            epoch,
+            up,
+        }
+    }
+
+    async fn manifest_of(store: &dyn ObjectStore) -> Manifest {
+        manifest::load(store, &Layout::new("test"), "test")
+            .await
+            .unwrap()
+            .unwrap()
+            .manifest
+    }
+
+    /// Rewrites the manifest behind the uploader's back, once, just before its
+    /// next manifest CAS: `change` is what the other writer does.
+    fn race_next_manifest_cas(
+        faulty: &FaultyStore,
+        mem: Arc<MemStore>,
+        change: fn(&mut Manifest),
+    ) -> crate::remote::faults::RuleHandle {
+        faulty.inject(
+            Rule::new(
+                Op::Put,
+                "*manifest.json",
+                Fault::before(move |_| {
+                    let mem = mem.clone();
+                    async move {
+                        let layout = Layout::new("test");
+                        let v = manifest::load(mem.as_ref(), &layout, "test")
+                            .await
+                            .unwrap()
+                            .unwrap();
+                        let mut next = v.manifest.clone();
+                        change(&mut next);
+                        manifest::swap(mem.as_ref(), &layout, Some(&v.etag), &next)
+                            .await
+                            .unwrap();
+                    }
+                }),
+            )
+            .times(1),
+        )
+    }
+
+    /// Issue 11, item 3: the old primary's last upload advances the head
+    /// between take_over's read and its epoch-bump CAS. The retry must decide
+    /// again from the manifest as it now is (this node is behind: catch up
+    /// first), not re-apply the first decision: that left a manifest whose
+    /// head was beyond the new epoch's start_txid, so followers rejected the
+    /// old epoch's segments and the new primary's publishes failed forever.
+    #[tokio::test]
+    async fn take_over_decides_again_after_a_lost_epoch_bump_race() {
+        let mem = Arc::new(MemStore::new("bucket"));
+        let faulty = Arc::new(FaultyStore::new(mem.clone()));
+        let mut f = fixture(faulty.clone(), 3);
+        f.up.round().await.unwrap();
+        assert_eq!(manifest_of(mem.as_ref()).await.databases[DB].head_txid, 3);
+
+        let raced = race_next_manifest_cas(&faulty, mem.clone(), |m| {
+            // The deposed primary publishes txid 4 under epoch 1.
+            let d = m.databases.get_mut(DB).unwrap();
+            d.head_txid = 4;
+            d.head_checksum = hex64(0xdead);
+            m.updated_by = "a".into();
+        });
+        f.epoch.store(2, Ordering::Release);
+        let res = f.up.take_over(2).await;
+        assert_eq!(raced.fired(), 1);
+        let m = manifest_of(mem.as_ref()).await;
+        let err = res.expect_err("this node is behind the bucket: it must catch up first");
+        assert!(err.to_string().contains("catch up"), "{err}");
+        assert_eq!(m.epoch, 1, "the epoch must not move on a stale decision");
+        assert!(m.epochs.iter().all(|e| e.epoch != 2), "{:?}", m.epochs);
+        assert_eq!(m.databases[DB].head_txid, 4);
+    }
+
+    /// A concurrent change that leaves the head alone: the retry succeeds,
+    /// and the new epoch starts right after the head it read again.
+    #[tokio::test]
+    async fn take_over_retries_a_lost_race_that_left_the_head_alone() {
+        let mem = Arc::new(MemStore::new("bucket"));
+        let faulty = Arc::new(FaultyStore::new(mem.clone()));
+        let mut f = fixture(faulty.clone(), 3);
+        f.up.round().await.unwrap();
+        let raced = race_next_manifest_cas(&faulty, mem.clone(), |m| {
+            m.updated_by = "someone-else".into();
+        });
+        f.epoch.store(2, Ordering::Release);
+        f.up.take_over(2).await.unwrap();
+        assert_eq!(raced.fired(), 1);
+        let m = manifest_of(mem.as_ref()).await;
+        assert_eq!(m.epoch, 2);
+        let e2 = m.epochs.iter().find(|e| e.epoch == 2).unwrap();
+        assert_eq!(e2.start_txid[DB], 4);
+        assert_eq!(f.journal.last_epoch().unwrap(), 2);
+    }
 }

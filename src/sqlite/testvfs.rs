@@ -36,9 +36,15 @@ pub enum Ev {
     },
 }
 
+/// Told of each change after it reached the file, as the FUSE layer tells
+/// replication; `false` fails SQLite's call with an I/O error (as an errno
+/// from the daemon would).
+type Hook = Box<dyn Fn(&Ev) -> bool + Send + Sync>;
+
 struct Shared {
     real: *mut ffi::sqlite3_vfs,
     log: Mutex<Vec<Ev>>,
+    hook: Mutex<Option<Hook>>,
     /// Clear SQLITE_IOCAP_POWERSAFE_OVERWRITE so SQLite pads WAL commits.
     no_psow: bool,
 }
@@ -60,6 +66,7 @@ impl RecVfs {
             let shared: &'static Shared = Box::leak(Box::new(Shared {
                 real,
                 log: Mutex::new(Vec::new()),
+                hook: Mutex::new(None),
                 no_psow,
             }));
             let zname = CString::new(name.clone()).unwrap().into_raw();
@@ -90,6 +97,12 @@ impl RecVfs {
             assert_eq!(ffi::sqlite3_vfs_register(vfs, 0), ffi::SQLITE_OK);
             Self { name, shared }
         }
+    }
+
+    /// Calls `hook` with every write, truncate and delete once it reached the
+    /// file; when it returns `false`, SQLite's call fails with an I/O error.
+    pub fn on_change(&self, hook: impl Fn(&Ev) -> bool + Send + Sync + 'static) {
+        *self.shared.hook.lock().unwrap() = Some(Box::new(hook));
     }
 
     /// Takes the events recorded so far.
@@ -178,12 +191,13 @@ unsafe extern "C" fn x_delete(
     let rv = real_vfs(vfs);
     let rc = ((*rv).xDelete.unwrap())(rv, name, sync);
     let n = CStr::from_ptr(name).to_string_lossy();
-    if rc == ffi::SQLITE_OK {
-        shared(vfs).log.lock().unwrap().push(Ev::Delete {
-            kind: kind_of_name(&n),
-        });
+    if rc != ffi::SQLITE_OK {
+        return rc;
     }
-    rc
+    let ev = Ev::Delete {
+        kind: kind_of_name(&n),
+    };
+    shared(vfs).record(ev, rc, ffi::SQLITE_IOERR_DELETE)
 }
 
 unsafe extern "C" fn x_access(
@@ -320,28 +334,30 @@ unsafe extern "C" fn m_write(
     let (real, m) = parts(f);
     let rc = (m.xWrite.unwrap())(real, buf, amt, off);
     let sf = f as *mut ShimFile;
-    if rc == ffi::SQLITE_OK {
-        let data = std::slice::from_raw_parts(buf as *const u8, amt as usize).to_vec();
-        (*(*sf).shared).log.lock().unwrap().push(Ev::Write {
-            kind: (*sf).kind,
-            offset: off as u64,
-            data,
-        });
+    if rc != ffi::SQLITE_OK {
+        return rc;
     }
-    rc
+    let data = std::slice::from_raw_parts(buf as *const u8, amt as usize).to_vec();
+    let ev = Ev::Write {
+        kind: (*sf).kind,
+        offset: off as u64,
+        data,
+    };
+    (*(*sf).shared).record(ev, rc, ffi::SQLITE_IOERR_WRITE)
 }
 
 unsafe extern "C" fn m_truncate(f: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
     let (real, m) = parts(f);
     let rc = (m.xTruncate.unwrap())(real, size);
     let sf = f as *mut ShimFile;
-    if rc == ffi::SQLITE_OK {
-        (*(*sf).shared).log.lock().unwrap().push(Ev::Truncate {
-            kind: (*sf).kind,
-            size: size as u64,
-        });
+    if rc != ffi::SQLITE_OK {
+        return rc;
     }
-    rc
+    let ev = Ev::Truncate {
+        kind: (*sf).kind,
+        size: size as u64,
+    };
+    (*(*sf).shared).record(ev, rc, ffi::SQLITE_IOERR_TRUNCATE)
 }
 
 static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
@@ -372,6 +388,19 @@ pub struct Files {
     pub db: Vec<u8>,
     pub wal: Vec<u8>,
     pub journal: Option<Vec<u8>>,
+}
+
+impl Shared {
+    /// Records `ev`; `rc` unless the hook refuses it.
+    fn record(&self, ev: Ev, rc: c_int, refused: c_int) -> c_int {
+        let ok = self.hook.lock().unwrap().as_ref().is_none_or(|h| h(&ev));
+        self.log.lock().unwrap().push(ev);
+        if ok {
+            rc
+        } else {
+            refused
+        }
+    }
 }
 
 impl Files {

@@ -395,10 +395,19 @@ struct Pending {
     cksum: Cksum,
 }
 
+#[derive(Clone)]
 struct LastCommit {
     pgno: u32,
     db_size: u32,
     data: Bytes,
+}
+
+/// Where a cycle stood before the commit it emitted last: enough to take
+/// that commit back ([`WalTracker::undo_last`]).
+struct Undo {
+    commit_end: u64,
+    commit_cksum: Cksum,
+    last_commit: Option<LastCommit>,
 }
 
 /// The state of one WAL cycle (one header / salt pair).
@@ -411,6 +420,7 @@ struct Cycle {
     /// Valid frames after the last commit, in file order.
     pending: Vec<Pending>,
     last_commit: Option<LastCommit>,
+    undo: Option<Undo>,
 }
 
 enum State {
@@ -576,6 +586,41 @@ impl WalTracker {
     /// frame became valid since the last scan, in commit order. Reads the 32
     /// header bytes, then only frames at or after the position.
     pub fn scan<R: ReadAt + ?Sized>(&mut self, src: &R) -> io::Result<Vec<WalTxn>> {
+        self.scan_limited(src, usize::MAX)
+    }
+
+    /// Like [`WalTracker::scan`], but stops right after the first committed
+    /// transaction it finds, so that the caller can take it back with
+    /// [`WalTracker::undo_last`] if it cannot record it. Call until `None`.
+    pub fn scan_next<R: ReadAt + ?Sized>(&mut self, src: &R) -> io::Result<Option<WalTxn>> {
+        Ok(self.scan_limited(src, 1)?.pop())
+    }
+
+    /// Takes back the transaction the last [`WalTracker::scan_next`] returned:
+    /// the tracker stands again where it stood before that transaction's
+    /// first frame (position and checksum chain), so the next scan reads it
+    /// again from the file, or whatever SQLite wrote over it meanwhile (after a
+    /// failed commit SQLite rewrites the same frames). Nothing else changes.
+    pub fn undo_last(&mut self) {
+        if let State::Active(c) = &mut self.state {
+            if let Some(u) = c.undo.take() {
+                c.commit_end = u.commit_end;
+                c.commit_cksum = u.commit_cksum;
+                c.last_commit = u.last_commit;
+                c.pending.clear();
+                self.stats.txns -= 1;
+            }
+        }
+    }
+
+    fn scan_limited<R: ReadAt + ?Sized>(
+        &mut self,
+        src: &R,
+        limit: usize,
+    ) -> io::Result<Vec<WalTxn>> {
+        if let State::Active(c) = &mut self.state {
+            c.undo = None;
+        }
         let mut out = Vec::new();
         let len = src.size()?;
         self.apply_len(len);
@@ -590,15 +635,19 @@ impl WalTracker {
         };
         if same {
             if let State::Active(c) = &mut self.state {
-                c.scan_frames(src, len, &mut out, &mut self.stats)?;
+                c.scan_frames(src, len, limit, &mut out, &mut self.stats)?;
             }
             return Ok(out);
         }
         // A new header. Frames of the old cycle beyond our position that were
         // committed before the reset and not overwritten yet are still valid
-        // under the old salts: take them first.
+        // under the old salts: take them first (the next scan comes back for
+        // more of them, or moves on to the new cycle).
         if let State::Active(old) = &mut self.state {
-            old.scan_frames(src, len, &mut out, &mut self.stats)?;
+            old.scan_frames(src, len, limit, &mut out, &mut self.stats)?;
+            if out.len() >= limit {
+                return Ok(out);
+            }
         }
         self.state = match WalHeader::parse(&raw) {
             Ok(hdr) => {
@@ -610,8 +659,9 @@ impl WalTracker {
                     commit_cksum: hdr.checksum,
                     pending: Vec::new(),
                     last_commit: None,
+                    undo: None,
                 };
-                c.scan_frames(src, len, &mut out, &mut self.stats)?;
+                c.scan_frames(src, len, limit, &mut out, &mut self.stats)?;
                 State::Active(c)
             }
             // Not (yet) a valid header: nothing in the file is readable.
@@ -638,12 +688,16 @@ impl Cycle {
         &mut self,
         src: &R,
         len: u64,
+        limit: usize,
         out: &mut Vec<WalTxn>,
         stats: &mut WalStats,
     ) -> io::Result<()> {
         let fs = self.hdr.frame_size();
         let be = self.hdr.big_endian();
         loop {
+            if out.len() >= limit {
+                return Ok(());
+            }
             let pos = self.pos();
             if pos.saturating_add(fs) > len {
                 return Ok(());
@@ -676,6 +730,11 @@ impl Cycle {
     }
 
     fn commit(&mut self, db_size: u32, out: &mut Vec<WalTxn>, stats: &mut WalStats) {
+        let undo = Undo {
+            commit_end: self.commit_end,
+            commit_cksum: self.commit_cksum,
+            last_commit: self.last_commit.clone(),
+        };
         let first_frame = self.frame_number(self.commit_end);
         let frames = std::mem::take(&mut self.pending);
         let last = frames.last().expect("commit frame is pending");
@@ -702,6 +761,7 @@ impl Cycle {
             }
         }
         stats.txns += 1;
+        self.undo = Some(undo);
         out.push(WalTxn {
             pages,
             db_size_pages: db_size,
