@@ -559,22 +559,35 @@ fn start_replication(
             crate::lease::DEFAULT_HEARTBEAT_INTERVAL,
             move || {
                 let s = status.snapshot();
+                let role = node.role();
+                // What this node holds: its own head on a primary, what it
+                // applied elsewhere (a secondary's head_txid is the bucket's).
+                let holds_head = matches!(role, Role::Primary | Role::HandingOver);
                 Heartbeat {
                     node_id: s.node_id.clone(),
-                    role: node.role().name().into(),
+                    role: role.name().into(),
                     epoch: s.epoch,
                     applied_txid: s
                         .databases
                         .values()
-                        .map(|d| d.head_txid.max(d.applied_txid))
+                        .map(|d| {
+                            if holds_head {
+                                d.head_txid
+                            } else {
+                                d.applied_txid
+                            }
+                        })
                         .max()
                         .unwrap_or(0),
                     head_txid: s.databases.values().map(|d| d.head_txid).max(),
+                    // A primary is the source; a lag measured before its
+                    // promotion would linger otherwise.
                     lag_seconds: s
                         .databases
                         .values()
                         .filter_map(|d| d.lag_seconds)
-                        .reduce(f64::max),
+                        .reduce(f64::max)
+                        .filter(|_| !holds_head),
                     version: s.version.clone(),
                     last_seen: chrono::Utc::now(),
                     mount_dir: s.mount_dir.clone(),
