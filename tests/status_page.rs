@@ -488,8 +488,40 @@ fn a_browser_sees_both_nodes_and_hands_the_lease_over_from_the_page() {
     let shot = s.screenshot("status-page.png");
     println!("screenshot: {}", shot.display());
 
-    // The old primary's page says so too.
+    // The old primary's page says so too, and offers no release.
     s.open(&format!("http://127.0.0.1:{pa}/"));
     s.wait_text("#role", Duration::from_secs(10), |t| t == "secondary");
     assert_eq!(s.text_of("#primary"), "node-b");
+    assert!(
+        s.js("return document.getElementById('release').disabled")
+            .as_bool()
+            == Some(true)
+    );
+
+    // Release on the new primary's page: the CLI's release, audited.
+    s.open(&format!("http://127.0.0.1:{pb}/"));
+    s.wait_text("#role", Duration::from_secs(10), |t| t == "primary");
+    s.click("#release");
+    s.cmd("POST", "alert/accept", json!({}));
+    s.wait_text("#action-log", Duration::from_secs(15), |t| {
+        t.contains("release") && t.contains("released the lease (epoch 2)")
+    });
+    s.wait_text("#changes tbody", Duration::from_secs(15), |t| {
+        t.contains("release")
+    });
+    let lease = common::block_on(async {
+        let cfg = s3.config(&bucket, "page");
+        membridge::lease::LeaseClient::new(&cfg, Arc::new(s3.store(&bucket)))
+            .read()
+            .await
+            .unwrap()
+            .unwrap()
+            .lease
+    });
+    // Released by node-b, or already taken by node-a at the next epoch.
+    assert!(
+        (lease.primary_node_id == "node-b" && lease.is_released())
+            || (lease.primary_node_id == "node-a" && lease.epoch == 3),
+        "{lease:?}"
+    );
 }
