@@ -144,6 +144,18 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// Debian's `chromium` on PATH.
+fn chromium() -> String {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("chromium"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no chromium on PATH: run scripts/install-deps.sh"))
+        .display()
+        .to_string()
+}
+
 /// chromedriver on a free port, in a process group of its own so that it and
 /// its Chromium are killed together.
 struct Driver {
@@ -194,7 +206,7 @@ impl Driver {
         args.push(format!("--user-data-dir={}", self.profile.path().display()));
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args},
+            "goog:chromeOptions": {"binary": chromium(), "args": args},
         }}});
         let (code, body) = http(self.port, "POST", "/session", "", &caps.to_string());
         assert_eq!(code, 200, "new session: {body}");
