@@ -1,28 +1,70 @@
 #!/usr/bin/env bash
-# One-command demo on a fresh Debian machine (as root): installs the dependencies,
-# builds membridge, starts a local SeaweedFS S3 server on free loopback ports,
-# and mounts a demo claude-mem directory in place. Nothing under ~/.claude-mem or
-# ~/.claude-mem-minio is touched: the demo lives in $MEMBRIDGE_DEMO_ROOT.
+# One-command demo on a fresh Debian machine (as root): two "machines" on one
+# host, `desktop` and `laptop` (two data dirs, two state dirs, one local
+# SeaweedFS S3 server on free loopback ports). A row written on the primary
+# appears on the secondary (the delay is measured), the secondary refuses
+# writes, the lease is handed over, and the new primary writes. Each node serves
+# its status page. Nothing under ~/.claude-mem or ~/.claude-mem-minio is
+# touched: everything lives in $MEMBRIDGE_DEMO_ROOT (default /tmp/membridge-demo)
+# and is started afresh each run. `scripts/demo.sh stop` stops it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="${MEMBRIDGE_DEMO_ROOT:-/tmp/membridge-demo}"
-
-./scripts/install-deps.sh
-echo "demo: building membridge (release)"
-cargo build --release --quiet
 bin="$PWD/target/release/membridge"
+case "$root" in /|"") echo "demo: MEMBRIDGE_DEMO_ROOT must be a directory of its own" >&2; exit 1 ;; esac
 
-mkdir -p "$root"
-# A previous demo: unmount and stop its server first.
-if [ -f "$root/weed.pid" ]; then
-  "$bin" --config "$root/config.env" unmount --lazy "$root/claude-mem" 2>/dev/null || true
-  kill "$(cat "$root/weed.pid")" 2>/dev/null || true
-  sleep 1
+mb() { local node=$1; shift; "$bin" --config "$root/$node.env" "$@"; }
+db() { echo "$root/$1/claude-mem/claude-mem.db"; }
+sql() { sqlite3 -cmd ".timeout 5000" "$(db "$1")" "$2"; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+stop() {
+  for node in desktop laptop; do
+    if [ -f "$root/$node.env" ]; then
+      mb "$node" unmount --lazy "$root/$node/claude-mem" >/dev/null 2>&1 || true
+    fi
+  done
+  if [ -f "$root/weed.pid" ]; then
+    local pid
+    pid=$(cat "$root/weed.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$root/weed.pid"
+  fi
+}
+
+if [ "${1:-}" = stop ]; then
+  stop
+  echo "demo: stopped both nodes and SeaweedFS (files left in $root)"
+  exit 0
 fi
 
-read -r s3 s3g m mg v vg f fg a ag < <(python3 - <<'PY'
+# Waits until node $1 has the row with text $2; prints the seconds since $3.
+wait_row() {
+  local node=$1 text=$2 start=$3
+  for _ in $(seq 1 600); do
+    if [ "$(sql "$node" "SELECT count(*) FROM observations WHERE text = '$text';" 2>/dev/null)" = 1 ]; then
+      since "$start"
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "demo: the row never appeared on $node" >&2
+  return 1
+}
+
+MEMBRIDGE_DEPS_NO_BROWSER=1 ./scripts/install-deps.sh
+echo "demo: building membridge (release)"
+cargo build --release --quiet
+t0=$(now)
+
+stop
+rm -rf "$root"
+mkdir -p "$root"
+read -r s3 s3g m mg v vg f fg a ag page_desktop page_laptop < <(python3 - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(10)]
+socks = [socket.socket() for _ in range(12)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
@@ -37,51 +79,116 @@ AWS_ACCESS_KEY_ID=membridge-demo AWS_SECRET_ACCESS_KEY="$secret" \
   -admin.port="$a" -admin.port.grpc="$ag" >"$root/weed.log" 2>&1 &
 echo $! >"$root/weed.pid"
 
-cat >"$root/config.env" <<CFG
-# Demo config in the old tool's format (KEY=VALUE); membridge only reads it.
+for node in desktop laptop; do
+  port=$page_desktop
+  [ "$node" = laptop ] && port=$page_laptop
+  mkdir -p "$root/$node/claude-mem/logs"
+  cat >"$root/$node.env" <<CFG
+# Demo config of node $node in the old tool's format (KEY=VALUE); membridge only reads it.
 MINIO_ENDPOINT=http://127.0.0.1:$s3
 MINIO_ACCESS_KEY=membridge-demo
 MINIO_SECRET_KEY=$secret
 MINIO_BUCKET=claude-mem-demo
 CLAUDE_PROJECT_ID=membridge-demo
-MEMBRIDGE_NODE_ID=demo-node
-MEMBRIDGE_STATE_DIR=$root/state
+MEMBRIDGE_NODE_ID=$node
+MEMBRIDGE_STATE_DIR=$root/$node/state
+MEMBRIDGE_METRICS_ADDR=127.0.0.1:$port
+# A short lease, so that the hand-over takes seconds (default 30).
+LEADERSHIP_LEASE_SECONDS=10
 CFG
-chmod 600 "$root/config.env"
-mb() { "$bin" --config "$root/config.env" "$@"; }
+  chmod 600 "$root/$node.env"
+done
 
 echo "demo: waiting for SeaweedFS on 127.0.0.1:$s3"
 # doctor exits 0 (OK) or 4 (DEGRADED: nothing mounted yet) once S3 answers.
 for _ in $(seq 1 120); do
   rc=0
-  mb doctor --create-bucket >/dev/null 2>&1 || rc=$?
+  mb desktop doctor --create-bucket >/dev/null 2>&1 || rc=$?
   if [ "$rc" -eq 0 ] || [ "$rc" -eq 4 ]; then break; fi
   sleep 0.5
 done
 
-dir="$root/claude-mem"
-mkdir -p "$dir/logs"
-if [ ! -f "$dir/claude-mem.db" ]; then
-  sqlite3 "$dir/claude-mem.db" <<'SQL'
+# The desktop has a claude-mem database already; the laptop has nothing yet.
+sqlite3 "$(db desktop)" >/dev/null <<'SQL'
 PRAGMA journal_mode=WAL;
 CREATE TABLE observations(id INTEGER PRIMARY KEY, text TEXT, created_at TEXT);
 CREATE TABLE session_summaries(id INTEGER PRIMARY KEY, summary TEXT);
 CREATE TABLE user_prompts(id INTEGER PRIMARY KEY, prompt TEXT);
-INSERT INTO observations(text, created_at) VALUES ('written before the mount', datetime('now'));
+INSERT INTO observations(text, created_at) VALUES ('written on desktop before the mount', datetime('now'));
 SQL
-fi
 
-mb mount "$dir"
-echo "demo: writing through the mount"
-sqlite3 "$dir/claude-mem.db" "PRAGMA synchronous=NORMAL; INSERT INTO observations(text, created_at) VALUES ('written through membridge', datetime('now'));"
-echo "worker started" >>"$dir/logs/worker.log"
-sqlite3 "$dir/claude-mem.db" "SELECT id, text FROM observations;"
-mb status "$dir"
-mb doctor "$dir" || true
+echo
+echo "== 1. two nodes, one bucket: the first to mount takes the lease"
+mb desktop mount "$root/desktop/claude-mem"
+mb laptop mount "$root/laptop/claude-mem"
+for node in desktop laptop; do
+  printf '%-8s %s\n' "$node:" "$("$bin" status "$root/$node/claude-mem" | grep '^role:' | tr -s ' ')"
+done
+
+echo
+echo "== 2. a write on the primary (desktop) appears on the secondary (laptop)"
+start=$(now)
+sql desktop "PRAGMA synchronous=NORMAL; INSERT INTO observations(text, created_at) VALUES ('hello from desktop', datetime('now'));" >/dev/null
+echo "desktop$ INSERT INTO observations ... 'hello from desktop'"
+delay=$(wait_row laptop 'hello from desktop' "$start")
+echo "laptop\$ SELECT id, text FROM observations;   # the row arrived after ${delay} s"
+sql laptop "SELECT id, text FROM observations;" | sed 's/^/  /'
+
+echo
+echo "== 3. the secondary refuses writes, as SQLite's read-only error"
+echo "laptop\$ INSERT INTO observations ... 'written on the laptop'"
+rc=0
+out=$(sql laptop "INSERT INTO observations(text) VALUES ('written on the laptop');" 2>&1) || rc=$?
+echo "  $out (exit $rc)"
+[ "$rc" -ne 0 ] || { echo "demo: the secondary accepted a write" >&2; exit 1; }
+
+echo
+echo "== 4. hand the lease over to the laptop (the desktop publishes everything first)"
+echo "laptop\$ membridge leadership select laptop"
+mb laptop leadership select laptop | sed 's/^/  /'
+for _ in $(seq 1 200); do
+  "$bin" status "$root/laptop/claude-mem" | grep -q '^role: *primary' && break
+  sleep 0.1
+done
+for node in desktop laptop; do
+  printf '%-8s %s\n' "$node:" "$("$bin" status "$root/$node/claude-mem" | grep '^role:' | tr -s ' ')"
+done
+
+echo
+echo "== 5. the new primary (laptop) writes; the desktop follows"
+start=$(now)
+sql laptop "PRAGMA synchronous=NORMAL; INSERT INTO observations(text, created_at) VALUES ('hello from laptop', datetime('now'));" >/dev/null
+echo "laptop\$ INSERT INTO observations ... 'hello from laptop'"
+delay=$(wait_row desktop 'hello from laptop' "$start")
+echo "desktop\$ SELECT id, text FROM observations;   # the row arrived after ${delay} s"
+sql desktop "SELECT id, text FROM observations;" | sed 's/^/  /'
+# Heartbeats come every 5 s: wait for the ones written since the hand-over.
+for _ in $(seq 1 100); do
+  mb laptop nodes 2>/dev/null | awk '
+    $1 == "laptop" && $2 == "primary" && $3 == 2 { l = $4 }
+    $1 == "desktop" && $2 == "secondary" && $3 == 2 { d = $4 }
+    END { exit !(l != "" && l == d) }' && break
+  sleep 0.1
+done
+echo
+echo "laptop\$ membridge nodes"
+mb laptop nodes | sed 's/^/  /'
+
+for port in "$page_desktop" "$page_laptop"; do
+  python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+    "http://127.0.0.1:$port/" || { echo "demo: no status page on port $port" >&2; exit 1; }
+done
 cat <<MSG
 
-demo: mounted $dir (config $root/config.env, S3 on 127.0.0.1:$s3)
-  status:   $bin status $dir   (or cat $dir/.membridge/status.json)
-  unmount:  $bin --config $root/config.env unmount $dir
-  stop S3:  kill \$(cat $root/weed.pid)
+demo: $(since "$t0") s from the build to here
+
+== 6. status pages (open them in a browser on this machine)
+  desktop: http://127.0.0.1:$page_desktop/
+  laptop:  http://127.0.0.1:$page_laptop/
+
+Everything is in $root (configs desktop.env and laptop.env, S3 on 127.0.0.1:$s3).
+  status:    $bin status $root/laptop/claude-mem
+  stop all:  scripts/demo.sh stop
+             (or: $bin --config $root/desktop.env unmount $root/desktop/claude-mem,
+                  the same for laptop, then kill \$(cat $root/weed.pid))
 MSG

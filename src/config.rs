@@ -150,8 +150,13 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "MEMBRIDGE_METRICS_ADDR",
-        "serve Prometheus metrics at http://ADDR:PORT/metrics from the mount daemon (default off)",
+        "serve Prometheus metrics at http://ADDR:PORT/metrics, and the status page at /, from the mount daemon (default off)",
         "127.0.0.1:9464",
+    ),
+    (
+        "MEMBRIDGE_STATUS_TOKEN_FILE",
+        "file holding the status page's token (16+ printable characters); with it, other hosts may open the page with ?token=... (default: loopback clients only, a random token)",
+        "/etc/membridge/page-token",
     ),
 ];
 
@@ -394,6 +399,8 @@ pub struct Config {
     pub snapshot_txns: u64,
     /// Where the mount daemon serves `/metrics` (none: not served).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The status page's token; set, it opens the page to non-loopback clients.
+    pub status_token_file: Option<PathBuf>,
     /// `<state root>/<canonical_id>`: the local journal, divergent copies, logs.
     pub state_dir: PathBuf,
     pub config_file: Option<PathBuf>,
@@ -477,6 +484,9 @@ impl Config {
             retention: Duration::from_secs(retention_days * 86_400),
             snapshot_txns,
             metrics_addr,
+            status_token_file: l
+                .get("MEMBRIDGE_STATUS_TOKEN_FILE")
+                .map(|(v, _)| PathBuf::from(v)),
             config_file: l.config_file().map(Path::to_path_buf),
         })
     }

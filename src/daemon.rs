@@ -139,18 +139,27 @@ fn block_signals() -> SigSet {
 fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let signals = block_signals();
     // Bound before the lease or the mount: a port in use stops here, in one line.
-    let metrics = cfg.metrics_addr.map(crate::metrics::bind).transpose()?;
+    let http = cfg.metrics_addr.map(crate::http::bind).transpose()?;
     let (dir, root_fd) = mount::prepare(&args.dir).map_err(|e| anyhow!(e))?;
     // Hold no directory busy: every path from here on is absolute or fd-relative.
     std::env::set_current_dir("/")?;
     let log = std::env::var_os(READY_FD_ENV).map(|_| log_file(cfg).display().to_string());
     let status = Status::new(cfg, &dir, log);
-    if let Some(listener) = metrics {
-        crate::metrics::spawn_server(listener, status.clone())
-            .context("starting the metrics server")?;
-    }
+    let site = match http {
+        Some(listener) => Some(serve_http(cfg, listener, &status)?),
+        None => None,
+    };
     let classifier = Classifier::new(&cfg.classes.databases, &cfg.classes.files);
     let replication = start_replication(cfg, &root_fd, &status)?;
+    if let Some(site) = &site {
+        site.attach(crate::page::Control {
+            node: replication.capture.clone(),
+            keeper: replication.keeper.clone(),
+            lease: LeaseClient::new(cfg, replication.store.clone()),
+            rt: replication.rt.handle().clone(),
+            root: replication.root.try_clone()?,
+        });
+    }
     let fs = MemFs::new(
         root_fd,
         classifier,
@@ -215,6 +224,23 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     replication.drain(Duration::from_secs(10));
     replication.release_lease();
     Ok(())
+}
+
+/// `/metrics` and the status page, from the start (the page's actions wait
+/// for replication: [`crate::page::Site::attach`]).
+fn serve_http(
+    cfg: &Config,
+    listener: std::net::TcpListener,
+    status: &Status,
+) -> Result<Arc<crate::page::Site>> {
+    let addr = listener.local_addr()?;
+    let site = Arc::new(crate::page::Site::new(cfg, status.clone())?);
+    let handler = site.clone();
+    crate::http::serve(listener, Arc::new(move |req| handler.handle(req)))
+        .context("starting the metrics server")?;
+    tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+    tracing::info!(%addr, "serving the status page at {}", crate::page::url(addr));
+    Ok(site)
 }
 
 struct Running {
@@ -645,22 +671,35 @@ fn start_replication(
             crate::lease::DEFAULT_HEARTBEAT_INTERVAL,
             move || {
                 let s = status.snapshot();
+                let role = node.role();
+                // What this node holds: its own head on a primary, what it
+                // applied elsewhere (a secondary's head_txid is the bucket's).
+                let holds_head = matches!(role, Role::Primary | Role::HandingOver);
                 Heartbeat {
                     node_id: s.node_id.clone(),
-                    role: node.role().name().into(),
+                    role: role.name().into(),
                     epoch: s.epoch,
                     applied_txid: s
                         .databases
                         .values()
-                        .map(|d| d.head_txid.max(d.applied_txid))
+                        .map(|d| {
+                            if holds_head {
+                                d.head_txid
+                            } else {
+                                d.applied_txid
+                            }
+                        })
                         .max()
                         .unwrap_or(0),
                     head_txid: s.databases.values().map(|d| d.head_txid).max(),
+                    // A primary is the source; a lag measured before its
+                    // promotion would linger otherwise.
                     lag_seconds: s
                         .databases
                         .values()
                         .filter_map(|d| d.lag_seconds)
-                        .reduce(f64::max),
+                        .reduce(f64::max)
+                        .filter(|_| !holds_head),
                     version: s.version.clone(),
                     last_seen: chrono::Utc::now(),
                     mount_dir: s.mount_dir.clone(),

@@ -285,6 +285,30 @@ pub enum Release {
     NotPrimary(Option<Lease>),
 }
 
+impl Release {
+    /// What `leadership release` (and the status page's "release") tells the
+    /// operator: `Ok` when the lease is released, `Err` (a refusal, exit 3)
+    /// when `node_id` is not the primary.
+    pub fn outcome(&self, node_id: &str) -> Result<String, String> {
+        match self {
+            Release::Released(v) => Ok(format!(
+                "released the lease (epoch {}); another node may take it now",
+                v.lease.epoch
+            )),
+            Release::AlreadyReleased(v) => Ok(format!(
+                "the lease (epoch {}) is released already",
+                v.lease.epoch
+            )),
+            Release::NotPrimary(lease) => {
+                let who = lease.as_ref().map_or("there is no lease".into(), |l| {
+                    format!("the primary is {}", l.describe())
+                });
+                Err(format!("this node ({node_id}) is not the primary: {who}"))
+            }
+        }
+    }
+}
+
 /// `leadership/handover.json`: a request that the primary hand the lease over.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Handover {
@@ -829,6 +853,13 @@ impl LeaseClient {
             return Ok(None);
         }
         Ok(Some(h))
+    }
+
+    /// How long `leadership select` waits for a hand-over: one TTL (the
+    /// primary sees the request at its next renewal, TTL/3 at most) plus
+    /// [`HANDOVER_GRACE`].
+    pub fn select_wait(&self) -> Duration {
+        self.ttl + HANDOVER_GRACE
     }
 
     /// `membridge leadership select TARGET`: [`LeaseClient::select`]; if another

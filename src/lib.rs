@@ -11,13 +11,17 @@ pub mod daemon;
 /// `membridge doctor`: bucket, lease, mount, databases, replication; a STATUS verdict.
 pub mod doctor;
 pub mod fs;
+/// The small HTTP server of `--metrics-addr`: bounded, one request per connection.
+pub mod http;
 pub mod journal;
 /// The leadership lease: conditional writes, renewal, fencing, heartbeats.
 pub mod lease;
-/// Prometheus counters and the `/metrics` endpoint (`--metrics-addr`).
+/// Prometheus counters and their text exposition, served at `/metrics`.
 pub mod metrics;
 /// `membridge migrate`: adopt a bucket written by the old hook-based tool.
 pub mod migrate;
+/// The status page at `/` of `--metrics-addr`, its JSON state and its actions.
+pub mod page;
 /// Progress of long work: a bar on a terminal, log lines elsewhere.
 pub mod progress;
 pub mod remote;

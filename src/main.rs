@@ -308,7 +308,6 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
 /// `leadership release` on a node that is not the primary exits 3 (refused on a
 /// secondary), with the reason on one line.
 fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
-    use membridge::lease::{Release, HANDOVER_GRACE};
     let c = lease_client(cfg);
     match cmd {
         LeadershipCmd::Info => {
@@ -324,36 +323,23 @@ fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
         }
         LeadershipCmd::Select { node } => {
             let mut say = |line: &str| println!("membridge: {line}");
-            let wait = cfg.lease_ttl + HANDOVER_GRACE;
-            block_on(c.request_handover(node, wait, &mut say))?.map_err(|e| e.to_string())?;
+            block_on(c.request_handover(node, c.select_wait(), &mut say))?
+                .map_err(|e| e.to_string())?;
             Ok(())
         }
-        LeadershipCmd::Release => match block_on(c.release_own())?.map_err(|e| e.to_string())? {
-            Release::Released(v) => {
-                println!(
-                    "membridge: released the lease (epoch {}); another node may take it now",
-                    v.lease.epoch
-                );
-                Ok(())
+        LeadershipCmd::Release => {
+            let released = block_on(c.release_own())?.map_err(|e| e.to_string())?;
+            match released.outcome(&cfg.node_id) {
+                Ok(line) => {
+                    println!("membridge: {line}");
+                    Ok(())
+                }
+                Err(refusal) => {
+                    eprintln!("membridge: {refusal}");
+                    std::process::exit(3)
+                }
             }
-            Release::AlreadyReleased(v) => {
-                println!(
-                    "membridge: the lease (epoch {}) is released already",
-                    v.lease.epoch
-                );
-                Ok(())
-            }
-            Release::NotPrimary(lease) => {
-                let who = lease.map_or("there is no lease".into(), |l| {
-                    format!("the primary is {}", l.describe())
-                });
-                eprintln!(
-                    "membridge: this node ({}) is not the primary: {who}",
-                    cfg.node_id
-                );
-                std::process::exit(3)
-            }
-        },
+        }
     }
 }
 

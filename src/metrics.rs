@@ -9,19 +9,14 @@
 //! ([`Metrics::uploaded`], [`Metrics::upload_failure`]) and the read-through
 //! cache ([`Metrics::read_through_fetch`], [`Metrics::cache_hit`]).
 //!
-//! The HTTP side is a few dozen lines over `std::net` rather than a crate: one
-//! GET route, `Connection: close`, bounded request size and timeouts, on its
-//! own thread so a scrape never touches the FUSE or I/O threads.
+//! [`crate::http`] serves it, beside the status page ([`crate::page`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
-use std::time::{Duration, Instant};
 
-use crate::status::{Status, StatusDoc};
+use crate::status::StatusDoc;
 
 /// A counter per label set (pre-rendered `k="v",...`, sorted by key).
 #[derive(Default)]
@@ -367,109 +362,6 @@ fn escape_help(v: &str) -> String {
     v.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
-/// Bind the metrics address before anything else starts, so that a port in
-/// use stops the mount with one clear line.
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot serve metrics on {addr} (MEMBRIDGE_METRICS_ADDR / --metrics-addr): {e}"
-        )
-    })
-}
-
-/// Serve `GET /metrics` on `listener` from a thread of its own, for the life
-/// of the process.
-pub fn spawn_server(listener: TcpListener, status: Status) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(c) => {
-                        if let Err(e) = handle(c, &status) {
-                            tracing::debug!(error = %e, "metrics: request failed");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics: accept failed");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        })?;
-    tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
-    Ok(())
-}
-
-const MAX_REQUEST: usize = 8192;
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One request, one response, then close. Scrapes are rare and answered at
-/// once, so connections are handled in turn.
-fn handle(mut conn: TcpStream, status: &Status) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))?;
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
-        if buf.len() > MAX_REQUEST || Instant::now() > deadline {
-            return respond(&mut conn, "431 Request Header Fields Too Large", "", b"");
-        }
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            let body = status.metrics().render(&status.snapshot());
-            let body = if method == "HEAD" { "" } else { body.as_str() };
-            respond(
-                &mut conn,
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                body.as_bytes(),
-            )
-        }
-        ("GET" | "HEAD", _) => respond(
-            &mut conn,
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            b"membridge serves Prometheus metrics at /metrics\n",
-        ),
-        _ => respond(
-            &mut conn,
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            b"only GET and HEAD\n",
-        ),
-    }
-}
-
-fn respond(conn: &mut TcpStream, status: &str, ctype: &str, body: &[u8]) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    if !ctype.is_empty() {
-        head += &format!("Content-Type: {ctype}\r\n");
-    }
-    if status.starts_with("405") {
-        head += "Allow: GET, HEAD\r\n";
-    }
-    head += "\r\n";
-    conn.write_all(head.as_bytes())?;
-    conn.write_all(body)?;
-    conn.flush()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,33 +442,5 @@ mod tests {
                 assert!(typed.contains(name), "untyped sample {l}");
             }
         }
-    }
-
-    #[test]
-    fn serves_metrics_over_http() {
-        let status = Status::from_doc(doc());
-        status.metrics().txns_applied("claude-mem.db", 4);
-        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = l.local_addr().unwrap();
-        spawn_server(l, status).unwrap();
-        let get = |req: &str| {
-            let mut c = TcpStream::connect(addr).unwrap();
-            c.write_all(req.as_bytes()).unwrap();
-            let mut s = String::new();
-            c.read_to_string(&mut s).unwrap();
-            s
-        };
-        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-        assert!(ok.contains("text/plain; version=0.0.4"), "{ok}");
-        assert!(
-            ok.contains("membridge_transactions_applied_total{db=\"claude-mem.db\"} 4\n"),
-            "{ok}"
-        );
-        assert!(get("GET / HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 404"));
-        assert!(get("POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
-        // A port in use is one clear line.
-        let e = bind(addr).unwrap_err().to_string();
-        assert!(e.contains(&addr.to_string()) && !e.contains('\n'), "{e}");
     }
 }

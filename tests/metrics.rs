@@ -243,9 +243,10 @@ fn primary_metrics_follow_transactions_and_logs_are_json() {
     // No secret in the exposition.
     assert!(!body.contains(&s3.secret_key));
 
-    // Anything else than GET /metrics.
+    // Anything else than GET /metrics or the status page's paths.
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    conn.write_all(b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
     let mut resp = String::new();
     conn.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");

@@ -1,0 +1,1100 @@
+//! The status page: one self-contained HTML page at `/` of `--metrics-addr`
+//! (beside `/metrics`), refreshing itself from `/api/state`, with two actions:
+//! "make this node primary" and "release".
+//!
+//! What the page shows is read from the daemon's live state, not from
+//! `status.json`: the [`Status`] document and the [`Node`]'s role in memory,
+//! the [`LeaseKeeper`]'s view of the lease, the backing files' sizes, the
+//! divergent reports on disk, and, from the bucket, the nodes' heartbeats and
+//! the lease's audit entries. The bucket is read by a task of its own at most
+//! every [`BUCKET_EVERY`] and only while someone watches the page, so an
+//! unwatched page costs nothing and a watched one a couple of listings.
+//!
+//! The actions run the code of the CLI's `leadership select NODE` and
+//! `leadership release` ([`LeaseClient::request_handover`],
+//! [`LeaseClient::release_own`]), on the daemon's runtime; the page shows their
+//! progress lines.
+//!
+//! # Who may use it
+//!
+//! The page and its API answer loopback clients only, unless
+//! `MEMBRIDGE_STATUS_TOKEN_FILE` is configured: then any client presenting
+//! that file's token (`?token=` on the page, the `X-Membridge-Token` header on
+//! the API) is served. Every POST needs the token in that header: the page
+//! embeds it, and a page of another site can neither read it nor send the
+//! header without a CORS preflight, which is never granted. A loopback client
+//! must also name a loopback host (`Host: 127.0.0.1:…`, `localhost`), so that a
+//! DNS-rebinding site cannot read the page either. `/metrics` stays open to
+//! all, as before. Every refusal is a 4xx with its reason.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{Config, Policy};
+use crate::http::{Request, Response};
+use crate::lease::{LeaseClient, LeaseKeeper, LeaseState, DEFAULT_HEARTBEAT_INTERVAL};
+use crate::replica::node::Node;
+use crate::status::Status;
+
+const PAGE: &str = include_str!("page.html");
+/// Replaced by the (HTML-escaped) token when the page is served.
+const TOKEN_SLOT: &str = "__MEMBRIDGE_TOKEN__";
+pub const TOKEN_HEADER: &str = "X-Membridge-Token";
+/// The bucket (heartbeats, audit entries) is read at most this often...
+pub const BUCKET_EVERY: Duration = Duration::from_secs(2);
+/// ...and only while the page was requested within this long.
+const WATCHED_FOR: Duration = Duration::from_secs(30);
+/// One bucket read may take this long before it is given up.
+const BUCKET_TIMEOUT: Duration = Duration::from_secs(10);
+const ROLE_CHANGES: usize = 10;
+const DIVERGENT_SHOWN: usize = 20;
+const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                   connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+                   frame-ancestors 'none'";
+
+/// What the page needs of the running daemon, handed over once replication
+/// has started ([`Site::attach`]); until then the page shows the status
+/// document alone and refuses actions with 503.
+pub struct Control {
+    pub node: Arc<Node>,
+    pub keeper: Arc<LeaseKeeper>,
+    /// A client of its own, as the CLI makes one: for the actions and for
+    /// reading heartbeats and audit entries.
+    pub lease: LeaseClient,
+    /// The daemon's runtime: the actions and the bucket reads run on it.
+    pub rt: tokio::runtime::Handle,
+    /// The mounted directory (underneath the mount): databases' sizes.
+    pub root: OwnedFd,
+}
+
+/// `/metrics`, the page, its state and its actions; see the module docs.
+pub struct Site {
+    status: Status,
+    policy: String,
+    token: String,
+    /// `MEMBRIDGE_STATUS_TOKEN_FILE` is set: non-loopback clients with the token
+    /// are served.
+    open_to_others: bool,
+    control: OnceLock<Control>,
+    shared: Arc<Shared>,
+}
+
+/// What the page's bucket task and its actions share with the handlers.
+#[derive(Default)]
+struct Shared {
+    view: Mutex<BucketView>,
+    /// When `/api/state` was last asked for (Unix ms).
+    watched: AtomicI64,
+    wake: tokio::sync::Notify,
+    action: Mutex<Option<ActionDoc>>,
+}
+
+#[derive(Default, Clone)]
+struct BucketView {
+    read_at: Option<DateTime<Utc>>,
+    nodes: Vec<NodeRow>,
+    nodes_error: Option<String>,
+    changes: Vec<RoleChange>,
+    changes_error: Option<String>,
+    /// Audit entries already fetched, by key (they never change).
+    audit: BTreeMap<String, RoleChange>,
+}
+
+/// `GET /api/state`.
+#[derive(Debug, Serialize)]
+pub struct PageState {
+    pub generated_at: String,
+    /// Whether replication has started (the actions work).
+    pub ready: bool,
+    pub node: ThisNode,
+    pub nodes: Vec<NodeRow>,
+    pub nodes_error: Option<String>,
+    /// When the bucket was last read for `nodes` and `role_changes`.
+    pub bucket_read_at: Option<String>,
+    pub databases: Vec<DbRow>,
+    pub divergent: Vec<Divergent>,
+    /// Newest first.
+    pub role_changes: Vec<RoleChange>,
+    pub role_changes_error: Option<String>,
+    pub action: Option<ActionDoc>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ThisNode {
+    pub id: String,
+    pub role: String,
+    pub policy: String,
+    pub epoch: Option<u64>,
+    pub primary: Option<String>,
+    pub lease: LeaseDoc,
+    /// When a commit returns: "local" (journaled on this disk, shipped to the
+    /// bucket within about a second) is the only mode so far.
+    pub durability: String,
+    /// Captured transactions not in the bucket yet, all databases.
+    pub unpublished: u64,
+    pub upload_state: String,
+    pub last_outage: Option<crate::status::Outage>,
+    pub mount_dir: String,
+    /// "starting" or "ready".
+    pub mount_state: String,
+    pub pid: u32,
+    pub version: String,
+    pub started_at: String,
+    pub project: String,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeaseDoc {
+    /// held, held-by, none, lost, unusable, disabled, or starting.
+    pub state: String,
+    pub holder: Option<String>,
+    pub epoch: Option<u64>,
+    pub expires_at: Option<String>,
+    pub seconds_left: Option<f64>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRow {
+    pub id: String,
+    pub role: Option<String>,
+    pub epoch: Option<u64>,
+    pub last_seen: Option<String>,
+    pub seconds_ago: Option<f64>,
+    pub applied_txid: Option<u64>,
+    /// Transactions behind the newest head any node reports.
+    pub behind: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub version: Option<String>,
+    pub mount_dir: Option<String>,
+    pub stale: bool,
+    /// The heartbeat could not be read or parsed.
+    pub error: Option<String>,
+    pub this_node: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DbRow {
+    pub name: String,
+    pub head_txid: u64,
+    pub uploaded_txid: u64,
+    pub applied_txid: u64,
+    pub backlog: u64,
+    pub lag_seconds: Option<f64>,
+    pub size_bytes: Option<u64>,
+    pub hydration: Option<crate::status::HydrationStatus>,
+    pub last_upload: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Divergent {
+    /// The JSON report, in the state directory.
+    pub report: String,
+    /// The copy of the database as it stood, beside it.
+    pub copy: Option<String>,
+    pub database: Option<String>,
+    pub unpublished_count: Option<u64>,
+    pub epoch: Option<u64>,
+    pub created_at: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoleChange {
+    pub at: Option<String>,
+    pub event: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub epoch: Option<u64>,
+    pub reason: Option<String>,
+    pub by: Option<String>,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionDoc {
+    /// "make-primary" or "release".
+    pub name: String,
+    pub started_at: String,
+    pub lines: Vec<String>,
+    pub done: bool,
+    pub ok: Option<bool>,
+}
+
+impl Site {
+    /// Reads the token file, if configured (a bad one stops the mount, in one
+    /// line), or makes a random token for this daemon's life.
+    pub fn new(cfg: &Config, status: Status) -> anyhow::Result<Site> {
+        let (token, open_to_others) = match &cfg.status_token_file {
+            Some(path) => (read_token(path)?, true),
+            None => (format!("{:032x}", rand::random::<u128>()), false),
+        };
+        Ok(Site {
+            status,
+            policy: match &cfg.policy {
+                Policy::Pinned { primary } => format!("pinned to {primary}"),
+                Policy::Auto { candidate: true } => "auto (candidate)".into(),
+                Policy::Auto { candidate: false } => "auto (never takes the lease)".into(),
+                Policy::Disabled => "disabled (no lease)".into(),
+            },
+            token,
+            open_to_others,
+            control: OnceLock::new(),
+            shared: Arc::new(Shared::default()),
+        })
+    }
+
+    /// Replication is running: enable the actions, and start the task that
+    /// reads heartbeats and audit entries while the page is watched.
+    pub fn attach(&self, control: Control) {
+        let task = bucket_task(self.shared.clone(), control.lease.clone());
+        control.rt.spawn(task);
+        let _ = self.control.set(control);
+    }
+
+    /// Every request of `--metrics-addr`.
+    pub fn handle(&self, req: &Request) -> Response {
+        let read = matches!(req.method.as_str(), "GET" | "HEAD");
+        match req.path.as_str() {
+            "/metrics" if read => Response::new(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.status.metrics().render(&self.status.snapshot()),
+            ),
+            "/metrics" => not_allowed("GET, HEAD"),
+            "/" | "/api/state" | "/api/make-primary" | "/api/release" => {
+                if let Err(refusal) = self.admit(req) {
+                    return refusal;
+                }
+                match (req.path.as_str(), read) {
+                    ("/", true) => self.page(),
+                    ("/api/state", true) => {
+                        self.watched();
+                        Response::json(200, &self.state())
+                    }
+                    ("/" | "/api/state", false) => not_allowed("GET, HEAD"),
+                    (_, _) if req.method != "POST" => not_allowed("POST"),
+                    (action, _) => self.act(req, action.trim_start_matches("/api/")),
+                }
+            }
+            _ if read => Response::text(
+                404,
+                "not found: membridge serves its status page at /, its state at /api/state and Prometheus metrics at /metrics",
+            ),
+            _ => not_allowed("GET, HEAD"),
+        }
+    }
+
+    /// Who may see the page and its state; see the module docs.
+    fn admit(&self, req: &Request) -> Result<(), Response> {
+        let peer = req.peer.ip();
+        let loopback = is_loopback(peer);
+        if !loopback && !self.open_to_others {
+            return Err(Response::text(
+                403,
+                &format!(
+                    "the status page answers loopback clients only (this request came from {peer}); \
+                     open it on that machine, or set MEMBRIDGE_STATUS_TOKEN_FILE to serve it to others"
+                ),
+            ));
+        }
+        let presented = req
+            .header(TOKEN_HEADER)
+            .map(str::to_string)
+            .or_else(|| req.query_param("token"));
+        match presented {
+            Some(t) if same_token(&t, &self.token) => Ok(()),
+            Some(_) => Err(Response::text(403, "bad token")),
+            None if !loopback => Err(Response::text(
+                401,
+                "this page needs the token of MEMBRIDGE_STATUS_TOKEN_FILE: open /?token=<token>",
+            )),
+            None => match req.header("host") {
+                Some(h) if is_loopback_host(h) => Ok(()),
+                Some(h) => Err(Response::text(
+                    403,
+                    &format!(
+                        "Host {h:?} is not a loopback address: open the page as http://127.0.0.1:PORT/ \
+                         (other names are refused, against DNS rebinding)"
+                    ),
+                )),
+                None => Err(Response::text(400, "missing Host header")),
+            },
+        }
+    }
+
+    fn page(&self) -> Response {
+        let html = PAGE.replace(TOKEN_SLOT, &html_escape(&self.token));
+        Response::new(200, "text/html; charset=utf-8", html)
+            .with_header("Content-Security-Policy", CSP)
+            .with_header("X-Frame-Options", "DENY")
+            .with_header("Referrer-Policy", "no-referrer")
+    }
+
+    /// Someone is looking: keep (or start) reading the bucket.
+    fn watched(&self) {
+        let before = self
+            .shared
+            .watched
+            .swap(Utc::now().timestamp_millis(), Ordering::AcqRel);
+        if Utc::now().timestamp_millis() - before > WATCHED_FOR.as_millis() as i64 {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// `POST /api/make-primary` or `/api/release`: checks, then starts the
+    /// action and answers 202 at once; the page follows its lines in the state.
+    fn act(&self, req: &Request, action: &str) -> Response {
+        match req.header(TOKEN_HEADER) {
+            None => {
+                return Response::text(
+                    401,
+                    &format!(
+                        "missing {TOKEN_HEADER} header: actions need the token the page embeds"
+                    ),
+                )
+            }
+            Some(t) if !same_token(t, &self.token) => return Response::text(403, "bad token"),
+            Some(_) => {}
+        }
+        if let (Some(origin), Some(host)) = (req.header("origin"), req.header("host")) {
+            if origin != format!("http://{host}") {
+                return Response::text(
+                    403,
+                    &format!("cross-origin request refused (Origin {origin:?})"),
+                );
+            }
+        }
+        let Some(control) = self.control.get() else {
+            return Response::text(503, "the daemon is still starting; try again in a moment");
+        };
+        let name = action.to_string();
+        {
+            let mut current = self.shared.action.lock().unwrap();
+            if let Some(a) = current.as_ref().filter(|a| !a.done) {
+                return Response::text(409, &format!("{} is still running", a.name));
+            }
+            *current = Some(ActionDoc {
+                name: name.clone(),
+                started_at: Utc::now().to_rfc3339(),
+                lines: Vec::new(),
+                done: false,
+                ok: None,
+            });
+        }
+        let shared = self.shared.clone();
+        let lease = control.lease.clone();
+        let node_id = lease.node_id.clone();
+        tracing::info!(action = %name, peer = %req.peer, "status page: action requested");
+        control.rt.spawn(async move {
+            let say_to = shared.clone();
+            let mut say = move |line: &str| {
+                tracing::info!("status page: {line}");
+                if let Some(a) = say_to.action.lock().unwrap().as_mut() {
+                    a.lines.push(line.to_string());
+                }
+            };
+            // Exactly what `leadership select <this node>` and
+            // `leadership release` do.
+            let result: Result<(), String> = if name == "make-primary" {
+                lease
+                    .request_handover(&node_id, lease.select_wait(), &mut say)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            } else {
+                match lease.release_own().await {
+                    Ok(r) => r.outcome(&node_id).map(|line| say(&line)),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            let mut action = shared.action.lock().unwrap();
+            if let Some(a) = action.as_mut() {
+                if let Err(e) = &result {
+                    tracing::warn!("status page: {} failed: {e}", a.name);
+                    a.lines.push(format!("failed: {e}"));
+                }
+                a.done = true;
+                a.ok = Some(result.is_ok());
+            }
+        });
+        let what = if action == "make-primary" {
+            "asked for this node to become primary"
+        } else {
+            "asked to release the lease"
+        };
+        Response::json(
+            202,
+            &serde_json::json!({ "accepted": true, "action": action, "message": what }),
+        )
+    }
+
+    /// The page's data: a read of the live state (see the module docs).
+    pub fn state(&self) -> PageState {
+        let now = Utc::now();
+        let doc = self.status.snapshot();
+        let control = self.control.get();
+        let role = control.map_or(doc.role.clone(), |c| c.node.role().name().to_string());
+        let lease = match control.map(|c| c.keeper.state()) {
+            None => LeaseDoc::of("starting", None, doc.epoch, None, None),
+            Some(LeaseState::Held { epoch, expires, .. }) => LeaseDoc::of(
+                "held",
+                Some(doc.node_id.clone()),
+                Some(epoch),
+                Some(expires),
+                None,
+            ),
+            Some(LeaseState::HeldBy {
+                node,
+                epoch,
+                expires,
+            }) => LeaseDoc::of("held-by", Some(node), Some(epoch), Some(expires), None),
+            Some(LeaseState::None) => LeaseDoc::of("none", None, doc.epoch, None, None),
+            Some(LeaseState::Lost { reason }) => {
+                LeaseDoc::of("lost", None, doc.epoch, None, Some(reason))
+            }
+            Some(LeaseState::Unusable { reason }) => {
+                LeaseDoc::of("unusable", None, doc.epoch, None, Some(reason))
+            }
+            Some(LeaseState::Disabled) => LeaseDoc::of(
+                "disabled",
+                Some(doc.node_id.clone()),
+                None,
+                None,
+                Some("LEADERSHIP_ENABLED=0: this node writes without a lease".into()),
+            ),
+        };
+        let holds_head = matches!(role.as_str(), "primary" | "handing-over");
+        let databases = doc
+            .databases
+            .iter()
+            .map(|(name, d)| DbRow {
+                name: name.clone(),
+                head_txid: d.head_txid,
+                uploaded_txid: d.uploaded_txid,
+                applied_txid: d.applied_txid,
+                backlog: d.backlog,
+                // A primary is the source: the lag a secondary measured
+                // before its promotion means nothing any more.
+                lag_seconds: d.lag_seconds.filter(|_| !holds_head),
+                size_bytes: control.and_then(|c| file_size(&c.root, name)),
+                hydration: d.hydration.clone(),
+                last_upload: d.last_upload.clone(),
+                last_error: d.last_error.clone(),
+            })
+            .collect();
+        let view = self.shared.view.lock().unwrap().clone();
+        let mut nodes = view.nodes;
+        for n in &mut nodes {
+            n.this_node = n.id == doc.node_id;
+            n.seconds_ago = n.last_seen.as_deref().and_then(|t| seconds_since(t, now));
+        }
+        let divergent = doc
+            .divergent
+            .iter()
+            .rev()
+            .take(DIVERGENT_SHOWN)
+            .map(|p| read_divergent(Path::new(p)))
+            .collect();
+        PageState {
+            generated_at: now.to_rfc3339(),
+            ready: control.is_some(),
+            node: ThisNode {
+                id: doc.node_id.clone(),
+                role,
+                policy: self.policy.clone(),
+                epoch: lease.epoch.or(doc.epoch),
+                primary: doc.primary.clone(),
+                lease,
+                durability: "local".into(),
+                unpublished: doc.databases.values().map(|d| d.backlog).sum(),
+                upload_state: doc.upload_state.clone(),
+                last_outage: doc.last_outage.clone(),
+                mount_dir: doc.mount_dir.clone(),
+                mount_state: doc.state.clone(),
+                pid: doc.pid,
+                version: doc.version.clone(),
+                started_at: doc.started_at.clone(),
+                project: doc.canonical_id.clone(),
+                last_error: doc.last_error.clone(),
+            },
+            nodes,
+            nodes_error: view.nodes_error,
+            bucket_read_at: view.read_at.map(|t| t.to_rfc3339()),
+            databases,
+            divergent,
+            role_changes: view.changes,
+            role_changes_error: view.changes_error,
+            action: self.shared.action.lock().unwrap().clone(),
+        }
+    }
+}
+
+impl LeaseDoc {
+    fn of(
+        state: &str,
+        holder: Option<String>,
+        epoch: Option<u64>,
+        expires: Option<DateTime<Utc>>,
+        reason: Option<String>,
+    ) -> LeaseDoc {
+        LeaseDoc {
+            state: state.into(),
+            holder,
+            epoch,
+            expires_at: expires.map(|t| t.to_rfc3339()),
+            seconds_left: expires
+                .map(|t| ((t - Utc::now()).num_milliseconds().max(0) as f64) / 1000.0),
+            reason,
+        }
+    }
+}
+
+fn not_allowed(allow: &str) -> Response {
+    Response::text(405, &format!("method not allowed here; use {allow}"))
+        .with_header("Allow", allow)
+}
+
+/// The token file: one line of 16 to 512 printable ASCII characters.
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("MEMBRIDGE_STATUS_TOKEN_FILE {}", path.display()))?;
+    if meta.len() > 4096 {
+        bail!(
+            "MEMBRIDGE_STATUS_TOKEN_FILE {}: larger than 4 KiB",
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("MEMBRIDGE_STATUS_TOKEN_FILE {}", path.display()))?;
+    let token = text.trim();
+    if !(16..=512).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        bail!(
+            "MEMBRIDGE_STATUS_TOKEN_FILE {}: the token must be 16 to 512 printable characters without spaces",
+            path.display()
+        );
+    }
+    Ok(token.to_string())
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_token(given: &str, expected: &str) -> bool {
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// `127.x.x.x[:port]`, `[::1][:port]` or `localhost[:port]`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(is_loopback)
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn seconds_since(t: &str, now: DateTime<Utc>) -> Option<f64> {
+    let t = DateTime::parse_from_rfc3339(t).ok()?;
+    Some((now - t.with_timezone(&Utc)).num_milliseconds() as f64 / 1000.0)
+}
+
+/// Size of the backing file of `db` (a path relative to the mount).
+fn file_size(root: &OwnedFd, db: &str) -> Option<u64> {
+    let st = nix::sys::stat::fstatat(
+        Some(root.as_raw_fd()),
+        db,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .ok()?;
+    Some(st.st_size as u64)
+}
+
+/// A divergent copy's JSON report (written by the fenced primary).
+fn read_divergent(report: &Path) -> Divergent {
+    let parsed = std::fs::metadata(report)
+        .map_err(|e| e.to_string())
+        .and_then(|m| {
+            if m.len() > 64 * 1024 {
+                Err("report larger than 64 KiB".to_string())
+            } else {
+                std::fs::read(report).map_err(|e| e.to_string())
+            }
+        })
+        .and_then(|b| serde_json::from_slice::<Value>(&b).map_err(|e| e.to_string()));
+    let (v, error) = match parsed {
+        Ok(v) => (v, None),
+        Err(e) => (Value::Null, Some(e)),
+    };
+    Divergent {
+        report: report.display().to_string(),
+        copy: v["copy"].as_str().map(String::from),
+        database: v["database"].as_str().map(String::from),
+        unpublished_count: v["unpublished_count"].as_u64(),
+        epoch: v["epoch"].as_u64(),
+        created_at: v["created_at"].as_str().map(String::from),
+        error,
+    }
+}
+
+/// Reads heartbeats and audit entries every [`BUCKET_EVERY`] while the page
+/// is watched; sleeps until woken otherwise.
+async fn bucket_task(shared: Arc<Shared>, lease: LeaseClient) {
+    loop {
+        let idle_ms = Utc::now().timestamp_millis() - shared.watched.load(Ordering::Acquire);
+        if idle_ms > WATCHED_FOR.as_millis() as i64 {
+            shared.wake.notified().await;
+            continue;
+        }
+        let cache = shared.view.lock().unwrap().audit.clone();
+        match tokio::time::timeout(BUCKET_TIMEOUT, read_bucket(&lease, cache)).await {
+            Ok(view) => *shared.view.lock().unwrap() = view,
+            Err(_) => {
+                let mut v = shared.view.lock().unwrap();
+                let why = format!(
+                    "the bucket did not answer within {} s",
+                    BUCKET_TIMEOUT.as_secs()
+                );
+                v.nodes_error = Some(why.clone());
+                v.changes_error = Some(why);
+            }
+        }
+        tokio::time::sleep(BUCKET_EVERY).await;
+    }
+}
+
+async fn read_bucket(lease: &LeaseClient, mut audit: BTreeMap<String, RoleChange>) -> BucketView {
+    let now = Utc::now();
+    let store = &*lease.store;
+    let (nodes, nodes_error) =
+        match crate::lease::list_nodes(store, &lease.layout, DEFAULT_HEARTBEAT_INTERVAL, now).await
+        {
+            Ok(entries) => (node_rows(&entries), None),
+            Err(e) => (Vec::new(), Some(format!("cannot read the heartbeats: {e}"))),
+        };
+    let prefix = lease.layout.audit_prefix();
+    let (changes, changes_error) = match store.list(&prefix).await {
+        Err(e) => (
+            Vec::new(),
+            Some(format!("cannot list the audit entries: {e}")),
+        ),
+        Ok(list) => {
+            let mut keys: Vec<String> = list.into_iter().map(|m| m.key).collect();
+            keys.sort();
+            let recent: Vec<String> = keys.iter().rev().take(ROLE_CHANGES + 2).cloned().collect();
+            audit.retain(|k, _| recent.contains(k));
+            let mut error = None;
+            for key in &recent {
+                if audit.contains_key(key) {
+                    continue;
+                }
+                match store.get(key).await {
+                    Ok(got) => {
+                        let v: Value = serde_json::from_slice(&got.body).unwrap_or(Value::Null);
+                        audit.insert(key.clone(), role_change(key, &v));
+                    }
+                    Err(e) => error = Some(format!("cannot read {key}: {e}")),
+                }
+            }
+            let mut changes: Vec<RoleChange> = audit.values().cloned().collect();
+            changes.sort_by(|a, b| (&b.at, &b.key).cmp(&(&a.at, &a.key)));
+            changes.truncate(ROLE_CHANGES);
+            (changes, error)
+        }
+    };
+    BucketView {
+        read_at: Some(now),
+        nodes,
+        nodes_error,
+        changes,
+        changes_error,
+        audit,
+    }
+}
+
+fn node_rows(entries: &[crate::lease::NodeEntry]) -> Vec<NodeRow> {
+    let newest_head = entries
+        .iter()
+        .filter_map(|e| e.heartbeat.as_ref().ok())
+        .filter_map(|h| h.head_txid.or(Some(h.applied_txid)))
+        .max();
+    entries
+        .iter()
+        .map(|e| match &e.heartbeat {
+            Ok(h) => NodeRow {
+                id: h.node_id.clone(),
+                role: Some(h.role.clone()),
+                epoch: h.epoch,
+                last_seen: Some(h.last_seen.to_rfc3339()),
+                seconds_ago: None,
+                applied_txid: Some(h.applied_txid),
+                behind: newest_head.map(|n| n.saturating_sub(h.applied_txid)),
+                lag_seconds: h.lag_seconds,
+                version: Some(h.version.clone()),
+                mount_dir: Some(h.mount_dir.clone()),
+                stale: e.stale,
+                error: None,
+                this_node: false,
+            },
+            Err(why) => NodeRow {
+                id: e
+                    .key
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(&e.key)
+                    .trim_end_matches(".json")
+                    .to_string(),
+                role: None,
+                epoch: None,
+                last_seen: None,
+                seconds_ago: None,
+                applied_txid: None,
+                behind: None,
+                lag_seconds: None,
+                version: None,
+                mount_dir: None,
+                stale: true,
+                error: Some(why.clone()),
+                this_node: false,
+            },
+        })
+        .collect()
+}
+
+/// An audit entry, membridge's or the old tool's (which lacks `event`...).
+fn role_change(key: &str, v: &Value) -> RoleChange {
+    let s = |k: &str| v[k].as_str().map(String::from);
+    RoleChange {
+        at: s("timestamp").or_else(|| s("issued_at")),
+        event: s("event"),
+        from: s("from"),
+        to: s("to").or_else(|| s("primary_node_id")),
+        epoch: v["epoch"].as_u64(),
+        reason: s("reason"),
+        by: s("by").or_else(|| s("issued_by")),
+        key: key.to_string(),
+    }
+}
+
+/// Where the page is, for log lines and the demo.
+pub fn url(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}/", addr.port())
+    } else {
+        format!("http://{addr}/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+
+    fn config(extra: &[(&str, &str)]) -> Config {
+        let mut env: BTreeMap<String, String> = [
+            ("MINIO_ENDPOINT", "http://127.0.0.1:1"),
+            ("MINIO_ACCESS_KEY", "a"),
+            ("MINIO_SECRET_KEY", "s"),
+            ("MINIO_BUCKET", "page-bucket"),
+            ("CLAUDE_PROJECT_ID", "page"),
+            ("MEMBRIDGE_NODE_ID", "page-node"),
+            ("MEMBRIDGE_CONFIG", "/nonexistent/config.env"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        Config::from_layers(&crate::config::Layers::from_parts(BTreeMap::new(), env)).unwrap()
+    }
+
+    /// A site on every address of this machine (no daemon behind it).
+    fn serve(cfg: &Config) -> (Arc<Site>, u16) {
+        let status = Status::new(cfg, Path::new("/mnt/page"), None);
+        let site = Arc::new(Site::new(cfg, status).unwrap());
+        let l = crate::http::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = site.clone();
+        crate::http::serve(l, Arc::new(move |r| h.handle(r))).unwrap();
+        (site, port)
+    }
+
+    /// Sends `raw` to `ip:port`; the status code and the body.
+    fn send(ip: IpAddr, port: u16, raw: &[u8]) -> (u16, String) {
+        let mut c = TcpStream::connect(SocketAddr::new(ip, port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(raw).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let code = s[9..12].parse().unwrap();
+        let body = s
+            .split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_string();
+        (code, body)
+    }
+
+    fn get(ip: IpAddr, port: u16, path: &str, extra: &str) -> (u16, String) {
+        let host = SocketAddr::new(ip, port);
+        send(
+            ip,
+            port,
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").as_bytes(),
+        )
+    }
+
+    fn post(port: u16, path: &str, extra: &str) -> (u16, String) {
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n{extra}\r\n"
+        );
+        send(LOCAL, port, raw.as_bytes())
+    }
+
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    /// An address of this machine that is not loopback, if it has one (a
+    /// client connecting to it comes from it).
+    fn non_loopback_v4() -> Option<IpAddr> {
+        let mut found = None;
+        // SAFETY: getifaddrs's list is only read, then freed once.
+        unsafe {
+            let mut ifa: *mut libc::ifaddrs = std::ptr::null_mut();
+            if libc::getifaddrs(&mut ifa) != 0 {
+                return None;
+            }
+            let mut cur = ifa;
+            while !cur.is_null() {
+                let a = (*cur).ifa_addr;
+                let up = (*cur).ifa_flags & libc::IFF_UP as u32 != 0;
+                if up && !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                    let sin = &*(a as *const libc::sockaddr_in);
+                    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    if !ip.is_loopback() && found.is_none() {
+                        found = Some(IpAddr::V4(ip));
+                    }
+                }
+                cur = (*cur).ifa_next;
+            }
+            libc::freeifaddrs(ifa);
+        }
+        found
+    }
+
+    fn token_of(page: &str) -> String {
+        let at = page.find("name=\"membridge-token\" content=\"").unwrap();
+        let rest = &page[at + "name=\"membridge-token\" content=\"".len()..];
+        rest[..rest.find('"').unwrap()].to_string()
+    }
+
+    #[test]
+    fn loopback_clients_get_the_page_state_and_metrics_and_bad_requests_a_reason() {
+        let (_site, port) = serve(&config(&[]));
+        let (code, page) = get(LOCAL, port, "/", "");
+        assert_eq!(code, 200, "{page}");
+        assert!(page.contains("<title>membridge</title>"), "{page}");
+        let token = token_of(&page);
+        assert_eq!(token.len(), 32, "{token}");
+        assert!(!page.contains(TOKEN_SLOT));
+        let (code, state) = get(LOCAL, port, "/api/state", "");
+        assert_eq!(code, 200, "{state}");
+        let v: Value = serde_json::from_str(&state).unwrap();
+        assert_eq!(v["node"]["id"], "page-node");
+        assert_eq!(v["ready"], false);
+        assert_eq!(v["node"]["lease"]["state"], "starting");
+        let (code, metrics) = get(LOCAL, port, "/metrics", "");
+        assert_eq!(code, 200);
+        assert!(metrics.contains("membridge_info{"), "{metrics}");
+
+        for (code, body, (want, why)) in [
+            (get(LOCAL, port, "/", "").0, String::new(), (200, "")),
+            {
+                let (c, b) = send(
+                    LOCAL,
+                    port,
+                    b"GET / HTTP/1.1\r\nHost: rebind.example:80\r\n\r\n",
+                );
+                (c, b, (403, "DNS rebinding"))
+            },
+            {
+                let (c, b) = send(LOCAL, port, b"GET / HTTP/1.0\r\n\r\n");
+                (c, b, (400, "missing Host"))
+            },
+            {
+                let (c, b) = post(port, "/api/release", "");
+                (c, b, (401, "missing X-Membridge-Token"))
+            },
+            {
+                let (c, b) = post(port, "/api/make-primary", "X-Membridge-Token: nope\r\n");
+                (c, b, (403, "bad token"))
+            },
+            {
+                let h = format!("X-Membridge-Token: {token}\r\nOrigin: http://evil.example\r\n");
+                let (c, b) = post(port, "/api/make-primary", &h);
+                (c, b, (403, "cross-origin"))
+            },
+            {
+                let (c, b) = post(
+                    port,
+                    "/api/release",
+                    &format!("X-Membridge-Token: {token}\r\n"),
+                );
+                (c, b, (503, "still starting"))
+            },
+            {
+                let (c, b) = get(LOCAL, port, "/api/release", "");
+                (c, b, (405, "use POST"))
+            },
+            {
+                let (c, b) = post(port, "/", &format!("X-Membridge-Token: {token}\r\n"));
+                (c, b, (405, "use GET"))
+            },
+            {
+                let (c, b) = get(LOCAL, port, "/nope", "");
+                (c, b, (404, "status page at /"))
+            },
+            {
+                let (c, b) = send(LOCAL, port, b"BLAH\r\n\r\n");
+                (c, b, (400, "malformed request line"))
+            },
+            {
+                let mut raw = format!("POST /api/release HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 100000\r\n\r\n").into_bytes();
+                raw.extend(std::iter::repeat_n(b'x', 100_000));
+                let (c, b) = send(LOCAL, port, &raw);
+                (c, b, (413, "larger than"))
+            },
+        ] {
+            assert_eq!(code, want, "{body}");
+            assert!(body.contains(why), "{code}: {body}");
+        }
+    }
+
+    #[test]
+    fn other_hosts_are_refused_unless_a_token_file_is_configured() {
+        let Some(ip) = non_loopback_v4() else {
+            eprintln!("skipped: this machine has no non-loopback IPv4 address to come from");
+            return;
+        };
+        let (_site, port) = serve(&config(&[]));
+        let (code, body) = get(ip, port, "/", "");
+        assert_eq!(code, 403, "{body}");
+        assert!(
+            body.contains("loopback clients only") && body.contains(&ip.to_string()),
+            "{body}"
+        );
+        assert_eq!(get(ip, port, "/api/state", "").0, 403);
+        // Even with the daemon's own token (as seen on this machine).
+        let token = token_of(&get(LOCAL, port, "/", "").1);
+        let header = format!("X-Membridge-Token: {token}\r\n");
+        assert_eq!(get(ip, port, "/api/state", &header).0, 403);
+        let raw = format!("POST /api/release HTTP/1.1\r\nHost: {ip}:{port}\r\n{header}\r\n");
+        assert_eq!(send(ip, port, raw.as_bytes()).0, 403);
+        // Metrics stay open, as they were.
+        assert_eq!(get(ip, port, "/metrics", "").0, 200);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "0123456789abcdef-page\n").unwrap();
+        let cfg = config(&[("MEMBRIDGE_STATUS_TOKEN_FILE", file.to_str().unwrap())]);
+        let (_site, port) = serve(&cfg);
+        let (code, body) = get(ip, port, "/", "");
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("?token="), "{body}");
+        assert_eq!(get(ip, port, "/?token=wrong-token-value", "").0, 403);
+        let (code, page) = get(ip, port, "/?token=0123456789abcdef-page", "");
+        assert_eq!(code, 200, "{page}");
+        assert_eq!(token_of(&page), "0123456789abcdef-page");
+        let (code, state) = get(
+            ip,
+            port,
+            "/api/state",
+            "X-Membridge-Token: 0123456789abcdef-page\r\n",
+        );
+        assert_eq!(code, 200, "{state}");
+        // Loopback clients get the file's token in the page.
+        assert_eq!(
+            token_of(&get(LOCAL, port, "/", "").1),
+            "0123456789abcdef-page"
+        );
+    }
+
+    #[test]
+    fn a_bad_token_file_stops_the_daemon_with_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in [("short", "abc"), ("spaces", "0123456789 abcdef 0123")] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, body).unwrap();
+            let cfg = config(&[("MEMBRIDGE_STATUS_TOKEN_FILE", file.to_str().unwrap())]);
+            let status = Status::new(&cfg, Path::new("/m"), None);
+            let e = Site::new(&cfg, status).err().unwrap().to_string();
+            assert!(
+                e.contains("16 to 512 printable") && !e.contains('\n'),
+                "{e}"
+            );
+        }
+        let cfg = config(&[("MEMBRIDGE_STATUS_TOKEN_FILE", "/nonexistent/token")]);
+        let status = Status::new(&cfg, Path::new("/m"), None);
+        let e = format!("{:#}", Site::new(&cfg, status).err().unwrap());
+        assert!(e.contains("/nonexistent/token"), "{e}");
+    }
+
+    #[test]
+    fn loopback_host_names() {
+        for h in [
+            "127.0.0.1:9464",
+            "127.0.0.1",
+            "localhost:1",
+            "LOCALHOST",
+            "[::1]:9464",
+            "127.1.2.3:80",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "example.com",
+            "192.0.2.2:9464",
+            "localhost.evil.com:80",
+            "[::2]:1",
+            "",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
+        assert!(same_token("abc", "abc") && !same_token("abd", "abc") && !same_token("ab", "abc"));
+    }
+}
