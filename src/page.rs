@@ -462,6 +462,9 @@ impl Site {
                 expires,
             }) => LeaseDoc::of("held-by", Some(node), Some(epoch), Some(expires), None),
             Some(LeaseState::None) => LeaseDoc::of("none", None, doc.epoch, None, None),
+            Some(LeaseState::Released { epoch }) => {
+                LeaseDoc::of("released", None, Some(epoch), None, None)
+            }
             Some(LeaseState::Lost { reason }) => {
                 LeaseDoc::of("lost", None, doc.epoch, None, Some(reason))
             }

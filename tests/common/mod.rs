@@ -19,6 +19,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod claude_mem;
 pub mod gate;
 pub mod mount;
 
