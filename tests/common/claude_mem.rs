@@ -564,12 +564,17 @@ const FATAL_SIGNS: &[&str] = &[
     "v12.4.3 backup failed",
 ];
 
+/// How SQLite reports a write a secondary refused: "disk I/O error" for a
+/// frame refused at the `-wal` (WAL mode has no other code for it), readonly
+/// for a rollback journal refused.
+const REFUSALS: [&str; 2] = ["attempt to write a readonly database", "disk I/O error"];
+
 pub fn sqlite_error_lines(log: &str, allow_readonly: bool) -> Vec<String> {
     log.lines()
         .filter(|l| {
             FATAL_SIGNS.iter().any(|s| l.contains(s))
                 || (SQLITE_SIGNS.iter().any(|s| l.contains(s))
-                    && !(allow_readonly && l.contains("attempt to write a readonly database")))
+                    && !(allow_readonly && REFUSALS.iter().any(|r| l.contains(r))))
         })
         .map(|l| l.chars().take(400).collect())
         .collect()
