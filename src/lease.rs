@@ -1,4 +1,4 @@
-//! The leadership lease (DESIGN §4): who is primary, under which epoch, until when.
+//! The leadership lease (docs/ARCHITECTURE.md §3): who is primary, under which epoch, until when.
 //!
 //! `projects/<cid>/leadership/lease.json` keeps the old hook-based tool's fields
 //! so that both tools can read it during a migration, but membridge changes it

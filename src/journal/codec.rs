@@ -1,4 +1,4 @@
-//! Segment and snapshot object formats (DESIGN §3). The byte layouts, checksum
+//! Segment and snapshot object formats (docs/FORMAT.md). The byte layouts, checksum
 //! definitions and versioning rules are specified in docs/FORMAT.md; this
 //! module is their reference implementation.
 //!

@@ -1,4 +1,4 @@
-//! The bucket layout (DESIGN §3). Every key of a project lives under
+//! The bucket layout (docs/FORMAT.md). Every key of a project lives under
 //! `projects/<canonical_id>/`; this is the one place that spells them, so that the
 //! lease, the uploader, the follower, `doctor` and `migrate` cannot disagree.
 //!

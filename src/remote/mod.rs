@@ -3,7 +3,7 @@
 //! keys and offers the two conditional writes the design rests on (create-if-absent
 //! and compare-and-swap on the ETag).
 //!
-//! - [`keys`]: the bucket layout under `projects/<canonical_id>/` (DESIGN §3).
+//! - [`keys`]: the bucket layout under `projects/<canonical_id>/` (docs/FORMAT.md).
 //! - [`s3`]: the production implementation on aws-sdk-s3 (MinIO, SeaweedFS, AWS).
 //! - [`retry`]: the bounded retry policy shared by the implementations.
 //! - [`mem`]: an in-memory bucket with the same semantics, for fast tests.

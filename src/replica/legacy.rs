@@ -1,5 +1,5 @@
 //! The old tool's snapshot, kept up to date for nodes not yet migrated
-//! (DESIGN §3): `sqlite/claude-mem.db` (the whole database file),
+//! (docs/FORMAT.md): `sqlite/claude-mem.db` (the whole database file),
 //! `sqlite/claude-mem.db.sha256` and `sqlite/manifest.json`, byte for byte
 //! what the old tool's `push_sqlite` writes, with plain puts and in its order
 //! (database, digest, manifest), so that its `pull_sqlite` keeps working.

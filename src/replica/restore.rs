@@ -1,5 +1,5 @@
 //! `membridge restore`: rebuild one replicated database, as it was at a txid or
-//! a time within retention, from the bucket alone (DESIGN §3, §6).
+//! a time within retention, from the bucket alone (docs/RESTORE.md, docs/FORMAT.md).
 //!
 //! 1. Read `manifest.json`: the head (txid, checksum, size) bounds what is
 //!    published; the epoch history says which epoch owns which txids.

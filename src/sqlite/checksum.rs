@@ -1,4 +1,4 @@
-//! The whole-database checksum of DESIGN §2, kept incrementally.
+//! The whole-database checksum (docs/ARCHITECTURE.md §2, "Primary"), kept incrementally.
 //!
 //! Definition (also in docs/FORMAT.md):
 //!
