@@ -135,12 +135,13 @@ echo "laptop\$ SELECT id, text FROM observations;   # the row arrived after ${de
 sql laptop "SELECT id, text FROM observations;" | sed 's/^/  /'
 
 echo
-echo "== 3. the secondary refuses writes, as SQLite's read-only error"
+echo "== 3. the secondary refuses writes (WAL mode reports a refused write as an I/O error)"
 echo "laptop\$ INSERT INTO observations ... 'written on the laptop'"
 rc=0
 out=$(sql laptop "INSERT INTO observations(text) VALUES ('written on the laptop');" 2>&1) || rc=$?
 echo "  $out (exit $rc)"
 [ "$rc" -ne 0 ] || { echo "demo: the secondary accepted a write" >&2; exit 1; }
+"$bin" status "$root/laptop/claude-mem" | grep 'refused' | sed 's/^ */  status: /' || true
 
 echo
 echo "== 4. hand the lease over to the laptop (the desktop publishes everything first)"

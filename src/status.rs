@@ -30,6 +30,13 @@ pub struct DbStatus {
     /// Frames those reads found in the read-through cache instead.
     #[serde(default)]
     pub cache_hits: u64,
+    /// Write transactions of clients refused because this node is not the
+    /// primary (docs/ARCHITECTURE.md, "The view on a secondary"), and when
+    /// the last one was: what a user's client could not write here.
+    #[serde(default)]
+    pub refused_writes: u64,
+    #[serde(default)]
+    pub last_refused: Option<String>,
 }
 
 impl DbStatus {
@@ -272,6 +279,14 @@ pub fn render_text(d: &StatusDoc) -> String {
                 "   read-through: {} fetches, cache hit rate {:.0}%\n",
                 db.read_through_fetches,
                 rate * 100.0
+            );
+        }
+        if db.refused_writes > 0 {
+            s += &format!(
+                "   refused {} write transaction(s) of clients here, the last at {} (not the primary: writes go to {})\n",
+                db.refused_writes,
+                db.last_refused.as_deref().unwrap_or("-"),
+                d.primary.as_deref().unwrap_or("the primary"),
             );
         }
         if let Some(e) = &db.last_error {

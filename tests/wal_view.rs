@@ -139,6 +139,19 @@ fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(b.status()["divergent"].as_array().map_or(0, |d| d.len()), 0);
+    // The demoted primary reads its database at once, before the new primary
+    // publishes anything (issue 15, item 2).
+    wait_for("node-a to step down", Duration::from_secs(10), || {
+        a.status()["role"] == "secondary"
+    });
+    assert_eq!(cli(&adb, "SELECT count(*) FROM t").unwrap(), "21");
+    let ro = rusqlite::Connection::open_with_flags(
+        &adb,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    assert_eq!(rows(&ro), 21);
+    drop(ro);
     cli(&bdb, "INSERT INTO t(v) VALUES ('b1'); CREATE TABLE v(y);").unwrap();
     let c = rusqlite::Connection::open(&bdb).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();

@@ -148,6 +148,11 @@ impl Node {
                 primary = %primary,
                 "refused a write transaction: this node is not the primary"
             );
+            self.status.update(|s| {
+                let d = s.databases.entry(db.clone()).or_default();
+                d.refused_writes += 1;
+                d.last_refused = Some(chrono::Utc::now().to_rfc3339());
+            });
         }
         libc::EACCES
     }
