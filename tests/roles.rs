@@ -68,8 +68,6 @@ fn a_non_primary_reads_and_refuses_writes_on_the_wal_database() {
     std::fs::create_dir_all(m.dir.join("logs")).unwrap();
     std::fs::write(m.dir.join("logs/worker.log"), b"started\n").unwrap();
     std::fs::write(m.dir.join("worker.pid"), b"123\n").unwrap();
-
-    assert!(!m.dir.join("claude-mem.db-wal").exists());
     drop(c);
     // one log line per refused transaction, not per write
     let log = std::fs::read_to_string(m.status()["log_file"].as_str().unwrap()).unwrap();
