@@ -548,6 +548,9 @@ fn start_replication(
         wake.clone(),
         status.clone(),
     ));
+    capture
+        .files()
+        .configure(&cfg.classes.databases, &cfg.classes.files);
     let mut names: Vec<String> = journal.heads()?.into_iter().map(|h| h.name).collect();
     let root = format!("/proc/self/fd/{}/", root_fd.as_raw_fd());
     for pattern in &cfg.classes.databases {
