@@ -270,7 +270,8 @@ impl Running {
                 .unwrap_or_default()
                 .iter()
                 .map(|h| self.journal.backlog(&h.name).map(|b| b.0).unwrap_or(0))
-                .sum();
+                .sum::<u64>()
+                + self.capture.capture().files().pending();
             if left == 0 {
                 return;
             }

@@ -136,6 +136,11 @@ impl Recorder {
         }
     }
 
+    /// Versions recorded and not published yet.
+    pub fn pending(&self) -> u64 {
+        self.pending.lock().unwrap().len() as u64
+    }
+
     pub fn is_pending(&self, name: &str) -> bool {
         self.pending.lock().unwrap().contains_key(name)
     }
