@@ -120,8 +120,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ),
     (
         "MEMBRIDGE_REPLICATE_FILES",
-        "globs of files replicated as whole versions (default none)",
-        "settings.json",
+        "globs of files replicated as whole versions (default: claude-mem's migration markers; empty = none)",
+        ".cwd-remap-applied-v1,.cleanup-v12.4.3-applied",
     ),
     (
         "MEMBRIDGE_POLL_MS",
@@ -211,6 +211,15 @@ impl Layers {
             return Some((v, Source::Env));
         }
         pick(&self.file).map(|v| (v, Source::File(self.file_path.clone().unwrap_or_default())))
+    }
+
+    /// `key` is given with an empty value in the first layer that mentions it
+    /// (for keys where empty means "none" rather than "unset").
+    pub fn is_set_empty(&self, key: &str) -> bool {
+        [&self.flags, &self.env, &self.file]
+            .into_iter()
+            .find_map(|m| m.get(key))
+            .is_some_and(|v| v.trim().is_empty())
     }
 
     pub fn config_file(&self) -> Option<&Path> {
@@ -448,7 +457,7 @@ impl Config {
         let retention_days: u64 = l.parsed("MEMBRIDGE_RETENTION_DAYS", 7, |v| *v <= 3650)?;
         let classes = ClassGlobs {
             databases: globs(l, "MEMBRIDGE_REPLICATE", &["claude-mem.db"])?,
-            files: globs(l, "MEMBRIDGE_REPLICATE_FILES", &[])?,
+            files: replicate_files(l)?,
         };
         let metrics_addr = match l.get("MEMBRIDGE_METRICS_ADDR") {
             None => None,
@@ -506,6 +515,22 @@ impl Config {
     pub fn prefix(&self) -> String {
         format!("projects/{}/", self.canonical_id)
     }
+}
+
+/// claude-mem's one-time migration markers: each says its migration ran on the
+/// database, and each migration copies the whole database before it runs, so
+/// they must agree across machines (README, "What is replicated in
+/// claude-mem's data dir, and why").
+pub const DEFAULT_REPLICATE_FILES: &[&str] = &[".cwd-remap-applied-v1", ".cleanup-v12.4.3-applied"];
+
+/// `MEMBRIDGE_REPLICATE_FILES`: the default when unset anywhere; set to an
+/// empty value (in any layer), no file is replicated.
+fn replicate_files(l: &Layers) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "MEMBRIDGE_REPLICATE_FILES";
+    if l.is_set_empty(KEY) {
+        return Ok(Vec::new());
+    }
+    globs(l, KEY, DEFAULT_REPLICATE_FILES)
 }
 
 fn globs(l: &Layers, key: &'static str, default: &[&str]) -> Result<Vec<String>, ConfigError> {
@@ -735,6 +760,38 @@ mod tests {
             Config::from_layers(&layers(&env)).unwrap().policy,
             Policy::Disabled
         );
+    }
+
+    #[test]
+    fn replicated_files_default_to_the_markers_and_empty_means_none() {
+        let files = |extra: &[(&str, &str)]| {
+            let mut env = GOOD.to_vec();
+            env.extend_from_slice(extra);
+            Config::from_layers(&layers(&env)).unwrap().classes.files
+        };
+        assert_eq!(
+            files(&[]),
+            vec![".cwd-remap-applied-v1", ".cleanup-v12.4.3-applied"]
+        );
+        assert_eq!(
+            files(&[("MEMBRIDGE_REPLICATE_FILES", "")]),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            files(&[("MEMBRIDGE_REPLICATE_FILES", "a.json, modes/*.json")]),
+            vec!["a.json", "modes/*.json"]
+        );
+        // An empty flag wins over a value further down.
+        let mut flags = BTreeMap::new();
+        flags.insert("MEMBRIDGE_CONFIG".to_string(), "/nonexistent".to_string());
+        flags.insert("MEMBRIDGE_REPLICATE_FILES".to_string(), String::new());
+        let mut env: BTreeMap<String, String> = GOOD
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.insert("MEMBRIDGE_REPLICATE_FILES".into(), "x".into());
+        let c = Config::from_layers(&Layers::from_parts(flags, env)).unwrap();
+        assert!(c.classes.files.is_empty());
     }
 
     #[test]

@@ -270,7 +270,8 @@ impl Running {
                 .unwrap_or_default()
                 .iter()
                 .map(|h| self.journal.backlog(&h.name).map(|b| b.0).unwrap_or(0))
-                .sum();
+                .sum::<u64>()
+                + self.capture.capture().files().pending();
             if left == 0 {
                 return;
             }
@@ -548,6 +549,9 @@ fn start_replication(
         wake.clone(),
         status.clone(),
     ));
+    capture
+        .files()
+        .configure(&cfg.classes.databases, &cfg.classes.files);
     let mut names: Vec<String> = journal.heads()?.into_iter().map(|h| h.name).collect();
     let root = format!("/proc/self/fd/{}/", root_fd.as_raw_fd());
     for pattern in &cfg.classes.databases {

@@ -113,6 +113,18 @@ impl Layout {
         self.key(&format!("db/{db}/snap/{txid:016x}.snap"))
     }
 
+    /// `files/`: versions of replicated files (`MEMBRIDGE_REPLICATE_FILES`).
+    pub fn files_prefix(&self) -> String {
+        self.key("files/")
+    }
+
+    /// `files/<name>/<sha256>`: one version of a replicated file, addressed by
+    /// its content, so a create-only put of the same bytes is idempotent. The
+    /// manifest's `files` map says which version is current.
+    pub fn file_version(&self, name: &str, sha256: &str) -> String {
+        self.key(&format!("files/{name}/{sha256}"))
+    }
+
     /// `sqlite/`: the old tool's files, kept up to date for nodes not yet migrated.
     pub fn legacy_prefix(&self) -> String {
         self.key("sqlite/")
@@ -201,6 +213,13 @@ mod tests {
             l.snapshot("claude-mem.db", 255),
             format!("{p}db/claude-mem.db/snap/00000000000000ff.snap")
         );
+        assert_eq!(
+            l.file_version(".cwd-remap-applied-v1", "ab12"),
+            format!("{p}files/.cwd-remap-applied-v1/ab12")
+        );
+        assert!(l
+            .file_version("modes/x.json", "ab")
+            .starts_with(&l.files_prefix()));
         assert_eq!(l.legacy_db(), format!("{p}sqlite/claude-mem.db"));
         assert_eq!(l.legacy_sha256(), format!("{p}sqlite/claude-mem.db.sha256"));
         assert_eq!(l.legacy_manifest(), format!("{p}sqlite/manifest.json"));

@@ -38,6 +38,8 @@ pub struct Capture {
     wake: Arc<tokio::sync::Notify>,
     status: Status,
     dbs: Mutex<HashMap<String, Arc<Mutex<DbCapture>>>>,
+    /// Replicated files: recorded whole at each change, published by the uploader.
+    files: super::files::Recorder,
 }
 
 /// One replicated database's capture state; its mutex serializes its writes.
@@ -98,6 +100,24 @@ impl Capture {
             wake,
             status,
             dbs: Mutex::new(HashMap::new()),
+            files: super::files::Recorder::default(),
+        }
+    }
+
+    pub fn files(&self) -> &super::files::Recorder {
+        &self.files
+    }
+
+    /// `/proc/self/fd/<dir fd>`: the directory under the mount.
+    pub fn backing_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd()))
+    }
+
+    /// A replicated file changed (closed after a write, fsynced, renamed onto
+    /// or unlinked): record the version it now holds for the uploader.
+    fn file_changed(&self, name: &str) {
+        if self.files.record(&self.backing_dir(), name) {
+            self.wake.notify_one();
         }
     }
 
@@ -710,6 +730,10 @@ impl Replication for Capture {
     }
 
     fn removed(&self, class: &PathClass) -> std::result::Result<(), i32> {
+        if let PathClass::File(name) = class {
+            self.file_changed(name);
+            return Ok(());
+        }
         self.route(class, |c, st, side| match side {
             Some(Sidecar::Wal) => {
                 st.tracker.reset_to_start();
@@ -722,6 +746,10 @@ impl Replication for Capture {
     }
 
     fn replaced(&self, class: &PathClass) -> std::result::Result<(), i32> {
+        if let PathClass::File(name) = class {
+            self.file_changed(name);
+            return Ok(());
+        }
         self.route(class, |c, st, side| match side {
             // Another file became the database: capture every page that differs.
             None => {
@@ -739,6 +767,10 @@ impl Replication for Capture {
     }
 
     fn synced(&self, class: &PathClass) -> std::result::Result<(), i32> {
+        if let PathClass::File(name) = class {
+            self.file_changed(name);
+            return Ok(());
+        }
         self.route(class, |c, st, side| {
             if side.is_none() && st.unjournaled && !st.detector.is_hot() {
                 c.capture_main(st)

@@ -157,6 +157,9 @@ impl Follower {
             });
             self.follow(db, d, &m, applied).await?;
         }
+        super::files::follow(self, &m)
+            .await
+            .map_err(FollowError::Other)?;
         Ok(Some(got.etag))
     }
 

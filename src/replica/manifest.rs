@@ -32,6 +32,29 @@ pub struct Manifest {
     /// manifest), so a later `migrate` knows the project was adopted already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted: Option<Adoption>,
+    /// Replicated files (`MEMBRIDGE_REPLICATE_FILES`), by path relative to
+    /// the mount. Absent when there are none, so such a manifest reads as
+    /// before to every version.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileEntry>,
+    /// Fields this version does not know (a newer writer's): kept as read, so
+    /// advancing the manifest here does not drop them.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One replicated file's current version (see `super::files`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// SHA-256 of the content, lowercase hex.
+    pub sha256: String,
+    pub size: u64,
+    /// The object holding the content (`files/<name>/<sha256>`).
+    pub key: String,
+    /// Removed on the primary; `sha256`, `size` and `key` still name the last
+    /// version before that.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// Where an adopted project's history starts (see [`Manifest::adopted`]).
@@ -119,6 +142,8 @@ impl Manifest {
             updated_by: node.to_string(),
             databases: BTreeMap::new(),
             adopted: None,
+            files: BTreeMap::new(),
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -191,4 +216,75 @@ pub async fn swap(
         None => PutMode::CreateOnly,
     };
     store.put(&layout.manifest(), body.into(), mode).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: &serde_json::Value) -> Manifest {
+        Manifest::parse("m", &serde_json::to_vec(v).unwrap(), "cid").unwrap()
+    }
+
+    #[test]
+    fn files_round_trip() {
+        let mut m = Manifest::new("cid", "a", 3);
+        m.files.insert(
+            ".cwd-remap-applied-v1".into(),
+            FileEntry {
+                sha256: "ab".repeat(32),
+                size: 24,
+                key: "projects/cid/files/.cwd-remap-applied-v1/abab".into(),
+                deleted: false,
+            },
+        );
+        m.files.insert(
+            "modes/x.json".into(),
+            FileEntry {
+                sha256: "cd".repeat(32),
+                size: 2,
+                key: "projects/cid/files/modes/x.json/cdcd".into(),
+                deleted: true,
+            },
+        );
+        let body = serde_json::to_value(&m).unwrap();
+        assert_eq!(body["files"][".cwd-remap-applied-v1"]["size"], 24);
+        // `deleted` is written only when true.
+        assert!(body["files"][".cwd-remap-applied-v1"]
+            .get("deleted")
+            .is_none());
+        assert_eq!(body["files"]["modes/x.json"]["deleted"], true);
+        assert_eq!(parse(&body), m);
+    }
+
+    #[test]
+    fn a_manifest_without_files_reads_and_writes_as_before() {
+        let m = Manifest::new("cid", "a", 1);
+        let body = serde_json::to_value(&m).unwrap();
+        assert!(body.get("files").is_none(), "{body}");
+        let old = serde_json::json!({
+            "format": 1, "canonical_id": "cid", "epoch": 2, "epochs": [],
+            "updated_at": "t", "updated_by": "n", "databases": {}
+        });
+        let read = parse(&old);
+        assert!(read.files.is_empty() && read.extra.is_empty());
+        assert_eq!(serde_json::to_value(&read).unwrap(), old);
+    }
+
+    #[test]
+    fn unknown_fields_survive_an_advance() {
+        let newer = serde_json::json!({
+            "format": 1, "canonical_id": "cid", "epoch": 2,
+            "updated_at": "t", "updated_by": "n", "databases": {},
+            "files": {"a": {"sha256": "00", "size": 0, "key": "k", "future": 1}},
+            "someday": {"x": [1, 2]}
+        });
+        let mut m = parse(&newer);
+        assert_eq!(m.extra["someday"], serde_json::json!({"x": [1, 2]}));
+        m.epoch = 3;
+        let out = serde_json::to_value(&m).unwrap();
+        assert_eq!(out["someday"], newer["someday"]);
+        assert_eq!(out["epoch"], 3);
+        assert_eq!(out["files"]["a"]["key"], "k");
+    }
 }

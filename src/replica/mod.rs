@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod capture;
 pub mod divergent;
+pub mod files;
 pub mod follower;
 pub mod hydrate;
 pub mod legacy;

@@ -135,6 +135,14 @@ impl Node {
     }
 
     fn refuse(&self, class: &PathClass) -> i32 {
+        if let PathClass::File(name) = class {
+            // Only the primary's versions travel (src/replica/files.rs).
+            tracing::info!(
+                file = %name,
+                role = self.role().name(),
+                "refused a write to a replicated file: this node is not the primary"
+            );
+        }
         // One line per refused transaction: SQLite gives up at the journal.
         if let PathClass::Sidecar(db, Sidecar::Journal | Sidecar::Wal) = class {
             let primary = self

@@ -75,6 +75,8 @@ pub enum UploadError {
     Codec(#[from] codec::CodecError),
     #[error("base image of {db}: {source}")]
     Io { db: String, source: std::io::Error },
+    #[error(transparent)]
+    Files(#[from] super::files::FilesError),
     #[error("{0}")]
     Conflict(String),
     /// Not this node's job in its current role (exit code 3 on the CLI).
@@ -89,6 +91,7 @@ impl UploadError {
             UploadError::Store(e) | UploadError::Manifest(manifest::ManifestError::Store(e)) => {
                 e.is_transient()
             }
+            UploadError::Files(e) => e.is_unreachable(),
             _ => false,
         }
     }
@@ -111,6 +114,9 @@ pub struct Uploader {
     node: Arc<Node>,
     manifest: Option<Versioned>,
     last_prune: Option<Instant>,
+    /// Replicated files were reconciled with the bucket since this node last
+    /// became primary (see `super::files`).
+    files_reconciled: bool,
 }
 
 fn now_ms() -> i64 {
@@ -148,6 +154,7 @@ impl Uploader {
             node,
             manifest: None,
             last_prune: None,
+            files_reconciled: false,
         }
     }
 
@@ -239,11 +246,13 @@ impl Uploader {
     /// primary publishes (or one finishing its work before a hand-over).
     pub async fn round(&mut self) -> Result<()> {
         if !matches!(self.node.role(), Role::Primary | Role::HandingOver) {
+            self.drop_files();
             return Ok(());
         }
         for head in self.journal.heads()? {
             self.publish_db(head).await?;
         }
+        self.publish_files().await?;
         self.refresh_backlog();
         let every = self
             .policy
@@ -294,6 +303,7 @@ impl Uploader {
     /// changed after it was judged (the old primary's last upload, say): the
     /// whole decision is taken again from the manifest as it now is.
     async fn take_over(&mut self, epoch: u64) -> Result<()> {
+        self.files_reconciled = false;
         for _ in 0..5 {
             self.manifest = None;
             let v = self.current().await?;
@@ -575,6 +585,84 @@ impl Uploader {
             self.snapshot_now(&h.name).await?;
         }
         Ok(())
+    }
+
+    /// Replicated files, after the databases of the same round: a marker must
+    /// not reach a secondary before the database state it describes. The first
+    /// round as primary reconciles with the bucket first.
+    async fn publish_files(&mut self) -> Result<()> {
+        let node = self.node.clone();
+        let recorder = node.capture().files();
+        if !self.files_reconciled {
+            self.manifest = None; // the latest, not what this node last wrote
+            let v = self.current().await?;
+            let backing = node.capture().backing_dir();
+            super::files::reconcile(
+                self.store.as_ref(),
+                &v.manifest,
+                &backing,
+                recorder,
+                node.invalidator(),
+            )
+            .await?;
+            self.files_reconciled = true;
+        }
+        let pending = recorder.take();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let res = self.put_files(&pending).await;
+        if res.is_err() {
+            recorder.put_back(pending);
+        }
+        res
+    }
+
+    async fn put_files(
+        &mut self,
+        pending: &std::collections::BTreeMap<String, super::files::Version>,
+    ) -> Result<()> {
+        let v = self.current().await?;
+        let changes = super::files::changes(&self.layout, &v.manifest, pending);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        for (_, c) in &changes {
+            let Some((e, body)) = c else { continue };
+            match self
+                .store
+                .put(&e.key, body.clone(), PutMode::CreateOnly)
+                .await
+            {
+                // The key is the content's hash: taken means already there.
+                Ok(_) | Err(StoreError::PreconditionFailed { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.advance_with(None, |m| super::files::apply(m, &changes))
+            .await?;
+        for (name, c) in &changes {
+            match c {
+                Some((e, _)) => {
+                    tracing::info!(file = %name, sha256 = %e.sha256, size = e.size, "replicated file published")
+                }
+                None => tracing::info!(file = %name, "replicated file's deletion published"),
+            }
+        }
+        Ok(())
+    }
+
+    /// No longer primary: versions not published by now are not this node's
+    /// to publish any more (the bucket's win; see `super::files`).
+    fn drop_files(&mut self) {
+        self.files_reconciled = false;
+        let dropped = self.node.capture().files().take();
+        if !dropped.is_empty() {
+            tracing::warn!(
+                files = ?dropped.keys().collect::<Vec<_>>(),
+                "no longer primary: unpublished versions of replicated files dropped"
+            );
+        }
     }
 
     /// A create-only put found the key taken: fine if it is our own earlier
