@@ -69,11 +69,12 @@ fn a_non_primary_reads_and_refuses_writes_on_the_wal_database() {
     std::fs::write(m.dir.join("logs/worker.log"), b"started\n").unwrap();
     std::fs::write(m.dir.join("worker.pid"), b"123\n").unwrap();
     drop(c);
-    // one log line per refused transaction, not per write
+    // one log line per refused transaction, not per write (and one for the
+    // last connection's checkpoint at close: nobody else had it open here)
     let log = std::fs::read_to_string(m.status()["log_file"].as_str().unwrap()).unwrap();
     let refusals = log.matches("refused a write transaction").count();
     assert!(
-        (1..=3).contains(&refusals),
+        (3..=4).contains(&refusals),
         "{refusals} refusal lines:\n{log}"
     );
     m.unmount();
