@@ -124,6 +124,23 @@ fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
     drop(snap);
     drop(worker);
 
+    // A restarted secondary keeps its copy: the page 1 its own SQLite stamped
+    // is put back before the copy is compared with the bucket's head, so
+    // nothing is downloaded again (and `unmount` is not kept busy by the
+    // daemon's own connection).
+    b.unmount();
+    b.mount();
+    assert!(b.run(&["pull"]).status.success());
+    let log = std::fs::read_to_string(b.status()["log_file"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        log.matches("serving from the bucket while the local copy hydrates")
+            .count()
+            + log.matches("local copy rebuilt from the bucket").count(),
+        1,
+        "the restarted secondary fetched its database again:\n{log}"
+    );
+    assert_eq!(cli(&bdb, "SELECT count(*) FROM t").unwrap(), "21");
+
     // Hand over: B's file must be exactly the bucket's head for its capture
     // to continue the chain; A then follows B's transactions.
     let out = b.run(&["leadership", "select", "node-b"]);
@@ -145,11 +162,9 @@ fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
         a.status()["role"] == "secondary"
     });
     assert_eq!(cli(&adb, "SELECT count(*) FROM t").unwrap(), "21");
-    let ro = rusqlite::Connection::open_with_flags(
-        &adb,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let ro =
+        rusqlite::Connection::open_with_flags(&adb, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     assert_eq!(rows(&ro), 21);
     drop(ro);
     cli(&bdb, "INSERT INTO t(v) VALUES ('b1'); CREATE TABLE v(y);").unwrap();
