@@ -488,6 +488,18 @@ fn check_replication(
                 doc.upload_state
             );
         }
+        if d.refused_writes > 0 && !primary {
+            // Expected on a secondary, so no warning; but a user whose client
+            // could not write here should read why, and where writes go.
+            detail += &format!(
+                "; {} write transaction(s) refused here (last {}): writes go to {}; \
+                 `membridge leadership select {}` moves the lease here",
+                d.refused_writes,
+                d.last_refused.as_deref().unwrap_or("-"),
+                doc.primary.as_deref().unwrap_or("the primary"),
+                doc.node_id
+            );
+        }
         if let Some(e) = &d.last_error {
             status = Status::Warn;
             detail += &format!("; last error: {e}");
