@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -38,6 +38,9 @@ pub struct Capture {
     wake: Arc<tokio::sync::Notify>,
     status: Status,
     dbs: Mutex<HashMap<String, Arc<Mutex<DbCapture>>>>,
+    /// When the last transaction was captured (ms since the epoch, 0: none
+    /// in this run): whether a primary is idle (policy `follow`).
+    last_commit_ms: AtomicI64,
 }
 
 /// One replicated database's capture state; its mutex serializes its writes.
@@ -98,6 +101,15 @@ impl Capture {
             wake,
             status,
             dbs: Mutex::new(HashMap::new()),
+            last_commit_ms: AtomicI64::new(0),
+        }
+    }
+
+    /// When the last transaction was captured in this run, if any.
+    pub fn last_commit(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.last_commit_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => chrono::DateTime::from_timestamp_millis(ms),
         }
     }
 
@@ -490,6 +502,8 @@ impl Capture {
             pages,
         };
         self.journal.append(&st.name, &txn)?;
+        self.last_commit_ms
+            .store(txn.timestamp_ms, Ordering::Release);
         self.status.metrics().txns_captured(&st.name, 1);
         st.hashes
             .apply(txn.pages.iter().map(|(n, p)| (*n, p.as_ref())), size)
