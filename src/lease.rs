@@ -2139,14 +2139,14 @@ pub fn busy_reason(
     let ago = |t: DateTime<Utc>| (now - t).num_milliseconds().max(0) as f64 / 1000.0;
     if let Some(w) = last_write.filter(|w| now - *w < window) {
         return Some(format!(
-            "it wrote {:.0} s ago (idle means no write for {} s)",
+            "it wrote {:.0} s ago (idle after {} s without a write)",
             ago(w),
             idle.as_secs()
         ));
     }
     since.filter(|s| now - *s < window).map(|s| {
         format!(
-            "it became primary {:.0} s ago (it keeps the lease for at least {} s)",
+            "it became primary {:.0} s ago (it keeps the lease at least {} s)",
             ago(s),
             idle.as_secs()
         )

@@ -440,7 +440,7 @@ fn follow(
         Follow::Busy { primary, reason } => {
             // One line, on stderr, whatever the mode.
             eprintln!(
-                "membridge: {primary} stays primary, it is in use ({reason}); this node ({}) reads its memory and cannot add to it",
+                "membridge: {primary} stays primary, it is in use: {reason}. This node ({}) reads its memory; claude-mem's writes here are refused until it is primary",
                 cfg.node_id
             );
             std::process::exit(3)
