@@ -7,7 +7,9 @@
 //! hook would), so the primary is busy throughout (its backlog is never empty
 //! at the hand-over: the worst case) and the new primary's first write is seen
 //! within one attempt. `select` is run on the target node, alternately A→B and
-//! B→A, `MEMBRIDGE_BENCH_HANDOVERS` times (default 10).
+//! B→A, `MEMBRIDGE_BENCH_HANDOVERS` times (default 10), over a database of
+//! `MEMBRIDGE_BENCH_HANDOVER_MB` MB (default 1; promotion hashes and copies the
+//! whole file, so its size counts).
 //!
 //! - `select`: the command's wall time.
 //! - `writes`: from the command's start to the target's first committed write.
@@ -43,15 +45,23 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    eprintln!("handover: {rounds} hand-overs (load {})", load());
+    let size_mb: u64 = std::env::var("MEMBRIDGE_BENCH_HANDOVER_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    eprintln!(
+        "handover: {rounds} hand-overs, {size_mb} MB database (load {})",
+        load()
+    );
     let s3 = SeaweedFs::start();
     let bucket = s3.new_bucket("bench-handover");
-    let a = node(&s3, &bucket, "handover", "ho-a", &[]);
+    let (seeded, _) = seeded_bytes(size_mb);
+    let a = node(&s3, &bucket, "handover", "ho-a", &[(DB, &seeded)]);
     {
         let c = open(&a.dir.join(DB));
         c.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
-             CREATE TABLE w(id INTEGER PRIMARY KEY, node TEXT, at INTEGER);",
+            "CREATE TABLE w2(id INTEGER PRIMARY KEY, node TEXT, at INTEGER);
+             INSERT INTO w(v) VALUES ('start');",
         )
         .unwrap();
     }
@@ -137,7 +147,8 @@ fn main() {
     let mut out = vec![
         format!(
             "{rounds} hand-overs between two mounts (`leadership select` run on the target), \
-             a writer on each node trying a 1-row transaction every {} ms, default TTL 30 s",
+             {size_mb} MB database, a writer on each node trying a 1-row transaction every {} ms, \
+             default TTL and poll",
             ATTEMPT_EVERY.as_millis()
         ),
         format!("select returns:                {}", stat(&mut selects)),
@@ -151,7 +162,7 @@ fn main() {
         ),
     ];
     out.extend(lines);
-    report("handover", &out);
+    report(&format!("handover-{size_mb}mb"), &out);
 }
 
 /// Tries one insert every [`ATTEMPT_EVERY`] on a fresh connection (a demoted
@@ -176,7 +187,7 @@ fn try_write(db: &Path, name: &str) -> rusqlite::Result<()> {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     c.busy_timeout(Duration::from_millis(200))?;
     c.execute(
-        "INSERT INTO w(node, at) VALUES (?1, strftime('%s','now'))",
+        "INSERT INTO w2(node, at) VALUES (?1, strftime('%s','now'))",
         [name],
     )?;
     Ok(())
