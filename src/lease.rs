@@ -767,6 +767,30 @@ impl LeaseClient {
         self.lost(reason, current)
     }
 
+    /// Takes the lease this client holds again at `epoch` (above its own):
+    /// the manifest moved past the lease's epoch, so this tenure needs one
+    /// above both (issue 15: a lease rewritten by the old tool with its own
+    /// count). [`LeaseError::Lost`] if anyone else changed it since.
+    pub async fn raise_epoch(&self, held: &Versioned, epoch: u64) -> Result<Versioned, LeaseError> {
+        let mut next = self.fresh(&self.node_id, epoch, Some(&held.lease), Some(&self.session));
+        next.needs_ui_selection = held.lease.needs_ui_selection;
+        match self.put(&next, PutMode::IfMatch(held.etag.clone())).await {
+            Ok(etag) => {
+                let reason = format!(
+                    "the manifest was at a later epoch than the lease's {}",
+                    held.lease.epoch
+                );
+                self.audit("epoch", Some(&held.lease), &next, &reason).await;
+                Ok(Versioned { lease: next, etag })
+            }
+            Err(StoreError::PreconditionFailed { .. }) => {
+                let current = self.read().await.ok().flatten().map(|v| v.lease);
+                Err(self.lost_to(&held.lease, current))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Gives up a lease this node holds so that another node may take it at
     /// once: `expires_at` becomes now and the lease is marked released; the
     /// epoch is kept (the next holder writes `epoch + 1`). The caller must have
@@ -1452,6 +1476,11 @@ enum Cmd {
     },
     /// A hand-over to this node is pending: read the lease closely for this long.
     Expect(Duration),
+    /// Take the held lease again at an epoch above this one.
+    RaiseAbove {
+        epoch: u64,
+        reply: oneshot::Sender<Result<Versioned, LeaseError>>,
+    },
     Release {
         reply: oneshot::Sender<Result<(), LeaseError>>,
     },
@@ -1590,6 +1619,12 @@ impl LeaseKeeper {
         .await
     }
 
+    /// The manifest is at `epoch`, above the held lease's: takes the lease
+    /// again at `epoch + 1` (the state moves to `Held` at that epoch).
+    pub async fn raise_epoch_above(&self, epoch: u64) -> Result<Versioned, LeaseError> {
+        self.call(|reply| Cmd::RaiseAbove { epoch, reply }).await
+    }
+
     /// Releases the lease if this node holds it, and keeps away from it for
     /// `release_backoff` so that another node can take it.
     pub async fn release(&self) -> Result<(), LeaseError> {
@@ -1700,6 +1735,7 @@ impl KeeperTask {
                 match cmd {
                     Cmd::HandOver { reply, .. } => drop(reply.send(Err(LeaseError::Disabled))),
                     Cmd::Expect(_) => {}
+                    Cmd::RaiseAbove { reply, .. } => drop(reply.send(Err(LeaseError::Disabled))),
                     Cmd::Release { reply } => drop(reply.send(Err(LeaseError::Disabled))),
                     Cmd::Stop { reply, .. } => {
                         let _ = reply.send(Ok(()));
@@ -1979,6 +2015,11 @@ impl KeeperTask {
                 let _ = reply.send(r);
                 false
             }
+            Cmd::RaiseAbove { epoch, reply } => {
+                let r = self.raise_above(epoch).await;
+                let _ = reply.send(r);
+                false
+            }
             Cmd::Expect(d) => {
                 let until_t = tokio::time::Instant::now() + d;
                 if self.held.is_none() && self.expect_until.is_none_or(|t| t < until_t) {
@@ -2033,6 +2074,42 @@ impl KeeperTask {
                 self.lose(e.to_string());
                 Err(e)
             }
+        }
+    }
+
+    async fn raise_above(&mut self, epoch: u64) -> Result<Versioned, LeaseError> {
+        let Some(held) = self.held.clone() else {
+            return Err(LeaseError::NotAllowed(format!(
+                "this node ({}) does not hold the lease",
+                self.client.node_id
+            )));
+        };
+        if held.lease.epoch > epoch {
+            return Ok(held);
+        }
+        let left = until(self.client.holder_deadline(&held.lease));
+        match tokio::time::timeout(left, self.client.raise_epoch(&held, epoch + 1)).await {
+            Ok(Ok(v)) => {
+                tracing::info!(
+                    from = held.lease.epoch,
+                    to = v.lease.epoch,
+                    "took the lease again above the manifest's epoch"
+                );
+                self.next_renew = tokio::time::Instant::now() + self.opts.renew_every;
+                self.publish_held(&v);
+                self.held = Some(v.clone());
+                Ok(v)
+            }
+            Ok(Err(e @ LeaseError::Lost { .. })) => {
+                self.lose(e.to_string());
+                Err(e)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(LeaseError::Store(StoreError::Other {
+                op: "PUT",
+                key: self.client.layout.lease(),
+                detail: "the bucket did not answer before the lease ran out".into(),
+            })),
         }
     }
 

@@ -28,6 +28,7 @@ use crate::status::Status;
 use super::apply::Applier;
 use super::capture::Capture;
 use super::hydrate::ReadThrough;
+use super::uploader::NotYet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -390,6 +391,7 @@ pub async fn drive_roles(
     // While catching up with the lease in hand: how soon to try again.
     let mut retry_in = CATCH_UP_RETRY_MIN;
     let mut tries = 0;
+    let mut last_why: Option<String> = None;
     loop {
         let state = states.borrow_and_update().clone();
         let was = node.role();
@@ -412,21 +414,40 @@ pub async fn drive_roles(
                     // moment ago: fetch them now, not at the next poll.
                     node.poll_now();
                     let (tx, rx) = tokio::sync::oneshot::channel();
+                    let stopped = || NotYet::Wait("uploader stopped".into());
                     let ready = match uploader
                         .send(super::uploader::Command::TakeOver(*e, tx))
                         .await
                     {
-                        Ok(()) => rx.await.unwrap_or_else(|_| Err("uploader stopped".into())),
-                        Err(_) => Err("uploader stopped".into()),
+                        Ok(()) => rx.await.unwrap_or_else(|_| Err(stopped())),
+                        Err(_) => Err(stopped()),
                     };
                     match ready {
                         Ok(()) => {
                             node.set_role(Role::Primary);
                             status.update(|s| s.last_error = None);
+                            last_why = None;
                         }
-                        Err(why) => {
-                            tracing::info!(%why, "holding the lease; catching up before taking writes");
-                            status.update(|s| s.last_error = Some(why));
+                        Err(NotYet::EpochBehind { manifest, lease }) => {
+                            // Retrying at this epoch would loop for ever.
+                            tracing::warn!(
+                                manifest,
+                                lease,
+                                "the lease's epoch is below the manifest's: taking it again above both"
+                            );
+                            if let Err(err) = keeper.raise_epoch_above(manifest).await {
+                                let why = format!("cannot raise the lease's epoch above the manifest's {manifest}: {err}");
+                                tracing::warn!("{why}");
+                                status.update(|s| s.last_error = Some(why));
+                            }
+                        }
+                        Err(NotYet::Wait(why)) => {
+                            // Said once per reason, not at every retry.
+                            if last_why.as_deref() != Some(why.as_str()) {
+                                tracing::info!(%why, "holding the lease; catching up before taking writes");
+                            }
+                            status.update(|s| s.last_error = Some(why.clone()));
+                            last_why = Some(why);
                         }
                     }
                 }

@@ -36,8 +36,21 @@ pub enum Command {
     /// is this node's, and bump the manifest's epoch before writes resume.
     TakeOver(
         u64,
-        tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+        tokio::sync::oneshot::Sender<std::result::Result<(), NotYet>>,
     ),
+}
+
+/// Why a node holding the lease cannot take writes yet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotYet {
+    /// The manifest is at a later epoch than the lease (an old tool rewrote the
+    /// lease with its own count, say): no retry at this epoch can succeed; the
+    /// lease must be taken again above `manifest`.
+    #[error("the manifest is at epoch {manifest}, newer than this lease's {lease}")]
+    EpochBehind { manifest: u64, lease: u64 },
+    /// Catching up, hydrating, the bucket: trying again later may succeed.
+    #[error("{0}")]
+    Wait(String),
 }
 
 /// Knobs; the defaults suit claude-mem's write rate.
@@ -80,6 +93,8 @@ pub enum UploadError {
     Io { db: String, source: std::io::Error },
     #[error("{0}")]
     Conflict(String),
+    #[error(transparent)]
+    EpochBehind(NotYet),
     /// Not this node's job in its current role (exit code 3 on the CLI).
     #[error("{0}")]
     Refused(String),
@@ -192,7 +207,10 @@ impl Uploader {
                         let _ = reply.send(res);
                     }
                     Command::TakeOver(epoch, reply) => {
-                        let res = self.take_over(epoch).await.map_err(|e| e.to_string());
+                        let res = self.take_over(epoch).await.map_err(|e| match e {
+                            UploadError::EpochBehind(n) => n,
+                            e => NotYet::Wait(e.to_string()),
+                        });
                         let _ = reply.send(res);
                     }
                 }
@@ -331,10 +349,10 @@ impl Uploader {
             self.manifest = None;
             let v = self.current().await?;
             if v.manifest.epoch > epoch {
-                return Err(UploadError::Conflict(format!(
-                    "the manifest is at epoch {}, newer than this lease's {epoch}",
-                    v.manifest.epoch
-                )));
+                return Err(UploadError::EpochBehind(NotYet::EpochBehind {
+                    manifest: v.manifest.epoch,
+                    lease: epoch,
+                }));
             }
             let starts = self.take_over_starts(&v).await?;
             if v.manifest.epoch == epoch && v.manifest.epochs.iter().any(|x| x.epoch == epoch) {
