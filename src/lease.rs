@@ -13,7 +13,13 @@
 //! - [`LeaseClient`]: one node's operations on it, each one conditional write
 //!   plus an audit entry under `leadership/audit/`.
 //! - [`LeaseKeeper`]: the task the daemon runs: takes the lease when the policy
-//!   allows, renews it every TTL/3, and reports [`LeaseState`] on a watch channel.
+//!   allows, renews it every TTL/3, watches `handover.json` (every 0.5 s while
+//!   holding, so a hand-over starts at once), and reports [`LeaseState`] on a
+//!   watch channel.
+//! - Hand-over: [`LeaseClient::request_handover`] (`select`) and
+//!   [`LeaseClient::request_follow`] (policy `follow`, which the primary may
+//!   decline while busy) write `handover.json`; [`LeaseClient::wait_taken_over`]
+//!   waits until the target takes writes.
 //! - Heartbeats: [`Heartbeat`] under `nodes/<node_id>.json`, [`list_nodes`].
 //! - What `membridge leadership info` and `membridge nodes` print.
 //!

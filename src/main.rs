@@ -402,7 +402,7 @@ fn follow(
     // project without a writer until it expires.
     if let Err(e) = daemon::request(cfg, "expect-lease") {
         return Err(format!(
-            "follow: this node's daemon is not running, so it cannot take the lease ({e:#})"
+            "follow: cannot reach this node's daemon, which must be mounted (and as new as this command) to take the lease: {e:#}"
         ));
     }
     let start = std::time::Instant::now();
