@@ -114,6 +114,16 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "1",
     ),
     (
+        "LEADERSHIP_POLICY",
+        "auto (default) or follow: the lease follows the user (a session started on a secondary asks an idle primary to hand over)",
+        "follow",
+    ),
+    (
+        "MEMBRIDGE_FOLLOW_IDLE_S",
+        "policy follow: the primary counts as idle after this many seconds without a write (default 120)",
+        "120",
+    ),
+    (
         "MEMBRIDGE_REPLICATE",
         "globs of replicated SQLite databases (default claude-mem.db)",
         "claude-mem.db,*.sqlite3",
@@ -361,6 +371,10 @@ pub enum Policy {
     Pinned { primary: String },
     /// Any candidate takes an expired lease.
     Auto { candidate: bool },
+    /// Auto, and a Claude session started on this node asks the primary to
+    /// hand over if it wrote nothing for `idle_s` seconds (README, "The
+    /// lease follows the user").
+    Follow { idle_s: u64 },
     /// No lease: this node writes; the operator guarantees a single writer.
     Disabled,
 }
@@ -370,6 +384,7 @@ impl Policy {
         match self {
             Policy::Pinned { .. } => "pinned",
             Policy::Auto { .. } => "auto",
+            Policy::Follow { .. } => "follow",
             Policy::Disabled => "disabled",
         }
     }
@@ -438,16 +453,47 @@ impl Config {
             }
             None => hostname(),
         };
+        let follow = match l.get("LEADERSHIP_POLICY") {
+            None => None,
+            Some((raw, src)) => match raw.trim().to_ascii_lowercase().as_str() {
+                "auto" => None,
+                "follow" => Some(src),
+                _ => {
+                    return Err(l.malformed(
+                        "LEADERSHIP_POLICY",
+                        &src,
+                        format!("{raw:?} is not auto or follow (pinned is PRIMARY_NODE_ID=NODE, disabled is LEADERSHIP_ENABLED=0)"),
+                    ))
+                }
+            },
+        };
+        let idle_s: u64 = l.parsed("MEMBRIDGE_FOLLOW_IDLE_S", 120, |v| (1..=86_400).contains(v))?;
+        let candidate = l.flag("LEADERSHIP_CANDIDATE", true)?;
         let policy = if !l.flag("LEADERSHIP_ENABLED", true)? {
             Policy::Disabled
         } else if let Some((primary, src)) = l.get("PRIMARY_NODE_ID") {
             validate_node_id(&primary).map_err(|why| l.malformed("PRIMARY_NODE_ID", &src, why))?;
             Policy::Pinned { primary }
+        } else if follow.is_some() {
+            Policy::Follow { idle_s }
         } else {
-            Policy::Auto {
-                candidate: l.flag("LEADERSHIP_CANDIDATE", true)?,
-            }
+            Policy::Auto { candidate }
         };
+        if let Some(src) = follow {
+            let clash = match &policy {
+                Policy::Disabled => Some("LEADERSHIP_ENABLED=0 uses no lease at all"),
+                Policy::Pinned { .. } => Some("PRIMARY_NODE_ID pins the lease to one node"),
+                _ if !candidate => Some("LEADERSHIP_CANDIDATE=0 keeps this node from taking it"),
+                _ => None,
+            };
+            if let Some(clash) = clash {
+                return Err(l.malformed(
+                    "LEADERSHIP_POLICY",
+                    &src,
+                    format!("follow moves the lease to where the user works, but {clash}; unset one of them"),
+                ));
+            }
+        }
         let ttl: u64 = l.parsed("LEADERSHIP_LEASE_SECONDS", 30, |v| (3..=86_400).contains(v))?;
         let poll_ms: u64 = l.parsed("MEMBRIDGE_POLL_MS", 1000, |v| (50..=600_000).contains(v))?;
         let cache_mb: usize = l.parsed("MEMBRIDGE_CACHE_MB", 64, |v| (1..=65_536).contains(v))?;
@@ -506,7 +552,7 @@ impl Config {
             Policy::Disabled => "primary",
             Policy::Pinned { primary } if *primary == self.node_id => "primary",
             Policy::Pinned { .. } => "secondary",
-            Policy::Auto { candidate: true } => "candidate",
+            Policy::Auto { candidate: true } | Policy::Follow { .. } => "candidate",
             Policy::Auto { candidate: false } => "secondary",
         }
     }
@@ -730,6 +776,8 @@ mod tests {
             ("MINIO_BUCKET", "Bad_Bucket"),
             ("LEADERSHIP_LEASE_SECONDS", "soon"),
             ("LEADERSHIP_ENABLED", "maybe"),
+            ("LEADERSHIP_POLICY", "sometimes"),
+            ("MEMBRIDGE_FOLLOW_IDLE_S", "0"),
             ("MEMBRIDGE_REPLICATE", "/abs.db"),
             ("MEMBRIDGE_METRICS_ADDR", "localhost"),
             ("MEMBRIDGE_METRICS_ADDR", "127.0.0.1:99999"),
@@ -792,6 +840,34 @@ mod tests {
         env.insert("MEMBRIDGE_REPLICATE_FILES".into(), "x".into());
         let c = Config::from_layers(&Layers::from_parts(flags, env)).unwrap();
         assert!(c.classes.files.is_empty());
+    }
+
+    #[test]
+    fn follow_is_opt_in_and_excludes_pinning() {
+        let mut env = GOOD.to_vec();
+        env.push(("LEADERSHIP_POLICY", "follow"));
+        let c = Config::from_layers(&layers(&env)).unwrap();
+        assert_eq!(c.policy, Policy::Follow { idle_s: 120 });
+        assert_eq!(
+            (c.policy.name(), c.configured_role()),
+            ("follow", "candidate")
+        );
+        env.push(("MEMBRIDGE_FOLLOW_IDLE_S", "30"));
+        let c = Config::from_layers(&layers(&env)).unwrap();
+        assert_eq!(c.policy, Policy::Follow { idle_s: 30 });
+        for clash in [
+            ("PRIMARY_NODE_ID", "n1"),
+            ("LEADERSHIP_ENABLED", "0"),
+            ("LEADERSHIP_CANDIDATE", "0"),
+        ] {
+            let mut env = env.clone();
+            env.push(clash);
+            let e = Config::from_layers(&layers(&env)).unwrap_err().to_string();
+            assert!(
+                e.contains("LEADERSHIP_POLICY") && e.contains(clash.0),
+                "{e}"
+            );
+        }
     }
 
     #[test]

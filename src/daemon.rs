@@ -353,6 +353,7 @@ fn serve_control(
     path: PathBuf,
     commands: tokio::sync::mpsc::Sender<UploaderCommand>,
     node: Arc<Node>,
+    keeper: Arc<LeaseKeeper>,
     status: Status,
     poll: Duration,
 ) -> Result<()> {
@@ -380,6 +381,12 @@ fn serve_control(
                         }
                     }
                     "pull" => pull(&node, &status, poll),
+                    // `leadership select` / `follow` naming this node, run
+                    // here: take the lease up the moment it is handed over.
+                    "expect-lease" => {
+                        keeper.expect_lease(keeper.client().select_wait());
+                        Ok("watching the lease".into())
+                    }
                     other => Err(format!("unknown request {other:?}")),
                 };
                 let line = match reply {
@@ -622,13 +629,6 @@ fn start_replication(
     node.set_read_through(read_through.clone());
     set_aside_divergent(cfg, &rt, store.as_ref(), &journal, status);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    serve_control(
-        control_socket(cfg),
-        tx.clone(),
-        node.clone(),
-        status.clone(),
-        cfg.poll_interval,
-    )?;
     rt.spawn(uploader.run(rx));
     let keeper = Arc::new(rt.block_on(async {
         LeaseKeeper::spawn(
@@ -636,6 +636,14 @@ fn start_replication(
             KeeperOptions::for_ttl(cfg.lease_ttl),
         )
     }));
+    serve_control(
+        control_socket(cfg),
+        tx.clone(),
+        node.clone(),
+        keeper.clone(),
+        status.clone(),
+        cfg.poll_interval,
+    )?;
     // Mount with the role settled when the bucket answers quickly, so a lone
     // node is writable from its first request.
     rt.block_on(async {
@@ -649,6 +657,10 @@ fn start_replication(
         })
         .await;
     });
+    rt.spawn(crate::replica::node::follow_closely(
+        node.clone(),
+        keeper.handover_pending(),
+    ));
     let roles = rt.spawn(drive_roles(
         node.clone(),
         keeper.clone(),
@@ -669,10 +681,11 @@ fn start_replication(
     let heartbeat = {
         let _guard = rt.enter();
         let (status, node) = (status.clone(), node.clone());
-        HeartbeatTask::spawn(
+        HeartbeatTask::spawn_nudged(
             store.clone(),
             Layout::for_config(cfg),
             crate::lease::DEFAULT_HEARTBEAT_INTERVAL,
+            node.role_changes(),
             move || {
                 let s = status.snapshot();
                 let role = node.role();
@@ -708,6 +721,8 @@ fn start_replication(
                     last_seen: chrono::Utc::now(),
                     mount_dir: s.mount_dir.clone(),
                     session: None,
+                    last_write: node.last_write().filter(|_| holds_head),
+                    primary_since: node.primary_since(),
                     extra: Default::default(),
                 }
             },

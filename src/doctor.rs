@@ -649,6 +649,9 @@ fn check_config(cfg: &Config, report: &mut DoctorReport, out: &mut dyn Write) {
         Policy::Pinned { primary } => format!("pinned (primary {primary})"),
         Policy::Auto { candidate: true } => "auto (this node is a candidate)".into(),
         Policy::Auto { candidate: false } => "auto (this node never takes the lease)".into(),
+        Policy::Follow { idle_s } => {
+            format!("follow (a session here asks a primary idle for {idle_s} s to hand over)")
+        }
         Policy::Disabled => "disabled".into(),
     };
     let file = match &cfg.config_file {

@@ -13,7 +13,13 @@
 //! - [`LeaseClient`]: one node's operations on it, each one conditional write
 //!   plus an audit entry under `leadership/audit/`.
 //! - [`LeaseKeeper`]: the task the daemon runs: takes the lease when the policy
-//!   allows, renews it every TTL/3, and reports [`LeaseState`] on a watch channel.
+//!   allows, renews it every TTL/3, watches `handover.json` (every 0.5 s while
+//!   holding, so a hand-over starts at once), and reports [`LeaseState`] on a
+//!   watch channel.
+//! - Hand-over: [`LeaseClient::request_handover`] (`select`) and
+//!   [`LeaseClient::request_follow`] (policy `follow`, which the primary may
+//!   decline while busy) write `handover.json`; [`LeaseClient::wait_taken_over`]
+//!   waits until the target takes writes.
 //! - Heartbeats: [`Heartbeat`] under `nodes/<node_id>.json`, [`list_nodes`].
 //! - What `membridge leadership info` and `membridge nodes` print.
 //!
@@ -73,6 +79,17 @@ pub const STALE_AFTER_INTERVALS: u32 = 3;
 /// How long past the TTL `select` waits for a hand-over, and for how long the
 /// primary honours a `handover.json` request after it was written.
 pub const HANDOVER_GRACE: Duration = Duration::from_secs(5);
+/// How often the primary looks for a hand-over request (a conditional GET of
+/// `handover.json`, a 304 or 404 when there is none): the first part of a
+/// hand-over's latency, and two small requests a second when idle.
+pub const HANDOVER_WATCH_PRIMARY: Duration = Duration::from_millis(500);
+/// How often a node that may become primary looks for a request naming it, so
+/// that it is watching the lease closely by the time the primary hands over
+/// (a `select` run on a third machine, or on the primary's status page).
+pub const HANDOVER_WATCH_SECONDARY: Duration = Duration::from_secs(1);
+/// How often a node reads the lease while a hand-over to it is pending, and
+/// `select` the lease and the manifest while it waits.
+pub const HANDOVER_POLL: Duration = Duration::from_millis(100);
 
 /// The lease field naming the holding daemon's session (see the module docs).
 pub const SESSION_FIELD: &str = "membridge_session";
@@ -224,6 +241,19 @@ pub enum LeaseError {
         waited_s: u64,
     },
 
+    /// The primary declined a follow request: it wrote within the idle window.
+    #[error("{primary} declined to hand over: {reason}")]
+    HandoverRefused { primary: String, reason: String },
+
+    /// The lease names `target`, but it did not take writes in time.
+    #[error("{target} holds the lease (epoch {epoch}) but has not said it takes writes after {waited_s} s (the manifest is at epoch {}); see `membridge status` on {target}", manifest_epoch.map_or("-".to_string(), |e| e.to_string()))]
+    NotTakenOver {
+        target: String,
+        epoch: u64,
+        waited_s: u64,
+        manifest_epoch: Option<u64>,
+    },
+
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -309,6 +339,18 @@ impl Release {
     }
 }
 
+/// What [`LeaseClient::request_follow`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Follow {
+    /// This node held the lease already.
+    Already(Versioned),
+    /// The lease came to this node: handed over by an idle primary, or
+    /// written for it because nobody held it.
+    Moved(Versioned),
+    /// The primary is busy: this node stays a reader.
+    Busy { primary: String, reason: String },
+}
+
 /// `leadership/handover.json`: a request that the primary hand the lease over.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Handover {
@@ -320,18 +362,60 @@ pub struct Handover {
     /// ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// Set by `leadership follow` (policy `follow`): hand over only if no
+    /// transaction was committed (and the lease not taken) within this many
+    /// seconds. The primary decides, after it has stopped taking writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_idle_s: Option<u64>,
+    /// The primary's answer when it declines (a busy primary and a follow
+    /// request); an answered request is never acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// The ETag it was read with (the primary answers by `If-Match` on it).
+    #[serde(skip)]
+    pub etag: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
 impl Handover {
+    /// A request from `requested_by` that the holder of `epoch` hand over to `to`.
+    pub fn new(to: &str, requested_by: &str, epoch: u64) -> Handover {
+        let now = Utc::now();
+        Handover {
+            to: to.to_string(),
+            requested_by: requested_by.to_string(),
+            // As written (milliseconds), so that the answer can be matched.
+            at: DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now),
+            epoch: Some(epoch),
+            follow_idle_s: None,
+            refused: None,
+            etag: None,
+            extra: Map::new(),
+        }
+    }
+
     /// Whether a primary holding `epoch` should still act on it at `now`: not
     /// older than `ttl + HANDOVER_GRACE` (how long `select` waits) and made
     /// against this epoch.
     pub fn is_current(&self, epoch: u64, ttl: Duration, now: DateTime<Utc>) -> bool {
-        let max_age = chrono::Duration::from_std(ttl + HANDOVER_GRACE).unwrap_or_default();
-        now - self.at <= max_age && self.epoch.is_none_or(|e| e == epoch)
+        now - self.at <= Self::max_age(ttl) && self.epoch.is_none_or(|e| e == epoch)
     }
+
+    fn max_age(ttl: Duration) -> chrono::Duration {
+        chrono::Duration::from_std(ttl + HANDOVER_GRACE).unwrap_or_default()
+    }
+}
+
+/// What a conditional read of `handover.json` found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Watched {
+    /// Still the version whose ETag was given.
+    Unchanged,
+    /// There is no request.
+    Absent,
+    /// A new version (its `etag` set).
+    Request(Handover),
 }
 
 // ─────────────────────────────────────────────────────────────────────────────
@@ -425,7 +509,7 @@ impl LeaseClient {
                 self.node_id
             )),
             Policy::Pinned { .. } => Ok(()),
-            Policy::Auto { candidate: true } => Ok(()),
+            Policy::Auto { candidate: true } | Policy::Follow { .. } => Ok(()),
             Policy::Auto { candidate: false } => Err(format!(
                 "LEADERSHIP_CANDIDATE=0: this node ({}) never takes the lease by itself",
                 self.node_id
@@ -689,6 +773,30 @@ impl LeaseClient {
         self.lost(reason, current)
     }
 
+    /// Takes the lease this client holds again at `epoch` (above its own):
+    /// the manifest moved past the lease's epoch, so this tenure needs one
+    /// above both (issue 15: a lease rewritten by the old tool with its own
+    /// count). [`LeaseError::Lost`] if anyone else changed it since.
+    pub async fn raise_epoch(&self, held: &Versioned, epoch: u64) -> Result<Versioned, LeaseError> {
+        let mut next = self.fresh(&self.node_id, epoch, Some(&held.lease), Some(&self.session));
+        next.needs_ui_selection = held.lease.needs_ui_selection;
+        match self.put(&next, PutMode::IfMatch(held.etag.clone())).await {
+            Ok(etag) => {
+                let reason = format!(
+                    "the manifest was at a later epoch than the lease's {}",
+                    held.lease.epoch
+                );
+                self.audit("epoch", Some(&held.lease), &next, &reason).await;
+                Ok(Versioned { lease: next, etag })
+            }
+            Err(StoreError::PreconditionFailed { .. }) => {
+                let current = self.read().await.ok().flatten().map(|v| v.lease);
+                Err(self.lost_to(&held.lease, current))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Gives up a lease this node holds so that another node may take it at
     /// once: `expires_at` becomes now and the lease is marked released; the
     /// epoch is kept (the next holder writes `epoch + 1`). The caller must have
@@ -802,11 +910,22 @@ impl LeaseClient {
     /// holds `held`, and withdraws `handover.json`. The target adopts it with
     /// its next poll. On [`LeaseError::Lost`] nothing was written.
     pub async fn hand_over(&self, held: &Versioned, target: &str) -> Result<Versioned, LeaseError> {
+        self.hand_over_for(held, target, "requested by select")
+            .await
+    }
+
+    /// [`LeaseClient::hand_over`], with the reason for the audit entry.
+    pub async fn hand_over_for(
+        &self,
+        held: &Versioned,
+        target: &str,
+        reason: &str,
+    ) -> Result<Versioned, LeaseError> {
         self.may_hold(target)?;
         let next = self.fresh(target, held.lease.epoch + 1, Some(&held.lease), None);
         match self.put(&next, PutMode::IfMatch(held.etag.clone())).await {
             Ok(etag) => {
-                self.audit("handover", Some(&held.lease), &next, "requested by select")
+                self.audit("handover", Some(&held.lease), &next, reason)
                     .await;
                 if let Err(e) = self.store.delete(&self.layout.handover()).await {
                     tracing::warn!(error = %e, "could not withdraw the hand-over request");
@@ -825,39 +944,57 @@ impl LeaseClient {
     pub async fn read_handover(&self) -> Result<Option<Handover>, LeaseError> {
         let key = self.layout.handover();
         match self.store.get(&key).await {
-            Ok(got) => {
-                serde_json::from_slice(&got.body)
-                    .map(Some)
-                    .map_err(|e| LeaseError::Malformed {
-                        key,
-                        why: e.to_string(),
-                    })
-            }
+            Ok(got) => parse_handover(&key, &got.body, got.etag).map(Some),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// A hand-over request the holder of `held` should act on now, if any:
-    /// current (see [`Handover::is_current`]), to another node, and one the
-    /// policy allows.
-    pub async fn pending_handover(&self, held: &Lease) -> Result<Option<Handover>, LeaseError> {
-        let Some(h) = self.read_handover().await? else {
-            return Ok(None);
+    /// `handover.json` unless it still has `etag` (the keeper's cheap poll).
+    pub async fn watch_handover(&self, etag: Option<&str>) -> Result<Watched, LeaseError> {
+        let key = self.layout.handover();
+        let got = match etag {
+            Some(e) => self.store.get_if_none_match(&key, e).await,
+            None => self.store.get(&key).await.map(Some),
         };
-        if h.to == self.node_id || !h.is_current(held.epoch, self.ttl, Utc::now()) {
-            return Ok(None);
+        match got {
+            Ok(Some(got)) => parse_handover(&key, &got.body, got.etag).map(Watched::Request),
+            Ok(None) | Err(StoreError::NotModified { .. }) => Ok(Watched::Unchanged),
+            Err(StoreError::NotFound { .. }) => Ok(Watched::Absent),
+            Err(e) => Err(e.into()),
         }
-        if let Err(e) = self.may_hold(&h.to) {
-            tracing::warn!(to = %h.to, by = %h.requested_by, "ignoring hand-over request: {e}");
-            return Ok(None);
-        }
-        Ok(Some(h))
     }
 
-    /// How long `leadership select` waits for a hand-over: one TTL (the
-    /// primary sees the request at its next renewal, TTL/3 at most) plus
-    /// [`HANDOVER_GRACE`].
+    /// Whether the holder of `epoch` should act on `h` at `now`: current (see
+    /// [`Handover::is_current`]), not answered, and to another node.
+    pub fn should_honour(&self, h: &Handover, epoch: u64, now: DateTime<Utc>) -> bool {
+        h.to != self.node_id && h.refused.is_none() && h.is_current(epoch, self.ttl, now)
+    }
+
+    /// The primary declines `h` (read with its ETag): the request is kept,
+    /// answered, so that the requester learns why and nobody acts on it.
+    /// `Ok(false)` if it was replaced or withdrawn meanwhile.
+    pub async fn refuse_handover(&self, h: &Handover, why: &str) -> Result<bool, LeaseError> {
+        let Some(etag) = h.etag.clone() else {
+            return Ok(false);
+        };
+        let mut answered = h.clone();
+        answered.refused = Some(why.to_string());
+        let body = serde_json::to_vec_pretty(&answered).expect("a request serializes");
+        match self
+            .store
+            .put(&self.layout.handover(), body.into(), PutMode::IfMatch(etag))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::PreconditionFailed { .. } | StoreError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// How long `leadership select` waits for a hand-over: one TTL (a
+    /// primary too old to watch `handover.json` closely sees the request at
+    /// its next renewal, TTL/3 at most) plus [`HANDOVER_GRACE`].
     pub fn select_wait(&self) -> Duration {
         self.ttl + HANDOVER_GRACE
     }
@@ -866,7 +1003,8 @@ impl LeaseClient {
     /// node holds a valid lease, writes `handover.json` and waits up to `wait`
     /// until the lease names `target` (the primary handed over) or nobody holds
     /// it any more (then selects at once). `progress` gets one line at a time.
-    /// The request is withdrawn when this returns.
+    /// The request is withdrawn when this returns. The target takes writes a
+    /// moment later: [`LeaseClient::wait_taken_over`].
     pub async fn request_handover(
         &self,
         target: &str,
@@ -897,32 +1035,97 @@ impl LeaseClient {
             }
             Select::NeedsHandover(v) => v,
         };
-        let request = Handover {
-            to: target.to_string(),
-            requested_by: self.node_id.clone(),
-            at: Utc::now(),
-            epoch: Some(current.lease.epoch),
-            extra: Map::new(),
-        };
+        let request = Handover::new(target, &self.node_id, current.lease.epoch);
+        self.ask(request, &current.lease, wait, progress).await
+    }
+
+    /// Writes `request`, waits for its outcome, withdraws it.
+    async fn ask(
+        &self,
+        request: Handover,
+        holder: &Lease,
+        wait: Duration,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Versioned, LeaseError> {
         let body = serde_json::to_vec_pretty(&request).expect("a request serializes");
         self.store
             .put(&self.layout.handover(), body.into(), PutMode::Overwrite)
             .await?;
+        let what = if request.follow_idle_s.is_some() {
+            "hand over if idle"
+        } else {
+            "flush and hand over"
+        };
         progress(&format!(
-            "asked {} (epoch {}) to flush and hand over to {target}; waiting up to {} s",
-            current.lease.primary_node_id,
-            current.lease.epoch,
+            "asked {} (epoch {}) to {what} to {}; waiting up to {} s",
+            holder.primary_node_id,
+            holder.epoch,
+            request.to,
             wait.as_secs()
         ));
-        let result = self.wait_for(target, &current.lease, wait, progress).await;
+        let result = self.wait_for(&request, holder, wait, progress).await;
         if let Err(e) = self.store.delete(&self.layout.handover()).await {
             tracing::warn!(error = %e, "could not withdraw the hand-over request");
         }
         result
     }
 
+    /// `membridge leadership follow` (policy `follow`): make this node the
+    /// primary if the primary has been idle for `idle` (no transaction
+    /// committed and the lease not taken within it). The requester looks at
+    /// the primary's heartbeat first (no request to a primary known to be
+    /// busy); the primary decides, after it has stopped taking writes, so a
+    /// write that slips in between keeps the lease where it is.
+    pub async fn request_follow(
+        &self,
+        idle: Duration,
+        wait: Duration,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Follow, LeaseError> {
+        let me = self.node_id.clone();
+        self.may_hold(&me)?;
+        let current = match self.select(&me).await? {
+            Select::Changed(v) => return Ok(Follow::Moved(v)),
+            Select::Unchanged(v) => return Ok(Follow::Already(v)),
+            Select::NeedsHandover(v) => v,
+        };
+        let primary = current.lease.primary_node_id.clone();
+        if let Some(reason) = self.busy_by_heartbeat(&primary, idle).await {
+            return Ok(Follow::Busy { primary, reason });
+        }
+        let mut request = Handover::new(&me, &me, current.lease.epoch);
+        request.follow_idle_s = Some(idle.as_secs());
+        match self.ask(request, &current.lease, wait, progress).await {
+            Ok(v) => Ok(Follow::Moved(v)),
+            Err(LeaseError::HandoverRefused { primary, reason }) => {
+                Ok(Follow::Busy { primary, reason })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why `primary` is not to be asked, by its last heartbeat, if it is not:
+    /// it is busy, or cannot say (no heartbeat, or one from a version that
+    /// does not report writes and would hand over even if busy).
+    async fn busy_by_heartbeat(&self, primary: &str, idle: Duration) -> Option<String> {
+        let hb = match self.store.get(&self.layout.node(primary)).await {
+            Ok(got) => serde_json::from_slice::<Heartbeat>(&got.body).ok(),
+            Err(_) => None,
+        };
+        let Some(hb) = hb else {
+            return Some("it has no readable heartbeat, so whether it is idle is unknown".into());
+        };
+        if hb.primary_since.is_none() {
+            return Some(format!(
+                "its membridge ({}) does not report its writes, so whether it is idle is unknown",
+                hb.version
+            ));
+        }
+        hb.busy_since(idle, Utc::now())
+    }
+
     /// Why `node` looks absent (no heartbeat, or a stale one), if it does.
-    async fn no_fresh_heartbeat(&self, node: &str) -> Option<String> {
+    pub async fn no_fresh_heartbeat(&self, node: &str) -> Option<String> {
         let got = match self.store.get(&self.layout.node(node)).await {
             Ok(got) => got,
             Err(StoreError::NotFound { .. }) => {
@@ -942,27 +1145,28 @@ impl LeaseClient {
 
     async fn wait_for(
         &self,
-        target: &str,
+        request: &Handover,
         holder: &Lease,
         wait: Duration,
         progress: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Versioned, LeaseError> {
+        let target = request.to.as_str();
         let start = tokio::time::Instant::now();
         let mut last_note = start;
         let mut holder = holder.clone();
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(HANDOVER_POLL).await;
             match self.select(target).await {
                 Ok(Select::Unchanged(v)) => {
                     progress(&format!(
-                        "{} handed over: {target} is primary now (epoch {})",
+                        "{} handed over: {target} holds the lease (epoch {})",
                         holder.primary_node_id, v.lease.epoch
                     ));
                     return Ok(v);
                 }
                 Ok(Select::Changed(v)) => {
                     progress(&format!(
-                        "the lease of {} ran out: {target} is primary now (epoch {})",
+                        "the lease of {} ran out: {target} holds it now (epoch {})",
                         holder.primary_node_id, v.lease.epoch
                     ));
                     return Ok(v);
@@ -981,6 +1185,17 @@ impl LeaseClient {
                 }
                 Err(e) => return Err(e),
             }
+            // Only a follow request is ever declined.
+            if request.follow_idle_s.is_some() {
+                if let Ok(Some(h)) = self.read_handover().await {
+                    if let (Some(reason), true) = (&h.refused, h.at == request.at) {
+                        return Err(LeaseError::HandoverRefused {
+                            primary: holder.primary_node_id.clone(),
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+            }
             let waited = start.elapsed();
             if waited >= wait {
                 return Err(LeaseError::HandoverTimeout {
@@ -998,6 +1213,93 @@ impl LeaseClient {
                     holder.remaining(Utc::now()).num_seconds().max(0)
                 ));
             }
+        }
+    }
+
+    /// After the lease came to `target` at `epoch`: waits up to `wait` until
+    /// it takes writes: the manifest's epoch reaches `epoch` (the new
+    /// primary's last step before it accepts writes, DESIGN §4) and its
+    /// heartbeat, written at each role change, says it is primary.
+    pub async fn wait_taken_over(
+        &self,
+        target: &str,
+        epoch: u64,
+        wait: Duration,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Duration, LeaseError> {
+        let start = tokio::time::Instant::now();
+        self.wait_manifest_epoch(target, epoch, wait, progress)
+            .await?;
+        let key = self.layout.node(target);
+        loop {
+            if let Ok(got) = self.store.get(&key).await {
+                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&got.body) {
+                    if hb.role == "primary" && hb.epoch.is_some_and(|e| e >= epoch) {
+                        progress(&format!(
+                            "{target} is primary (epoch {epoch}) and takes writes"
+                        ));
+                        return Ok(start.elapsed());
+                    }
+                }
+            }
+            if start.elapsed() >= wait {
+                return Err(LeaseError::NotTakenOver {
+                    target: target.to_string(),
+                    epoch,
+                    waited_s: start.elapsed().as_secs(),
+                    manifest_epoch: Some(epoch),
+                });
+            }
+            tokio::time::sleep(HANDOVER_POLL).await;
+        }
+    }
+
+    async fn wait_manifest_epoch(
+        &self,
+        target: &str,
+        epoch: u64,
+        wait: Duration,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<Duration, LeaseError> {
+        let key = self.layout.manifest();
+        let start = tokio::time::Instant::now();
+        let mut etag: Option<String> = None;
+        let mut last = None;
+        loop {
+            let got = match &etag {
+                Some(e) => self.store.get_if_none_match(&key, e).await,
+                None => self.store.get(&key).await.map(Some),
+            };
+            match got {
+                Ok(Some(got)) => {
+                    let m = crate::replica::manifest::Manifest::parse(
+                        &key,
+                        &got.body,
+                        &self.canonical_id,
+                    )
+                    .map_err(|e| LeaseError::Malformed {
+                        key: key.clone(),
+                        why: e.to_string(),
+                    })?;
+                    etag = Some(got.etag);
+                    last = Some(m.epoch);
+                    if m.epoch >= epoch {
+                        return Ok(start.elapsed());
+                    }
+                }
+                Ok(None) | Err(StoreError::NotModified { .. } | StoreError::NotFound { .. }) => {}
+                Err(e) if e.is_transient() => progress(&format!("cannot read the manifest: {e}")),
+                Err(e) => return Err(e.into()),
+            }
+            if start.elapsed() >= wait {
+                return Err(LeaseError::NotTakenOver {
+                    target: target.to_string(),
+                    epoch,
+                    waited_s: start.elapsed().as_secs(),
+                    manifest_epoch: last,
+                });
+            }
+            tokio::time::sleep(HANDOVER_POLL).await;
         }
     }
 
@@ -1052,6 +1354,15 @@ impl LeaseClient {
         }
         tracing::warn!(key = %base, "could not write the lease audit entry: too many changes within one second");
     }
+}
+
+fn parse_handover(key: &str, body: &[u8], etag: String) -> Result<Handover, LeaseError> {
+    let mut h: Handover = serde_json::from_slice(body).map_err(|e| LeaseError::Malformed {
+        key: key.to_string(),
+        why: e.to_string(),
+    })?;
+    h.etag = Some(etag);
+    Ok(h)
 }
 
 /// Node ids as config accepts them: 1-128 chars of A-Z a-z 0-9 - _ .
@@ -1138,6 +1449,13 @@ pub struct KeeperOptions {
     pub release_backoff: Duration,
     /// Upper bound on one store call while not holding the lease.
     pub call_timeout: Duration,
+    /// While holding: look for hand-over requests this often.
+    pub watch_primary: Duration,
+    /// While not holding (and allowed to hold): look for a request naming
+    /// this node this often.
+    pub watch_other: Duration,
+    /// Read the lease this often while a hand-over to this node is pending.
+    pub expect_poll: Duration,
 }
 
 impl KeeperOptions {
@@ -1149,6 +1467,9 @@ impl KeeperOptions {
             retry_every: third.min(Duration::from_millis(500)),
             release_backoff: ttl,
             call_timeout: ttl.max(Duration::from_secs(5)),
+            watch_primary: HANDOVER_WATCH_PRIMARY,
+            watch_other: HANDOVER_WATCH_SECONDARY,
+            expect_poll: HANDOVER_POLL,
         }
     }
 }
@@ -1156,6 +1477,14 @@ impl KeeperOptions {
 enum Cmd {
     HandOver {
         target: String,
+        reason: String,
+        reply: oneshot::Sender<Result<Versioned, LeaseError>>,
+    },
+    /// A hand-over to this node is pending: read the lease closely for this long.
+    Expect(Duration),
+    /// Take the held lease again at an epoch above this one.
+    RaiseAbove {
+        epoch: u64,
         reply: oneshot::Sender<Result<Versioned, LeaseError>>,
     },
     Release {
@@ -1174,12 +1503,14 @@ enum Cmd {
 /// then. Dropping the handle stops the task without releasing the lease (like
 /// a crash: it expires); [`LeaseKeeper::shutdown`] can release it first.
 pub struct LeaseKeeper {
+    client: LeaseClient,
     state: watch::Receiver<LeaseState>,
     /// The last epoch this node released on purpose (0: none). Kept apart
     /// from `state`, whose watchers may miss a short-lived value: whoever
     /// sees the lease gone asks [`LeaseKeeper::released_on_purpose`].
     released: Arc<AtomicU64>,
     handover: watch::Receiver<Option<Handover>>,
+    pending: watch::Receiver<bool>,
     cmd: mpsc::Sender<Cmd>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -1189,27 +1520,36 @@ impl LeaseKeeper {
     pub fn spawn(client: LeaseClient, opts: KeeperOptions) -> LeaseKeeper {
         let (state_tx, state) = watch::channel(LeaseState::None);
         let (handover_tx, handover) = watch::channel(None);
+        let (pending_tx, pending) = watch::channel(false);
         let (cmd, cmd_rx) = mpsc::channel(4);
         let released = Arc::new(AtomicU64::new(0));
+        let now = tokio::time::Instant::now();
         let task = tokio::spawn(
             KeeperTask {
-                client,
+                client: client.clone(),
                 opts,
                 released: released.clone(),
                 state_tx,
                 handover_tx,
+                pending_tx,
                 held: None,
                 started: false,
                 next_renew: tokio::time::Instant::now(),
                 backoff_until: None,
                 last_error: None,
+                expect_until: None,
+                watch_next: now,
+                watch_etag: None,
+                watched: None,
             }
             .run(cmd_rx),
         );
         LeaseKeeper {
+            client,
             state,
             released,
             handover,
+            pending,
             cmd,
             task,
         }
@@ -1231,10 +1571,31 @@ impl LeaseKeeper {
     }
 
     /// Hand-over requests (`handover.json`) for the epoch this node holds,
-    /// checked after each renewal. On `Some(h)`: flush and publish, then call
-    /// [`LeaseKeeper::hand_over`] with `h.to`.
+    /// looked for every [`KeeperOptions::watch_primary`]. On `Some(h)`: flush
+    /// and publish, then call [`LeaseKeeper::hand_over`] with `h.to` (or
+    /// decline a follow request: [`LeaseClient::refuse_handover`]).
     pub fn handover_requests(&self) -> watch::Receiver<Option<Handover>> {
         self.handover.clone()
+    }
+
+    /// Whether a hand-over to this node is pending (it reads the lease
+    /// closely meanwhile): the node keeps its view current too, so that it
+    /// takes writes the moment the lease comes.
+    pub fn handover_pending(&self) -> watch::Receiver<bool> {
+        self.pending.clone()
+    }
+
+    /// The client the keeper uses (same node, same session).
+    pub fn client(&self) -> &LeaseClient {
+        &self.client
+    }
+
+    /// A hand-over to this node was asked for here (`leadership select` or
+    /// `follow` on this machine, the status page): read the lease every
+    /// [`KeeperOptions::expect_poll`] for up to `d`, so that it is taken up
+    /// at once. Never blocks.
+    pub fn expect_lease(&self, d: Duration) {
+        let _ = self.cmd.try_send(Cmd::Expect(d));
     }
 
     async fn call<T>(
@@ -1250,8 +1611,24 @@ impl LeaseKeeper {
     /// Writes the lease for `target` at `epoch + 1` if this node holds it. The
     /// caller must have stopped writing and published everything first.
     pub async fn hand_over(&self, target: &str) -> Result<Versioned, LeaseError> {
-        let target = target.to_string();
-        self.call(|reply| Cmd::HandOver { target, reply }).await
+        self.hand_over_for(target, "requested by select").await
+    }
+
+    /// [`LeaseKeeper::hand_over`], with the reason for the audit entry.
+    pub async fn hand_over_for(&self, target: &str, reason: &str) -> Result<Versioned, LeaseError> {
+        let (target, reason) = (target.to_string(), reason.to_string());
+        self.call(|reply| Cmd::HandOver {
+            target,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// The manifest is at `epoch`, above the held lease's: takes the lease
+    /// again at `epoch + 1` (the state moves to `Held` at that epoch).
+    pub async fn raise_epoch_above(&self, epoch: u64) -> Result<Versioned, LeaseError> {
+        self.call(|reply| Cmd::RaiseAbove { epoch, reply }).await
     }
 
     /// Releases the lease if this node holds it, and keeps away from it for
@@ -1274,6 +1651,7 @@ struct KeeperTask {
     released: Arc<AtomicU64>,
     state_tx: watch::Sender<LeaseState>,
     handover_tx: watch::Sender<Option<Handover>>,
+    pending_tx: watch::Sender<bool>,
     held: Option<Versioned>,
     /// Whether the first successful acquire attempt (which reclaims a lease of
     /// this node's earlier run) has happened.
@@ -1281,6 +1659,12 @@ struct KeeperTask {
     next_renew: tokio::time::Instant,
     backoff_until: Option<tokio::time::Instant>,
     last_error: Option<String>,
+    /// A hand-over to this node is pending until then: poll the lease closely.
+    expect_until: Option<tokio::time::Instant>,
+    /// When to look at `handover.json` next, the ETag last read and what it held.
+    watch_next: tokio::time::Instant,
+    watch_etag: Option<String>,
+    watched: Option<Handover>,
 }
 
 /// Time from now until `t`, zero if past.
@@ -1289,6 +1673,16 @@ fn until(t: DateTime<Utc>) -> Duration {
 }
 
 impl KeeperTask {
+    /// Reads the lease closely until `until_t` (`None`: no more).
+    fn expect(&mut self, until_t: Option<tokio::time::Instant>) {
+        self.expect_until = until_t;
+        self.pending_tx.send_if_modified(|p| {
+            let changed = *p != until_t.is_some();
+            *p = until_t.is_some();
+            changed
+        });
+    }
+
     fn publish(&self, s: LeaseState) {
         self.state_tx.send_if_modified(|cur| {
             if *cur == s {
@@ -1346,6 +1740,8 @@ impl KeeperTask {
             while let Some(cmd) = cmds.recv().await {
                 match cmd {
                     Cmd::HandOver { reply, .. } => drop(reply.send(Err(LeaseError::Disabled))),
+                    Cmd::Expect(_) => {}
+                    Cmd::RaiseAbove { reply, .. } => drop(reply.send(Err(LeaseError::Disabled))),
                     Cmd::Release { reply } => drop(reply.send(Err(LeaseError::Disabled))),
                     Cmd::Stop { reply, .. } => {
                         let _ = reply.send(Ok(()));
@@ -1361,6 +1757,7 @@ impl KeeperTask {
             } else {
                 self.waiting_step().await
             };
+            let wait = wait.min(self.watch_step().await);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 cmd = cmds.recv() => match cmd {
@@ -1396,8 +1793,7 @@ impl KeeperTask {
                 self.last_error = None;
                 self.next_renew = tokio::time::Instant::now() + self.opts.renew_every;
                 self.publish_held(&v);
-                self.held = Some(v.clone());
-                self.check_handover(&v).await;
+                self.held = Some(v);
                 self.opts.renew_every
             }
             Ok(Err(LeaseError::Lost { reason, current })) => {
@@ -1435,42 +1831,123 @@ impl KeeperTask {
         }
     }
 
-    async fn check_handover(&mut self, held: &Versioned) {
-        let left = until(self.client.holder_deadline(&held.lease));
-        let limit = left.min(Duration::from_secs(2));
-        let found =
-            match tokio::time::timeout(limit, self.client.pending_handover(&held.lease)).await {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot read the hand-over request");
-                    None
-                }
-                Err(_) => return,
-            };
-        self.handover_tx.send_if_modified(|cur| {
-            if *cur == found {
-                false
-            } else {
-                *cur = found;
-                true
+    /// Looks at `handover.json` when due (a conditional GET): the holder
+    /// publishes a request it should act on; another node that may hold the
+    /// lease starts reading it closely when a request names it. Returns the
+    /// time until the next look.
+    async fn watch_step(&mut self) -> Duration {
+        let now = tokio::time::Instant::now();
+        if now < self.watch_next {
+            return self.watch_next - now;
+        }
+        let me = self.client.node_id.clone();
+        let every = match &self.held {
+            Some(_) => self.opts.watch_primary,
+            None if self.client.may_hold(&me).is_ok() => self.opts.watch_other,
+            // Never a target (pinned elsewhere, disabled): nothing to watch.
+            None => Duration::from_secs(3600),
+        };
+        self.watch_next = now + every;
+        if every >= Duration::from_secs(3600) {
+            return every;
+        }
+        // Never delays a renewal by more than a moment.
+        let mut limit = Duration::from_secs(1);
+        if let Some(held) = &self.held {
+            limit = limit.min(until(self.client.holder_deadline(&held.lease)) / 2);
+        }
+        let etag = self.watch_etag.clone();
+        match tokio::time::timeout(limit, self.client.watch_handover(etag.as_deref())).await {
+            Ok(Ok(Watched::Unchanged)) => {}
+            Ok(Ok(Watched::Absent)) => {
+                self.watch_etag = None;
+                self.watched = None;
             }
-        });
+            Ok(Ok(Watched::Request(h))) => {
+                if self.held.is_some() && h.to != me && h.refused.is_none() {
+                    if let Err(e) = self.client.may_hold(&h.to) {
+                        tracing::warn!(to = %h.to, by = %h.requested_by, "ignoring hand-over request: {e}");
+                    }
+                }
+                self.watch_etag = h.etag.clone();
+                self.watched = Some(h);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the hand-over request");
+                self.watch_etag = None;
+            }
+            Err(_) => {}
+        }
+        let wall = Utc::now();
+        let found = match (&self.held, &self.watched) {
+            (Some(held), Some(h))
+                if self.client.should_honour(h, held.lease.epoch, wall)
+                    && self.client.may_hold(&h.to).is_ok() =>
+            {
+                Some(h.clone())
+            }
+            (None, Some(h)) if h.to == me && h.refused.is_none() => {
+                let left = (h.at + Handover::max_age(self.client.ttl) - wall)
+                    .to_std()
+                    .unwrap_or_default();
+                if !left.is_zero() {
+                    let until_t = tokio::time::Instant::now() + left;
+                    if self.expect_until.is_none_or(|t| t < until_t) {
+                        if self.expect_until.is_none() {
+                            tracing::info!(by = %h.requested_by, "a hand-over to this node is pending");
+                        }
+                        self.expect(Some(until_t));
+                    }
+                }
+                None
+            }
+            _ => None,
+        };
+        if self.held.is_some() {
+            self.handover_tx.send_if_modified(|cur| {
+                if *cur == found {
+                    false
+                } else {
+                    *cur = found;
+                    true
+                }
+            });
+        }
+        every
     }
 
     /// One step while not holding: look, and take the lease if allowed.
     async fn waiting_step(&mut self) -> Duration {
-        let poll = self.opts.poll_every;
+        let now = tokio::time::Instant::now();
+        if self.expect_until.is_some_and(|t| t <= now) {
+            self.expect(None);
+        }
+        let poll = if self.expect_until.is_some() {
+            self.opts.expect_poll
+        } else {
+            self.opts.poll_every
+        };
         if let Some(until_t) = self.backoff_until {
-            let now = tokio::time::Instant::now();
             if now < until_t {
-                if let Ok(Ok(current)) =
-                    tokio::time::timeout(self.opts.call_timeout, self.client.read()).await
-                {
+                let current =
+                    match tokio::time::timeout(self.opts.call_timeout, self.client.read()).await {
+                        Ok(Ok(c)) => c,
+                        _ => return poll.min(until_t - now),
+                    };
+                // A lease written for this node (select, hand-over) is taken
+                // up even while stepping aside from the one it released.
+                let for_me = current.as_ref().is_some_and(|v| {
+                    v.lease.primary_node_id == self.client.node_id
+                        && v.lease.session().is_none()
+                        && self.client.seen_held(&v.lease, Utc::now())
+                });
+                if !for_me {
                     self.publish_seen(current.as_ref());
+                    return poll.min(until_t - now);
                 }
-                return poll.min(until_t - now);
+            } else {
+                self.backoff_until = None;
             }
-            self.backoff_until = None;
         }
         let attempt = self.client.acquire(!self.started);
         let outcome = match tokio::time::timeout(self.opts.call_timeout, attempt).await {
@@ -1486,6 +1963,8 @@ impl KeeperTask {
         match outcome {
             Ok(Acquire::Acquired { held, how }) => {
                 self.started = true;
+                self.expect(None);
+                self.backoff_until = None;
                 tracing::info!(
                     node = %self.client.node_id,
                     epoch = held.lease.epoch,
@@ -1533,9 +2012,25 @@ impl KeeperTask {
     /// Handles one command; returns whether to stop.
     async fn command(&mut self, cmd: Cmd) -> bool {
         match cmd {
-            Cmd::HandOver { target, reply } => {
-                let r = self.hand_over(&target).await;
+            Cmd::HandOver {
+                target,
+                reason,
+                reply,
+            } => {
+                let r = self.hand_over(&target, &reason).await;
                 let _ = reply.send(r);
+                false
+            }
+            Cmd::RaiseAbove { epoch, reply } => {
+                let r = self.raise_above(epoch).await;
+                let _ = reply.send(r);
+                false
+            }
+            Cmd::Expect(d) => {
+                let until_t = tokio::time::Instant::now() + d;
+                if self.held.is_none() && self.expect_until.is_none_or(|t| t < until_t) {
+                    self.expect(Some(until_t));
+                }
                 false
             }
             Cmd::Release { reply } => {
@@ -1555,7 +2050,7 @@ impl KeeperTask {
         }
     }
 
-    async fn hand_over(&mut self, target: &str) -> Result<Versioned, LeaseError> {
+    async fn hand_over(&mut self, target: &str, reason: &str) -> Result<Versioned, LeaseError> {
         let Some(held) = self.held.clone() else {
             return Err(LeaseError::NotAllowed(format!(
                 "this node ({}) does not hold the lease",
@@ -1563,7 +2058,7 @@ impl KeeperTask {
             )));
         };
         let left = until(self.client.holder_deadline(&held.lease));
-        match tokio::time::timeout(left, self.client.hand_over(&held, target)).await {
+        match tokio::time::timeout(left, self.client.hand_over_for(&held, target, reason)).await {
             Ok(Ok(v)) => {
                 tracing::info!(to = %target, epoch = v.lease.epoch, "handed the lease over");
                 self.held = None;
@@ -1585,6 +2080,42 @@ impl KeeperTask {
                 self.lose(e.to_string());
                 Err(e)
             }
+        }
+    }
+
+    async fn raise_above(&mut self, epoch: u64) -> Result<Versioned, LeaseError> {
+        let Some(held) = self.held.clone() else {
+            return Err(LeaseError::NotAllowed(format!(
+                "this node ({}) does not hold the lease",
+                self.client.node_id
+            )));
+        };
+        if held.lease.epoch > epoch {
+            return Ok(held);
+        }
+        let left = until(self.client.holder_deadline(&held.lease));
+        match tokio::time::timeout(left, self.client.raise_epoch(&held, epoch + 1)).await {
+            Ok(Ok(v)) => {
+                tracing::info!(
+                    from = held.lease.epoch,
+                    to = v.lease.epoch,
+                    "took the lease again above the manifest's epoch"
+                );
+                self.next_renew = tokio::time::Instant::now() + self.opts.renew_every;
+                self.publish_held(&v);
+                self.held = Some(v.clone());
+                Ok(v)
+            }
+            Ok(Err(e @ LeaseError::Lost { .. })) => {
+                self.lose(e.to_string());
+                Err(e)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(LeaseError::Store(StoreError::Other {
+                op: "PUT",
+                key: self.client.layout.lease(),
+                detail: "the bucket did not answer before the lease ran out".into(),
+            })),
         }
     }
 
@@ -1651,6 +2182,13 @@ pub struct Heartbeat {
     /// node id mean two machines share the id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// A primary's last committed transaction (this run of the daemon), for
+    /// `leadership follow`: whether the primary is idle.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_opt")]
+    pub last_write: Option<DateTime<Utc>>,
+    /// Since when a primary has been primary (this tenure).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_opt")]
+    pub primary_since: Option<DateTime<Utc>>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -1662,6 +2200,40 @@ impl Heartbeat {
             .unwrap_or(chrono::Duration::MAX);
         now - self.last_seen > limit
     }
+
+    /// Why this primary is not idle for `idle` at `now`, if it is not: it
+    /// wrote, or became primary, within the window.
+    pub fn busy_since(&self, idle: Duration, now: DateTime<Utc>) -> Option<String> {
+        busy_reason(self.last_write, self.primary_since, idle, now)
+    }
+}
+
+/// Why a primary that last wrote at `last_write` and is primary since
+/// `since` is not idle for `idle` at `now`, if it is not. The same rule on
+/// both sides of a follow request: the requester's look at the heartbeat,
+/// and the primary's own decision.
+pub fn busy_reason(
+    last_write: Option<DateTime<Utc>>,
+    since: Option<DateTime<Utc>>,
+    idle: Duration,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    let window = chrono::Duration::from_std(idle).unwrap_or(chrono::Duration::MAX);
+    let ago = |t: DateTime<Utc>| (now - t).num_milliseconds().max(0) as f64 / 1000.0;
+    if let Some(w) = last_write.filter(|w| now - *w < window) {
+        return Some(format!(
+            "it wrote {:.0} s ago (idle after {} s without a write)",
+            ago(w),
+            idle.as_secs()
+        ));
+    }
+    since.filter(|s| now - *s < window).map(|s| {
+        format!(
+            "it became primary {:.0} s ago (it keeps the lease at least {} s)",
+            ago(s),
+            idle.as_secs()
+        )
+    })
 }
 
 /// One object under `nodes/`, parsed or not.
@@ -1735,11 +2307,36 @@ impl HeartbeatTask {
     where
         F: Fn() -> Heartbeat + Send + 'static,
     {
+        Self::spawn_nudged(
+            store,
+            layout,
+            interval,
+            Arc::new(tokio::sync::Notify::new()),
+            make,
+        )
+    }
+
+    /// [`HeartbeatTask::spawn`], also writing at once whenever `now` is
+    /// notified (a role change: `nodes` and `leadership follow` see it
+    /// without waiting for the next interval).
+    pub fn spawn_nudged<F>(
+        store: Arc<dyn ObjectStore>,
+        layout: Layout,
+        interval: Duration,
+        now: Arc<tokio::sync::Notify>,
+        make: F,
+    ) -> HeartbeatTask
+    where
+        F: Fn() -> Heartbeat + Send + 'static,
+    {
         HeartbeatTask(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = now.notified() => tick.reset(),
+                }
                 let hb = make();
                 match tokio::time::timeout(interval, write_heartbeat(&*store, &layout, &hb)).await {
                     Ok(Ok(())) => {}
@@ -1770,6 +2367,7 @@ fn policy_of_node(p: &Policy) -> String {
         Policy::Pinned { primary } => format!("pinned to {primary}"),
         Policy::Auto { candidate: true } => "auto, candidate".into(),
         Policy::Auto { candidate: false } => "auto, not a candidate".into(),
+        Policy::Follow { idle_s } => format!("follow, after {idle_s} s idle"),
         Policy::Disabled => "disabled".into(),
     }
 }
@@ -1986,6 +2584,33 @@ mod unix_seconds {
     }
 }
 
+/// An optional [`rfc3339`] time.
+mod rfc3339_opt {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::Deserialize;
+
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<DateTime<Utc>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        match Option::<serde_json::Value>::deserialize(d)? {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => super::parse_time(&v).map(Some).ok_or_else(|| {
+                serde::de::Error::custom(format!("expected an RFC 3339 time, found {v}"))
+            }),
+        }
+    }
+}
+
 /// Written as RFC 3339 (heartbeats, hand-over requests); read leniently.
 mod rfc3339 {
     use chrono::{DateTime, SecondsFormat, Utc};
@@ -2082,11 +2707,8 @@ mod tests {
     fn stale_handover_requests_are_ignored() {
         let now = Utc::now();
         let h = Handover {
-            to: "b".into(),
-            requested_by: "c".into(),
             at: now - chrono::Duration::seconds(10),
-            epoch: Some(4),
-            extra: Map::new(),
+            ..Handover::new("b", "c", 4)
         };
         let ttl = Duration::from_secs(30);
         assert!(h.is_current(4, ttl, now));
@@ -2108,6 +2730,8 @@ mod tests {
             last_seen: now - chrono::Duration::seconds(14),
             mount_dir: "/m".into(),
             session: None,
+            last_write: None,
+            primary_since: None,
             extra: Map::new(),
         };
         assert!(!h.is_stale(now, Duration::from_secs(5)));

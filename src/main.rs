@@ -144,8 +144,20 @@ enum LeadershipCmd {
     /// This node's role, the primary, epoch, policy and TTL remaining
     Info,
     /// Make NODE the primary: at once if nobody holds the lease, else the
-    /// primary is asked to flush and hand over
+    /// primary is asked to flush and hand over; returns once NODE takes writes
     Select { node: String },
+    /// Policy follow: make this node the primary if the primary has been idle
+    /// (no write for MEMBRIDGE_FOLLOW_IDLE_S); a busy primary keeps the lease
+    /// (exit 3). Run by the Claude SessionStart hook and the `claude` wrapper
+    Follow {
+        /// Give up after this many seconds (the request is withdrawn)
+        #[arg(long, default_value_t = 5)]
+        wait: u64,
+        /// As the hook runs it: everything on stderr, nothing when the policy
+        /// is not follow or this node is primary already
+        #[arg(long)]
+        hook: bool,
+    },
     /// Step down: release this node's lease so another node can take it at once
     Release,
 }
@@ -323,10 +335,26 @@ fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
         }
         LeadershipCmd::Select { node } => {
             let mut say = |line: &str| println!("membridge: {line}");
-            block_on(c.request_handover(node, c.select_wait(), &mut say))?
-                .map_err(|e| e.to_string())?;
+            if *node == cfg.node_id {
+                // This node's daemon takes the lease up the moment it comes.
+                let _ = daemon::request(cfg, "expect-lease");
+            }
+            block_on(async {
+                let v = c.request_handover(node, c.select_wait(), &mut say).await?;
+                if let Some(why) = c.no_fresh_heartbeat(node).await {
+                    say(&format!(
+                        "{node} takes writes once its daemon runs and has caught up ({why})"
+                    ));
+                    return Ok(());
+                }
+                c.wait_taken_over(node, v.lease.epoch, c.select_wait(), &mut say)
+                    .await
+                    .map(|_| ())
+            })?
+            .map_err(|e| e.to_string())?;
             Ok(())
         }
+        LeadershipCmd::Follow { wait, hook } => follow(cfg, &c, *wait, *hook),
         LeadershipCmd::Release => {
             let released = block_on(c.release_own())?.map_err(|e| e.to_string())?;
             match released.outcome(&cfg.node_id) {
@@ -339,6 +367,83 @@ fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
                     std::process::exit(3)
                 }
             }
+        }
+    }
+}
+
+/// `leadership follow`: exit 0 when this node is primary (or the policy is
+/// not follow), 3 when a busy primary keeps the lease, 1 on an error. The
+/// hook's lines go to stderr: a SessionStart hook's stdout would go into the
+/// conversation.
+fn follow(
+    cfg: &Config,
+    c: &membridge::lease::LeaseClient,
+    wait: u64,
+    hook: bool,
+) -> Result<(), String> {
+    use membridge::lease::Follow;
+    let say = |line: &str| {
+        if hook {
+            eprintln!("membridge: {line}");
+        } else {
+            println!("membridge: {line}");
+        }
+    };
+    let config::Policy::Follow { idle_s } = cfg.policy else {
+        if !hook {
+            say(&format!(
+                "the policy here is {}, not follow (LEADERSHIP_POLICY=follow): nothing to do",
+                cfg.policy.name()
+            ));
+        }
+        return Ok(());
+    };
+    // A lease handed to a node without a running daemon would leave the
+    // project without a writer until it expires.
+    if let Err(e) = daemon::request(cfg, "expect-lease") {
+        return Err(format!(
+            "follow: cannot reach this node's daemon, which must be mounted (and as new as this command) to take the lease: {e:#}"
+        ));
+    }
+    let start = std::time::Instant::now();
+    let limit = std::time::Duration::from_secs(wait.max(1));
+    let idle = std::time::Duration::from_secs(idle_s);
+    let mut quiet = |_: &str| {};
+    let outcome = block_on(async {
+        let got = c.request_follow(idle, limit, &mut quiet).await?;
+        if let Follow::Moved(v) = &got {
+            let left = limit.saturating_sub(start.elapsed());
+            c.wait_taken_over(&cfg.node_id, v.lease.epoch, left, &mut quiet)
+                .await?;
+        }
+        Ok::<_, membridge::lease::LeaseError>(got)
+    })?
+    .map_err(|e| format!("follow: {e}"))?;
+    match outcome {
+        Follow::Already(_) if hook => Ok(()),
+        Follow::Already(v) => {
+            say(&format!(
+                "this node ({}) is primary already (epoch {})",
+                cfg.node_id, v.lease.epoch
+            ));
+            Ok(())
+        }
+        Follow::Moved(v) => {
+            say(&format!(
+                "the lease followed you: this node ({}) is primary now (epoch {}, {:.1} s)",
+                cfg.node_id,
+                v.lease.epoch,
+                start.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        }
+        Follow::Busy { primary, reason } => {
+            // One line, on stderr, whatever the mode.
+            eprintln!(
+                "membridge: {primary} stays primary, it is in use: {reason}. This node ({}) reads its memory; claude-mem's writes here are refused until it is primary",
+                cfg.node_id
+            );
+            std::process::exit(3)
         }
     }
 }

@@ -247,6 +247,7 @@ impl Site {
                 Policy::Pinned { primary } => format!("pinned to {primary}"),
                 Policy::Auto { candidate: true } => "auto (candidate)".into(),
                 Policy::Auto { candidate: false } => "auto (never takes the lease)".into(),
+                Policy::Follow { idle_s } => format!("follow (after {idle_s} s idle)"),
                 Policy::Disabled => "disabled (no lease)".into(),
             },
             token,
@@ -396,6 +397,7 @@ impl Site {
         }
         let shared = self.shared.clone();
         let lease = control.lease.clone();
+        let keeper = control.keeper.clone();
         let node_id = lease.node_id.clone();
         tracing::info!(action = %name, peer = %req.peer, "status page: action requested");
         control.rt.spawn(async move {
@@ -409,11 +411,18 @@ impl Site {
             // Exactly what `leadership select <this node>` and
             // `leadership release` do.
             let result: Result<(), String> = if name == "make-primary" {
-                lease
+                keeper.expect_lease(lease.select_wait());
+                match lease
                     .request_handover(&node_id, lease.select_wait(), &mut say)
                     .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                {
+                    Ok(v) => lease
+                        .wait_taken_over(&node_id, v.lease.epoch, lease.select_wait(), &mut say)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
             } else {
                 match lease.release_own().await {
                     Ok(r) => r.outcome(&node_id).map(|line| say(&line)),

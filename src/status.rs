@@ -147,7 +147,7 @@ impl Status {
             primary: match &cfg.policy {
                 crate::config::Policy::Pinned { primary } => Some(primary.clone()),
                 crate::config::Policy::Disabled => Some(cfg.node_id.clone()),
-                crate::config::Policy::Auto { .. } => None,
+                crate::config::Policy::Auto { .. } | crate::config::Policy::Follow { .. } => None,
             },
             classes: (&cfg.classes).into(),
             databases: BTreeMap::new(),

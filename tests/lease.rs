@@ -477,6 +477,8 @@ fn heartbeat(node: &str, age_s: i64) -> Heartbeat {
         last_seen: Utc::now() - chrono::Duration::seconds(age_s),
         mount_dir: "/home/u/.claude-mem".into(),
         session: None,
+        last_write: None,
+        primary_since: None,
         extra: Default::default(),
     }
 }

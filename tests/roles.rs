@@ -231,3 +231,63 @@ fn releasing_the_lease_is_not_a_loss() {
         assert!(!log.contains(bad), "{bad:?} in the log:\n{log}");
     }
 }
+
+/// Issue 15, item 7: a lease whose epoch is below the manifest's (an old tool
+/// rewrote the lease with its own count) is taken again above both, at once,
+/// instead of catching up for ever with a line in the log every retry.
+#[test]
+fn a_lease_epoch_below_the_manifests_is_taken_again_above_both() {
+    use membridge::remote::Layout;
+    use membridge::replica::manifest::{self, EpochStart};
+    let s3 = SeaweedFs::shared();
+    let bucket = s3.new_bucket("epoch-below");
+    let mut env = s3.env(&bucket, "epoch-below");
+    env.push(("MEMBRIDGE_NODE_ID".into(), "solo".into()));
+    let m = Mount::with_files(env, &[(DB, &seeded_db())]);
+    assert_eq!(m.status()["role"], "primary");
+    let log_path = m.status()["log_file"].as_str().unwrap().to_string();
+    m.unmount(); // publishes, then releases the lease at epoch 1
+
+    // The manifest moved on to epoch 7 under leases that are gone.
+    let cfg = s3.config(&bucket, "epoch-below");
+    let (store, layout) = (s3.store(&bucket), Layout::for_config(&cfg));
+    common::block_on(async {
+        let v = manifest::load(&store, &layout, &cfg.canonical_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut next = v.manifest.clone();
+        next.epoch = 7;
+        next.epochs.push(EpochStart {
+            epoch: 7,
+            start_txid: next
+                .databases
+                .iter()
+                .map(|(db, d)| (db.clone(), d.head_txid + 1))
+                .collect(),
+        });
+        manifest::swap(&store, &layout, Some(&v.etag), &next)
+            .await
+            .unwrap();
+    });
+
+    // Mounted again, it takes the released lease at epoch 2, then above 7.
+    m.mount();
+    let st = wait_for_role(&m, "primary", Duration::from_secs(20));
+    assert_eq!(st["epoch"], 8, "{st}");
+    assert!(st["last_error"].is_null(), "{st}");
+    let c = rusqlite::Connection::open(m.dir.join(DB)).unwrap();
+    c.execute("INSERT INTO observations(text) VALUES ('after')", [])
+        .unwrap();
+    drop(c);
+    let m8 = common::block_on(manifest::load(&store, &layout, &cfg.canonical_id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(m8.manifest.epoch, 8);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("taking it again above both"), "{log}");
+    assert!(
+        log.matches("catching up before taking writes").count() <= 1,
+        "{log}"
+    );
+}

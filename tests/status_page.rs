@@ -469,7 +469,10 @@ fn a_browser_sees_both_nodes_and_hands_the_lease_over_from_the_page() {
     s.cmd("POST", "alert/accept", json!({}));
     s.wait_text("#role", Duration::from_secs(30), |t| t == "primary");
     s.wait_text("#action-log", Duration::from_secs(15), |t| {
-        t.contains("make-primary") && t.contains(": done") && t.contains("is primary now")
+        t.contains("make-primary")
+            && t.contains(": done")
+            && t.contains("is primary (epoch")
+            && t.contains("takes writes")
     });
     let lease = common::block_on(async {
         let cfg = s3.config(&bucket, "page");

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -40,6 +40,9 @@ pub struct Capture {
     dbs: Mutex<HashMap<String, Arc<Mutex<DbCapture>>>>,
     /// Replicated files: recorded whole at each change, published by the uploader.
     files: super::files::Recorder,
+    /// When the last transaction was captured (ms since the epoch, 0: none
+    /// in this run): whether a primary is idle (policy `follow`).
+    last_commit_ms: AtomicI64,
 }
 
 /// One replicated database's capture state; its mutex serializes its writes.
@@ -101,6 +104,7 @@ impl Capture {
             status,
             dbs: Mutex::new(HashMap::new()),
             files: super::files::Recorder::default(),
+            last_commit_ms: AtomicI64::new(0),
         }
     }
 
@@ -118,6 +122,14 @@ impl Capture {
     fn file_changed(&self, name: &str) {
         if self.files.record(&self.backing_dir(), name) {
             self.wake.notify_one();
+        }
+    }
+
+    /// When the last transaction was captured in this run, if any.
+    pub fn last_commit(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self.last_commit_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => chrono::DateTime::from_timestamp_millis(ms),
         }
     }
 
@@ -510,6 +522,8 @@ impl Capture {
             pages,
         };
         self.journal.append(&st.name, &txn)?;
+        self.last_commit_ms
+            .store(txn.timestamp_ms, Ordering::Release);
         self.status.metrics().txns_captured(&st.name, 1);
         st.hashes
             .apply(txn.pages.iter().map(|(n, p)| (*n, p.as_ref())), size)

@@ -84,7 +84,11 @@ impl Follower {
         let mut first = Some(first);
         loop {
             if first.is_none() {
-                tokio::time::sleep(self.poll).await;
+                // Or sooner when asked (a promotion waits on the last segment).
+                tokio::select! {
+                    _ = tokio::time::sleep(self.poll) => {}
+                    _ = self.node.poll_requested() => {}
+                }
             }
             if !matches!(self.node.role(), Role::Secondary | Role::CatchingUp) {
                 // The primary's own capture is the truth while it writes.

@@ -14,9 +14,12 @@
 //! instead, which SQLite reports as "attempt to write a readonly database".
 //! Each refusal is logged once per transaction with the primary's name.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
 
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::{Invalidator, Replication};
@@ -25,6 +28,7 @@ use crate::status::Status;
 use super::apply::Applier;
 use super::capture::Capture;
 use super::hydrate::ReadThrough;
+use super::uploader::NotYet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -74,6 +78,13 @@ pub struct Node {
     invalidator: std::sync::OnceLock<Arc<Invalidator>>,
     /// Commits the primary's transactions into this node's view.
     applier: std::sync::OnceLock<Arc<Applier>>,
+    /// Wakes the follower before its next poll is due (a promotion waits on
+    /// the old primary's last transactions).
+    poke: Notify,
+    /// Notified at every role change: the heartbeat says so at once.
+    changed: Arc<Notify>,
+    /// When this tenure as primary began (ms since the epoch; 0: not primary).
+    primary_since_ms: AtomicI64,
 }
 
 impl Node {
@@ -86,9 +97,49 @@ impl Node {
             read_through: std::sync::OnceLock::new(),
             invalidator: std::sync::OnceLock::new(),
             applier: std::sync::OnceLock::new(),
+            poke: Notify::new(),
+            changed: Arc::new(Notify::new()),
+            primary_since_ms: AtomicI64::new(if role == Role::Primary {
+                Utc::now().timestamp_millis()
+            } else {
+                0
+            }),
         };
         node.publish(role);
         node
+    }
+
+    /// Asks the follower to look at the bucket now rather than at its next poll.
+    pub fn poll_now(&self) {
+        self.poke.notify_one();
+    }
+
+    /// Resolves when [`Node::poll_now`] was called (since the last time).
+    pub async fn poll_requested(&self) {
+        self.poke.notified().await
+    }
+
+    /// Notified at every role change.
+    pub fn role_changes(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// The last transaction captured in this run of the daemon.
+    pub fn last_write(&self) -> Option<DateTime<Utc>> {
+        self.capture.last_commit()
+    }
+
+    /// When this node became primary, while it is.
+    pub fn primary_since(&self) -> Option<DateTime<Utc>> {
+        match self.primary_since_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => DateTime::from_timestamp_millis(ms),
+        }
+    }
+
+    /// Why this primary is not idle for `idle` (policy `follow`), if it is not.
+    pub fn busy(&self, idle: Duration) -> Option<String> {
+        crate::lease::busy_reason(self.last_write(), self.primary_since(), idle, Utc::now())
     }
 
     pub fn role(&self) -> Role {
@@ -109,7 +160,16 @@ impl Node {
             } else {
                 tracing::info!(from = old.name(), to = role.name(), reason, "role changed");
             }
+            // A hand-over given up continues the tenure it interrupted.
+            match role {
+                Role::Primary if old != Role::HandingOver => self
+                    .primary_since_ms
+                    .store(Utc::now().timestamp_millis(), Ordering::Release),
+                Role::Primary | Role::HandingOver => {}
+                _ => self.primary_since_ms.store(0, Ordering::Release),
+            }
             self.publish(role);
+            self.changed.notify_one();
             self.status.update(|s| {
                 s.role_history.push(crate::status::RoleChange {
                     at: chrono::Utc::now().to_rfc3339(),
@@ -132,6 +192,13 @@ impl Node {
 
     fn primary(&self) -> bool {
         self.role() == Role::Primary
+    }
+
+    /// Whether writes that reach the files are captured: on the primary, and
+    /// while it hands over (a write let through just before the gate closed
+    /// is still its to publish; no new one gets through).
+    fn captures(&self) -> bool {
+        matches!(self.role(), Role::Primary | Role::HandingOver)
     }
 
     fn refuse(&self, class: &PathClass) -> i32 {
@@ -274,38 +341,39 @@ impl Replication for Node {
         }
     }
 
-    // Capture runs on the primary only: on any other role the writes that
-    // get through are the view applier's, already in the bucket.
+    // Capture runs on the primary only (and while it hands over): on any
+    // other role the writes that get through are the view applier's, already
+    // in the bucket.
     fn written(&self, class: &PathClass, offset: u64, len: u64) -> Result<(), i32> {
-        if !self.primary() {
+        if !self.captures() {
             return Ok(());
         }
         self.capture.written(class, offset, len)
     }
 
     fn truncated(&self, class: &PathClass, len: u64) -> Result<(), i32> {
-        if !self.primary() {
+        if !self.captures() {
             return Ok(());
         }
         self.capture.truncated(class, len)
     }
 
     fn removed(&self, class: &PathClass) -> Result<(), i32> {
-        if !self.primary() {
+        if !self.captures() {
             return Ok(());
         }
         self.capture.removed(class)
     }
 
     fn replaced(&self, class: &PathClass) -> Result<(), i32> {
-        if !self.primary() {
+        if !self.captures() {
             return Ok(());
         }
         self.capture.replaced(class)
     }
 
     fn synced(&self, class: &PathClass) -> Result<(), i32> {
-        if self.primary() {
+        if self.captures() {
             self.capture.synced(class)
         } else {
             Ok(())
@@ -333,37 +401,69 @@ pub async fn drive_roles(
     use crate::lease::LeaseState;
     let mut states = keeper.subscribe();
     let mut handovers = keeper.handover_requests();
+    // While catching up with the lease in hand: how soon to try again.
+    let mut retry_in = CATCH_UP_RETRY_MIN;
+    let mut tries = 0;
+    let mut last_why: Option<String> = None;
     loop {
         let state = states.borrow_and_update().clone();
         let was = node.role();
         match &state {
             LeaseState::Held { epoch: e, .. } => {
+                // Before the role: the heartbeat written at the role change
+                // names the epoch too.
+                status.update(|s| {
+                    s.epoch = Some(*e);
+                    s.primary = Some(s.node_id.clone());
+                });
                 if was != Role::Primary || epoch.load(Ordering::Acquire) != *e {
+                    if was != Role::CatchingUp {
+                        retry_in = CATCH_UP_RETRY_MIN;
+                        tries = 0;
+                    }
                     node.set_role(Role::CatchingUp);
                     epoch.store(*e, Ordering::Release);
+                    // The old primary's last transactions were published a
+                    // moment ago: fetch them now, not at the next poll.
+                    node.poll_now();
                     let (tx, rx) = tokio::sync::oneshot::channel();
+                    let stopped = || NotYet::Wait("uploader stopped".into());
                     let ready = match uploader
                         .send(super::uploader::Command::TakeOver(*e, tx))
                         .await
                     {
-                        Ok(()) => rx.await.unwrap_or_else(|_| Err("uploader stopped".into())),
-                        Err(_) => Err("uploader stopped".into()),
+                        Ok(()) => rx.await.unwrap_or_else(|_| Err(stopped())),
+                        Err(_) => Err(stopped()),
                     };
                     match ready {
                         Ok(()) => {
                             node.set_role(Role::Primary);
                             status.update(|s| s.last_error = None);
+                            last_why = None;
                         }
-                        Err(why) => {
-                            tracing::info!(%why, "holding the lease; catching up before taking writes");
-                            status.update(|s| s.last_error = Some(why));
+                        Err(NotYet::EpochBehind { manifest, lease }) => {
+                            // Retrying at this epoch would loop for ever.
+                            tracing::warn!(
+                                manifest,
+                                lease,
+                                "the lease's epoch is below the manifest's: taking it again above both"
+                            );
+                            if let Err(err) = keeper.raise_epoch_above(manifest).await {
+                                let why = format!("cannot raise the lease's epoch above the manifest's {manifest}: {err}");
+                                tracing::warn!("{why}");
+                                status.update(|s| s.last_error = Some(why));
+                            }
+                        }
+                        Err(NotYet::Wait(why)) => {
+                            // Said once per reason, not at every retry.
+                            if last_why.as_deref() != Some(why.as_str()) {
+                                tracing::info!(%why, "holding the lease; catching up before taking writes");
+                            }
+                            status.update(|s| s.last_error = Some(why.clone()));
+                            last_why = Some(why);
                         }
                     }
                 }
-                status.update(|s| {
-                    s.epoch = Some(*e);
-                    s.primary = Some(s.node_id.clone());
-                });
             }
             LeaseState::Disabled => node.set_role(Role::Primary),
             other => {
@@ -415,10 +515,17 @@ pub async fn drive_roles(
             }
         }
         // Still catching up with the lease in hand: try again shortly (the
-        // follower keeps applying meanwhile).
+        // follower keeps applying meanwhile), soon at first, then every second.
         let retry = node.role() == Role::CatchingUp && state.is_held();
+        let wait = retry_in;
+        if retry {
+            tries += 1;
+            if tries >= CATCH_UP_QUICK_TRIES {
+                retry_in = CATCH_UP_RETRY_MAX;
+            }
+        }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+            _ = tokio::time::sleep(wait), if retry => {}
             changed = states.changed() => if changed.is_err() { return },
             changed = handovers.changed() => {
                 if changed.is_err() {
@@ -426,28 +533,82 @@ pub async fn drive_roles(
                 }
                 let request = handovers.borrow_and_update().clone();
                 if let (Some(h), Role::Primary) = (request, node.role()) {
-                    hand_over(&node, &keeper, &uploader, &h.to).await;
+                    hand_over(&node, &keeper, &uploader, &h).await;
                 }
             }
         }
     }
 }
 
+/// While a hand-over to this node is pending, keep the view at the bucket's
+/// head (the follower looks every [`crate::lease::HANDOVER_POLL`] instead of
+/// every poll interval): the lease then finds it caught up.
+pub async fn follow_closely(node: Arc<Node>, mut pending: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *pending.borrow_and_update() {
+            node.poll_now();
+            tokio::select! {
+                _ = tokio::time::sleep(crate::lease::HANDOVER_POLL) => {}
+                r = pending.changed() => if r.is_err() { return },
+            }
+        } else if pending.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// While catching up with the lease in hand, the first retries come this
+/// soon (a hand-over: the last segment is a poll away)...
+const CATCH_UP_RETRY_MIN: Duration = Duration::from_millis(100);
+const CATCH_UP_QUICK_TRIES: u32 = 20;
+/// ...and later ones (a long catch-up, hydration) every second.
+const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Graceful hand-over: stop writes, publish everything, then pass the lease.
+/// A follow request (policy `follow`) is declined while this node is busy,
+/// judged once more after writes have stopped: a write that got in first
+/// keeps the lease here.
 async fn hand_over(
     node: &Node,
     keeper: &crate::lease::LeaseKeeper,
     uploader: &tokio::sync::mpsc::Sender<super::uploader::Command>,
-    to: &str,
+    h: &crate::lease::Handover,
 ) {
-    tracing::info!(to, "handing the lease over: flushing first");
-    node.set_role(Role::HandingOver);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let flushed = uploader
-        .send(super::uploader::Command::Push(tx))
-        .await
-        .is_ok()
-        && matches!(rx.await, Ok(Ok(_)));
+    let to = h.to.as_str();
+    let idle = h.follow_idle_s.map(Duration::from_secs);
+    if let Some(why) = idle.and_then(|i| node.busy(i)) {
+        decline(keeper, h, &why).await;
+        return;
+    }
+    let reason = match idle {
+        Some(i) => format!("{to} follows the user ({} s idle here)", i.as_secs()),
+        None => format!("requested by {}", h.requested_by),
+    };
+    tracing::info!(to, %reason, "handing the lease over: flushing first");
+    // Publish the backlog while still taking writes, so that writes stop
+    // only for the last few transactions (and the target can fetch most of
+    // them meanwhile).
+    let _ = flush(uploader).await;
+    node.set_role_for(Role::HandingOver, &format!("hand-over to {to}"));
+    // A write let through just before the gate closed lands now: it is
+    // captured (and published below) or, for a follow request, keeps the
+    // lease here.
+    tokio::time::sleep(DRAIN).await;
+    if let Some(why) = idle.and_then(|i| node.busy(i)) {
+        node.set_role(Role::Primary);
+        decline(keeper, h, &why).await;
+        return;
+    }
+    let mut flushed = false;
+    for _ in 0..3 {
+        if !flush(uploader).await {
+            break;
+        }
+        if node.capture().unpublished() == 0 {
+            flushed = true;
+            break;
+        }
+    }
     if !flushed {
         tracing::warn!(
             to,
@@ -456,8 +617,28 @@ async fn hand_over(
         node.set_role(Role::Primary);
         return;
     }
-    if let Err(e) = keeper.hand_over(to).await {
+    if let Err(e) = keeper.hand_over_for(to, &reason).await {
         tracing::warn!(to, error = %e, "hand-over failed; still primary");
         node.set_role(Role::Primary);
+    }
+}
+
+/// Publishes the backlog now; whether it worked.
+async fn flush(uploader: &tokio::sync::mpsc::Sender<super::uploader::Command>) -> bool {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    uploader
+        .send(super::uploader::Command::Flush(tx))
+        .await
+        .is_ok()
+        && matches!(rx.await, Ok(Ok(())))
+}
+
+/// How long a hand-over lets writes already past the role gate land.
+const DRAIN: Duration = Duration::from_millis(20);
+
+async fn decline(keeper: &crate::lease::LeaseKeeper, h: &crate::lease::Handover, why: &str) {
+    tracing::info!(to = %h.to, why, "declined to hand over: this node is busy");
+    if let Err(e) = keeper.client().refuse_handover(h, why).await {
+        tracing::warn!(error = %e, "could not answer the hand-over request");
     }
 }

@@ -29,12 +29,28 @@ use crate::status::Status;
 pub enum Command {
     /// Publish everything and take a snapshot now; the reply says what was done.
     Push(tokio::sync::oneshot::Sender<std::result::Result<String, String>>),
+    /// Publish the backlog now, without a snapshot (a hand-over: the next
+    /// primary continues this history, it needs no new starting point).
+    Flush(tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
     /// This node took the lease at this epoch: check that the bucket's history
     /// is this node's, and bump the manifest's epoch before writes resume.
     TakeOver(
         u64,
-        tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+        tokio::sync::oneshot::Sender<std::result::Result<(), NotYet>>,
     ),
+}
+
+/// Why a node holding the lease cannot take writes yet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotYet {
+    /// The manifest is at a later epoch than the lease (an old tool rewrote the
+    /// lease with its own count, say): no retry at this epoch can succeed; the
+    /// lease must be taken again above `manifest`.
+    #[error("the manifest is at epoch {manifest}, newer than this lease's {lease}")]
+    EpochBehind { manifest: u64, lease: u64 },
+    /// Catching up, hydrating, the bucket: trying again later may succeed.
+    #[error("{0}")]
+    Wait(String),
 }
 
 /// Knobs; the defaults suit claude-mem's write rate.
@@ -79,6 +95,8 @@ pub enum UploadError {
     Files(#[from] super::files::FilesError),
     #[error("{0}")]
     Conflict(String),
+    #[error(transparent)]
+    EpochBehind(NotYet),
     /// Not this node's job in its current role (exit code 3 on the CLI).
     #[error("{0}")]
     Refused(String),
@@ -164,30 +182,50 @@ impl Uploader {
         let mut backoff = Duration::from_millis(500);
         let mut outage_since: Option<chrono::DateTime<chrono::Utc>> = None;
         loop {
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                Some(cmd) = commands.recv() => {
-                    match cmd {
-                        Command::Push(reply) => {
-                            let res = self.push().await.map_err(|e| match e {
-                                UploadError::Refused(why) => format!("refused {why}"),
-                                e => {
-                                    self.status.metrics().upload_failure(e.is_unreachable());
-                                    e.to_string()
-                                }
-                            });
-                            let _ = reply.send(res);
-                        }
-                        Command::TakeOver(epoch, reply) => {
-                            let res = self.take_over(epoch).await.map_err(|e| e.to_string());
-                            let _ = reply.send(res);
-                        }
+            let mut cmd = tokio::select! {
+                _ = self.wake.notified() => None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+                Some(cmd) = commands.recv() => Some(cmd),
+            };
+            let woke = cmd.is_none();
+            if woke {
+                // The batching window; a request (a hand-over's flush) ends it.
+                cmd = tokio::select! {
+                    _ = tokio::time::sleep(self.policy.batch_window) => None,
+                    Some(cmd) = commands.recv() => Some(cmd),
+                };
+            }
+            if let Some(cmd) = cmd {
+                let published = matches!(cmd, Command::Push(_) | Command::Flush(_));
+                match cmd {
+                    Command::Push(reply) => {
+                        let res = self.push().await.map_err(|e| match e {
+                            UploadError::Refused(why) => format!("refused {why}"),
+                            e => {
+                                self.status.metrics().upload_failure(e.is_unreachable());
+                                e.to_string()
+                            }
+                        });
+                        let _ = reply.send(res);
                     }
+                    Command::Flush(reply) => {
+                        self.manifest = None;
+                        let res = self.round().await.map_err(|e| e.to_string());
+                        let _ = reply.send(res);
+                    }
+                    Command::TakeOver(epoch, reply) => {
+                        let res = self.take_over(epoch).await.map_err(|e| match e {
+                            UploadError::EpochBehind(n) => n,
+                            e => NotYet::Wait(e.to_string()),
+                        });
+                        let _ = reply.send(res);
+                    }
+                }
+                // What woke it is published already, or at the next round.
+                if published || !woke {
                     continue;
                 }
             }
-            tokio::time::sleep(self.policy.batch_window).await;
             match self.round().await {
                 Ok(()) => {
                     backoff = Duration::from_millis(500);
@@ -304,14 +342,27 @@ impl Uploader {
     /// whole decision is taken again from the manifest as it now is.
     async fn take_over(&mut self, epoch: u64) -> Result<()> {
         self.files_reconciled = false;
+        let start = Instant::now();
+        let res = self.take_over_once(epoch).await;
+        if res.is_ok() {
+            tracing::info!(
+                epoch,
+                ms = start.elapsed().as_millis() as u64,
+                "take-over done (manifest read, view settled, head adopted, epoch swapped)"
+            );
+        }
+        res
+    }
+
+    async fn take_over_once(&mut self, epoch: u64) -> Result<()> {
         for _ in 0..5 {
             self.manifest = None;
             let v = self.current().await?;
             if v.manifest.epoch > epoch {
-                return Err(UploadError::Conflict(format!(
-                    "the manifest is at epoch {}, newer than this lease's {epoch}",
-                    v.manifest.epoch
-                )));
+                return Err(UploadError::EpochBehind(NotYet::EpochBehind {
+                    manifest: v.manifest.epoch,
+                    lease: epoch,
+                }));
             }
             let starts = self.take_over_starts(&v).await?;
             if v.manifest.epoch == epoch && v.manifest.epochs.iter().any(|x| x.epoch == epoch) {
@@ -358,20 +409,47 @@ impl Uploader {
     ) -> Result<std::collections::BTreeMap<String, u64>> {
         let mut starts = std::collections::BTreeMap::new();
         for (db, d) in &v.manifest.databases {
+            // The follower says it has not applied the head yet: settling
+            // and hashing now would be wasted (and slow it down); it was
+            // asked to look now and this is tried again shortly.
+            let applied = self
+                .status
+                .snapshot()
+                .databases
+                .get(db)
+                .map(|s| s.applied_txid);
+            let journaled = self.journal.head(db)?;
+            let behind = applied.is_some_and(|a| a < d.head_txid)
+                && journaled
+                    .as_ref()
+                    .is_none_or(|j| j.generation != d.generation || j.head_txid < d.head_txid)
+                && self.node.all_local();
+            if behind {
+                return Err(UploadError::Conflict(format!(
+                    "{db}: applied txid {} of the bucket's {}: it must catch up before taking writes",
+                    applied.unwrap_or(0),
+                    d.head_txid
+                )));
+            }
             // The view's WAL is SQLite's own on a secondary: fold it into the
             // main file first, so the file is the head and capture starts on
             // an empty WAL (docs/ARCHITECTURE.md, "Promotion").
             let node = self.node.clone();
             let name = db.clone();
-            tokio::task::spawn_blocking(move || {
-                if node.settle_view(&name)? {
+            let t = Instant::now();
+            let settled = tokio::task::spawn_blocking(move || {
+                let settled = node.settle_view(&name)?;
+                if settled {
                     node.capture().forget_wal(&name);
                 }
-                Ok::<(), String>(())
+                Ok::<bool, String>(settled)
             })
             .await
             .map_err(|e| UploadError::Conflict(e.to_string()))?
             .map_err(|e| UploadError::Conflict(format!("{db}: settling the view: {e}")))?;
+            if settled {
+                tracing::info!(db, ms = t.elapsed().as_millis() as u64, "view settled");
+            }
             let mut local = self.journal.head(db)?;
             // A history whose tail was set aside as divergent cannot go on:
             // the bucket's history went another way.
@@ -400,11 +478,13 @@ impl Uploader {
                 // exactly the bucket's head, becomes the start of its history.
                 let node = self.node.clone();
                 let (name, d2) = (db.clone(), d.clone());
+                let t = Instant::now();
                 let adopted = tokio::task::spawn_blocking(move || node.capture().adopt(&name, &d2))
                     .await
                     .map_err(|e| UploadError::Conflict(e.to_string()))?
                     .map_err(|e| UploadError::Conflict(e.to_string()))?;
                 if adopted {
+                    tracing::info!(db, ms = t.elapsed().as_millis() as u64, "head adopted");
                     local = self.journal.head(db)?;
                 }
             }
