@@ -508,8 +508,20 @@ impl Uploader {
             .manifest
             .as_ref()
             .and_then(|v| v.manifest.databases.get(&h.name))
+            .cloned()
         {
-            uploaded = uploaded.max(d.head_txid.min(h.head_txid));
+            let t = d.head_txid.min(h.head_txid);
+            if t > uploaded && d.generation == h.generation && t == d.head_txid {
+                // The bucket's head is this node's own transaction whose
+                // publication was never confirmed (a lost answer, or a crash
+                // right after the manifest moved): it is published. Without
+                // this the journal counts it as backlog for ever.
+                let own = self.journal.txns(&h.name, t - 1, t, 0)?;
+                if own.first().map(|x| x.post_checksum) == manifest::parse_hex64(&d.head_checksum) {
+                    self.journal.mark_uploaded(&h.name, t)?;
+                }
+            }
+            uploaded = uploaded.max(t);
         }
         while uploaded < h.head_txid {
             let txns =
