@@ -84,7 +84,17 @@ pub fn judge(
     own_post: Option<u64>,
 ) -> Option<String> {
     unpublished.first()?;
-    let d = m.databases.get(&h.name)?; // unknown to the bucket: nothing to diverge from
+    let Some(d) = m.databases.get(&h.name) else {
+        // The bucket has no history of it. Publishable still, unless another
+        // primary's epoch began after these were written: that node holds
+        // the lease without them (and may start its own history), so they
+        // would stay a backlog nobody uploads and nobody is told about.
+        let (txid, epoch, _) = unpublished.iter().find(|(_, e, _)| *e < m.epoch)?;
+        return Some(format!(
+            "the bucket has no history of {} and is at epoch {} (another primary), newer than txid {txid}'s epoch {epoch}",
+            h.name, m.epoch
+        ));
+    };
     if d.generation != h.generation {
         if h.generation > d.generation && h.base_txid > d.head_txid {
             return None; // this node's new generation, on top of the bucket's
@@ -315,7 +325,8 @@ mod tests {
         let m = bucket(22, &[(1, 1)]);
         let own = Some(0x10 + 22);
         assert_eq!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), own), None);
-        // Nothing unpublished, or a database the bucket does not know.
+        // Nothing unpublished, or a database the bucket does not know (at
+        // the epoch they were written under).
         assert_eq!(judge(&m, &head(1, 25, 25), &[], None), None);
         let mut other = head(1, 0, 3);
         other.name = "other.db".into();
@@ -332,6 +343,14 @@ mod tests {
         let m = bucket(22, &[]);
         let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Some(1)).unwrap();
         assert!(why.contains("another node"), "{why}");
+        // The bucket does not know the database, but another primary took
+        // over after these were written (found by the model-based test: a
+        // node killed before its first upload kept them as a backlog forever).
+        let mut other = head(1, 0, 3);
+        other.name = "other.db".into();
+        let m2 = bucket(0, &[(1, 1), (2, 1)]);
+        let why = judge(&m2, &other, &txns(1..=3, 1), None).unwrap();
+        assert!(why.contains("epoch 2"), "{why}");
         // The bucket restarted history (a new generation elsewhere).
         let mut m = bucket(30, &[]);
         m.databases.get_mut(DB).unwrap().generation = 2;
