@@ -76,12 +76,14 @@ fn rfc3339(ms: i64) -> Option<String> {
 /// can never be published to the bucket whose manifest is `m`; `None` while
 /// they still can (this node, primary again, continues the bucket's head).
 /// `own_post` is this node's post-checksum at the bucket's head txid when
-/// that txid is among its unpublished ones (an upload whose answer was lost).
+/// that txid is among its unpublished ones (an upload whose answer was lost);
+/// `parent` is [`Journal::parent`].
 pub fn judge(
     m: &Manifest,
     h: &DbHead,
     unpublished: &[(u64, u64, i64)],
     own_post: Option<u64>,
+    parent: Option<u64>,
 ) -> Option<String> {
     unpublished.first()?;
     let Some(d) = m.databases.get(&h.name) else {
@@ -96,7 +98,7 @@ pub fn judge(
         ));
     };
     if d.generation != h.generation {
-        if h.generation > d.generation && h.base_txid > d.head_txid {
+        if on_top(h, parent, d) {
             return None; // this node's new generation, on top of the bucket's
         }
         return Some(format!(
@@ -123,6 +125,19 @@ pub fn judge(
         }
     }
     None
+}
+
+/// Whether `h`, a generation this node started from its own file (the file
+/// and the journal disagreed: changed outside membridge, say), continues the
+/// bucket's history `d`: it replaced a history whose head was exactly the
+/// bucket's head (same generation, txid and checksum). Txids of different
+/// generations say nothing about each other (issue 11, item 4: a node that
+/// restarted history from a stale copy must not replace a newer history).
+pub fn on_top(h: &DbHead, parent: Option<u64>, d: &manifest::DbManifest) -> bool {
+    h.generation == d.generation + 1
+        && h.base_txid == d.head_txid + 1
+        && parent.is_some()
+        && parent == manifest::parse_hex64(&d.head_checksum)
 }
 
 /// The databases whose unpublished transactions the bucket has moved past,
@@ -169,7 +184,8 @@ pub async fn diverged(
                 .map(|x| x.post_checksum),
             _ => None,
         };
-        if let Some(why) = judge(&v.manifest, &h, &times, own_post) {
+        let parent = journal.parent(&h.name).map_err(|e| e.to_string())?;
+        if let Some(why) = judge(&v.manifest, &h, &times, own_post, parent) {
             out.push((h, why, v.manifest.epoch));
         }
     }
@@ -317,31 +333,40 @@ mod tests {
     fn still_publishable() {
         // This node was the last primary: the bucket is where it left it.
         let m = bucket(20, &[(1, 1)]);
-        assert_eq!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None), None);
+        assert_eq!(
+            judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None, None),
+            None
+        );
         // Its own later epoch already started after its head.
         let m = bucket(20, &[(1, 1), (2, 26)]);
-        assert_eq!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None), None);
+        assert_eq!(
+            judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None, None),
+            None
+        );
         // The bucket got txid 22 from this node, the answer was lost.
         let m = bucket(22, &[(1, 1)]);
         let own = Some(0x10 + 22);
-        assert_eq!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), own), None);
+        assert_eq!(
+            judge(&m, &head(1, 20, 25), &txns(21..=25, 1), own, None),
+            None
+        );
         // Nothing unpublished, or a database the bucket does not know (at
         // the epoch they were written under).
-        assert_eq!(judge(&m, &head(1, 25, 25), &[], None), None);
+        assert_eq!(judge(&m, &head(1, 25, 25), &[], None, None), None);
         let mut other = head(1, 0, 3);
         other.name = "other.db".into();
-        assert_eq!(judge(&m, &other, &txns(1..=3, 1), None), None);
+        assert_eq!(judge(&m, &other, &txns(1..=3, 1), None, None), None);
     }
 
     #[test]
     fn moved_past() {
         // Another node took over at epoch 2 right after this node's txid 20.
         let m = bucket(20, &[(1, 1), (2, 21)]);
-        let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None).unwrap();
+        let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None, None).unwrap();
         assert!(why.contains("epoch 2"), "{why}");
         // ... and published its own txid 22 (no epoch history: an old manifest).
         let m = bucket(22, &[]);
-        let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Some(1)).unwrap();
+        let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Some(1), None).unwrap();
         assert!(why.contains("another node"), "{why}");
         // The bucket does not know the database, but another primary took
         // over after these were written (found by the model-based test: a
@@ -349,12 +374,35 @@ mod tests {
         let mut other = head(1, 0, 3);
         other.name = "other.db".into();
         let m2 = bucket(0, &[(1, 1), (2, 1)]);
-        let why = judge(&m2, &other, &txns(1..=3, 1), None).unwrap();
+        let why = judge(&m2, &other, &txns(1..=3, 1), None, None).unwrap();
         assert!(why.contains("epoch 2"), "{why}");
         // The bucket restarted history (a new generation elsewhere).
         let mut m = bucket(30, &[]);
         m.databases.get_mut(DB).unwrap().generation = 2;
-        assert!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None).is_some());
+        assert!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None, None).is_some());
+    }
+
+    /// Issue 11, item 4: a generation this node started from its own file
+    /// continues the bucket only on top of exactly the head it replaced;
+    /// txids of two generations say nothing about each other.
+    #[test]
+    fn a_new_local_generation_continues_only_the_head_it_replaced() {
+        let m = bucket(25, &[(1, 1)]);
+        let mut h = head(2, 0, 27);
+        h.base_txid = 26;
+        let t = txns(27..=27, 1);
+        assert_eq!(judge(&m, &h, &t, None, Some(0x10 + 25)), None);
+        assert!(
+            judge(&m, &h, &t, None, Some(0x99)).is_some(),
+            "another state at txid 25"
+        );
+        assert!(
+            judge(&m, &h, &t, None, None).is_some(),
+            "no parent recorded"
+        );
+        // The bucket is elsewhere: a number past its head proves nothing.
+        let m = bucket(24, &[(1, 1)]);
+        assert!(judge(&m, &h, &t, None, Some(0x10 + 24)).is_some());
     }
 
     #[test]

@@ -363,6 +363,7 @@ impl Uploader {
             .map_err(|e| UploadError::Conflict(e.to_string()))?
             .map_err(|e| UploadError::Conflict(format!("{db}: settling the view: {e}")))?;
             let mut local = self.journal.head(db)?;
+            let parent = self.journal.parent(db)?;
             // A history whose tail was set aside as divergent cannot go on:
             // the bucket's history went another way.
             let continues = |j: &DbHead, aside: bool| {
@@ -374,8 +375,8 @@ impl Uploader {
                         && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
                         || (j.head_txid > d.head_txid && j.uploaded_txid == d.head_txid));
                 // This node restarted history from its own database (changed
-                // outside membridge) on top of everything the bucket has.
-                let newer = j.generation > d.generation && j.base_txid > d.head_txid;
+                // outside membridge) on top of exactly the bucket's head.
+                let newer = super::divergent::on_top(j, parent, d);
                 same || newer
             };
             let aside = self.journal.divergent_through(db)?.is_some();
