@@ -203,7 +203,7 @@ impl Uploader {
                     tracing::warn!(error = %e, "upload failed; will retry (writes go on locally)");
                     let now = chrono::Utc::now();
                     let since = *outage_since.get_or_insert(now);
-                    self.manifest = None; // re-read: it may have moved meanwhile
+                    self.forget_manifest();
                     self.status.update(|s| {
                         s.upload_state = if unreachable { "unreachable" } else { "error" }.into();
                         s.last_error = Some(e.to_string());
@@ -218,6 +218,13 @@ impl Uploader {
                 }
             }
         }
+    }
+
+    /// After a failed round: the manifest is read again before the next
+    /// decision (it may have moved meanwhile). Public so that a test driving
+    /// rounds step by step reacts to a failure exactly as [`Uploader::run`].
+    pub fn forget_manifest(&mut self) {
+        self.manifest = None;
     }
 
     fn refresh_backlog(&self) {
@@ -293,7 +300,7 @@ impl Uploader {
     /// compare-and-swap fails. A lost race on that swap means the manifest
     /// changed after it was judged (the old primary's last upload, say): the
     /// whole decision is taken again from the manifest as it now is.
-    async fn take_over(&mut self, epoch: u64) -> Result<()> {
+    pub async fn take_over(&mut self, epoch: u64) -> Result<()> {
         for _ in 0..5 {
             self.manifest = None;
             let v = self.current().await?;
@@ -615,7 +622,7 @@ impl Uploader {
     }
 
     /// `membridge push`: publish the backlog, then a snapshot of every database.
-    async fn push(&mut self) -> Result<String> {
+    pub async fn push(&mut self) -> Result<String> {
         let role = self.node.role();
         if !matches!(role, Role::Primary | Role::HandingOver) {
             return Err(UploadError::Refused(format!(
