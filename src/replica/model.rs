@@ -1870,3 +1870,36 @@ fn model_stale_new_generation_does_not_replace_a_newer_history() {
         ],
     );
 }
+
+/// Issue 11, item 2 (its second half), as the model finds it: the
+/// manifest's compare-and-swap is applied but its answer lost, the node
+/// commits again and restarts. The bucket's head is its own txid, but its
+/// journal says nothing was uploaded, so take_over found neither "same
+/// head" nor "uploaded == head" and the node stayed catching-up for ever.
+#[test]
+fn model_lost_manifest_answer_then_more_commits_and_a_restart() {
+    let lost = Step::Fault {
+        node: 0,
+        fault: FaultKind::Lost(Obj::Manifest),
+    };
+    replay(
+        2,
+        &[
+            Step::Upload { node: 0 },
+            lost,
+            Step::Commit { node: 0, rows: 1 },
+            Step::Upload { node: 0 },
+            Step::CrashMidCommit { node: 0, rows: 1 },
+        ],
+    );
+    replay(
+        2,
+        &[
+            lost,
+            Step::Commit { node: 0, rows: 1 },
+            Step::Upload { node: 0 },
+            Step::Commit { node: 0, rows: 1 },
+            Step::Kill { node: 0 },
+        ],
+    );
+}

@@ -370,6 +370,23 @@ impl Uploader {
             .map_err(|e| UploadError::Conflict(e.to_string()))?
             .map_err(|e| UploadError::Conflict(format!("{db}: settling the view: {e}")))?;
             let mut local = self.journal.head(db)?;
+            let own_unconfirmed = local.as_ref().is_some_and(|j| {
+                j.generation == d.generation
+                    && j.uploaded_txid < d.head_txid
+                    && d.head_txid < j.head_txid
+            });
+            if own_unconfirmed {
+                // The bucket's head is within this node's unpublished
+                // history: its own upload whose answer was lost (before a
+                // restart, say) if the checksums agree. Then it is published,
+                // and the rest continues it; otherwise this node would wait
+                // in catching-up for ever.
+                let own = self.journal.txns(db, d.head_txid - 1, d.head_txid, 0)?;
+                if own.first().map(|x| x.post_checksum) == manifest::parse_hex64(&d.head_checksum) {
+                    self.journal.mark_uploaded(db, d.head_txid)?;
+                    local = self.journal.head(db)?;
+                }
+            }
             let parent = self.journal.parent(db)?;
             // A history whose tail was set aside as divergent cannot go on:
             // the bucket's history went another way.
