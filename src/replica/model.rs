@@ -1903,3 +1903,24 @@ fn model_lost_manifest_answer_then_more_commits_and_a_restart() {
         ],
     );
 }
+
+/// A deposed primary uploads after another node took over: its segment for
+/// txid 1 is stored (create-only) before its manifest compare-and-swap
+/// fails. The new primary's own txid 1 then found the key taken by "another
+/// primary" and could never publish. The new primary now replaces a
+/// deposed epoch's segment for txids the manifest gives to its own epoch.
+#[test]
+fn model_deposed_primarys_segment_does_not_block_the_new_primary() {
+    replay(
+        3,
+        &[
+            Step::Expire,
+            Step::Upload { node: 0 },
+            Step::Commit { node: 0, rows: 1 },
+            Step::Follow { node: 1 },
+            Step::Tick { node: 1 },
+            Step::Upload { node: 0 },
+            Step::Commit { node: 0, rows: 1 },
+        ],
+    );
+}

@@ -567,12 +567,12 @@ impl Uploader {
                 page_size: h.page_size,
                 created_ms: now_ms(),
             };
-            let body = codec::encode_segment(&meta, &txns)?;
+            let body = Bytes::from(codec::encode_segment(&meta, &txns)?);
             let key = self.layout.segment(&h.name, from, to);
             let bytes = body.len();
             match self
                 .store
-                .put(&key, Bytes::from(body), PutMode::CreateOnly)
+                .put(&key, body.clone(), PutMode::CreateOnly)
                 .await
             {
                 Ok(_) => self
@@ -580,7 +580,7 @@ impl Uploader {
                     .metrics()
                     .uploaded(&h.name, Object::Segment, bytes as u64),
                 Err(StoreError::PreconditionFailed { .. }) => {
-                    self.check_existing(&key, post).await?
+                    self.check_existing(&key, post, &h.name, from, body).await?
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -615,13 +615,39 @@ impl Uploader {
     }
 
     /// A create-only put found the key taken: fine if it is our own earlier
-    /// upload (a crash between the put and the manifest), a conflict otherwise.
-    async fn check_existing(&self, key: &str, post: u64) -> Result<()> {
+    /// upload (a crash between the put and the manifest); replaced if it is
+    /// a deposed primary's (see below); a conflict otherwise.
+    async fn check_existing(
+        &self,
+        key: &str,
+        post: u64,
+        db: &str,
+        from: u64,
+        body: Bytes,
+    ) -> Result<()> {
         let got = self.store.get(key).await?;
         let h = codec::parse_segment_header(&got.body)?;
+        let ours = self.epoch.load(Ordering::Acquire);
+        let owner = self
+            .manifest
+            .as_ref()
+            .and_then(|v| v.manifest.epoch_of(db, from));
         if h.post_checksum == post {
             Ok(())
-        } else if h.epoch > self.epoch.load(Ordering::Acquire) {
+        } else if h.epoch < ours && owner == Some(ours) {
+            // A deposed primary wrote these txids before its manifest
+            // compare-and-swap failed: the manifest gives them to this
+            // epoch, so no reader takes that segment, and it would block
+            // this primary's publication for ever (keys are txid ranges).
+            tracing::warn!(
+                key,
+                node = %h.node_id,
+                epoch = h.epoch,
+                "replacing a deposed primary's unpublished segment"
+            );
+            self.store.put(key, body, PutMode::Overwrite).await?;
+            Ok(())
+        } else if h.epoch > ours {
             let (node, why) = (
                 self.node.clone(),
                 format!("{key} was written under epoch {} by {}", h.epoch, h.node_id),
