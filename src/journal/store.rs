@@ -223,6 +223,7 @@ impl Journal {
         tx.execute(KEEP_EPOCH, [])?;
         tx.execute("DELETE FROM txns WHERE db = ?1", [&head.name])?;
         tx.execute("DELETE FROM meta WHERE key = ?1", [aside_key(&head.name)])?;
+        tx.execute("DELETE FROM meta WHERE key = ?1", [parent_key(&head.name)])?;
         tx.execute(
             "INSERT OR REPLACE INTO dbs(name, page_size, generation, head_txid, head_checksum,
                size_pages, uploaded_txid, base_txid)
@@ -413,6 +414,33 @@ impl Journal {
         .map(|v| v as u64))
     }
 
+    /// The generation just started replaced a history whose head had this
+    /// checksum (see [`Journal::parent`]). Cleared by the next generation.
+    pub fn set_parent(&self, db: &str, checksum: u64) -> Result<()> {
+        let c = self.conn.lock().unwrap();
+        c.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![parent_key(db), checksum as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The head checksum of the history `db`'s current generation replaced,
+    /// when it was started from the local file (the file and the journal
+    /// disagreed): only on top of exactly that state may it continue the
+    /// bucket's history.
+    pub fn parent(&self, db: &str) -> Result<Option<u64>> {
+        let c = self.conn.lock().unwrap();
+        Ok(c.query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [parent_key(db)],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|v| v as u64))
+    }
+
     pub fn clear_divergent(&self, db: &str) -> Result<()> {
         let c = self.conn.lock().unwrap();
         c.execute("DELETE FROM meta WHERE key = ?1", [aside_key(db)])?;
@@ -444,6 +472,10 @@ impl Journal {
 /// The `meta` key marking `db`'s divergent transactions.
 fn aside_key(db: &str) -> String {
     format!("aside:{db}")
+}
+
+fn parent_key(db: &str) -> String {
+    format!("parent:{db}")
 }
 
 fn row_head(r: &rusqlite::Row<'_>) -> rusqlite::Result<DbHead> {

@@ -316,6 +316,9 @@ impl Capture {
             base_txid: txid,
         };
         self.journal.start_generation(&head)?;
+        if let Some(h) = old {
+            self.journal.set_parent(&db, h.head_checksum)?;
+        }
         st.head = head;
         self.wake.notify_one();
         Ok(())

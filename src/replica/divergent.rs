@@ -72,21 +72,43 @@ fn rfc3339(ms: i64) -> Option<String> {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).map(|t| t.to_rfc3339())
 }
 
+/// What [`judge`] needs to know of this node beyond the database's head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Local {
+    /// This node's post-checksum at the bucket's head txid when that txid is
+    /// among its unpublished ones (an upload whose answer was lost).
+    pub own_post: Option<u64>,
+    /// [`Journal::parent`].
+    pub parent: Option<u64>,
+    /// The newest epoch this node held ([`Journal::last_epoch`]).
+    pub epoch: u64,
+}
+
 /// Why `h`'s unpublished transactions (`(txid, epoch, commit ms)`, in order)
 /// can never be published to the bucket whose manifest is `m`; `None` while
 /// they still can (this node, primary again, continues the bucket's head).
-/// `own_post` is this node's post-checksum at the bucket's head txid when
-/// that txid is among its unpublished ones (an upload whose answer was lost).
 pub fn judge(
     m: &Manifest,
     h: &DbHead,
     unpublished: &[(u64, u64, i64)],
-    own_post: Option<u64>,
+    local: Local,
 ) -> Option<String> {
-    unpublished.first()?;
-    let d = m.databases.get(&h.name)?; // unknown to the bucket: nothing to diverge from
+    let (first, _, _) = unpublished.first()?;
+    let Some(d) = m.databases.get(&h.name) else {
+        // The bucket has no history of it. Publishable still, unless another
+        // primary's epoch began since this node's last: that node holds the
+        // lease without them (and may start its own history), so they would
+        // stay a backlog nobody uploads and nobody is told about.
+        if m.epoch <= local.epoch {
+            return None;
+        }
+        return Some(format!(
+            "the bucket has no history of {} and is at epoch {} (another primary), newer than this node's epoch {} (txid {first} on)",
+            h.name, m.epoch, local.epoch
+        ));
+    };
     if d.generation != h.generation {
-        if h.generation > d.generation && h.base_txid > d.head_txid {
+        if on_top(h, local.parent, d) {
             return None; // this node's new generation, on top of the bucket's
         }
         return Some(format!(
@@ -103,8 +125,8 @@ pub fn judge(
     }
     if d.head_txid > h.uploaded_txid {
         let ours = d.head_txid <= h.head_txid
-            && own_post.is_some()
-            && own_post == manifest::parse_hex64(&d.head_checksum);
+            && local.own_post.is_some()
+            && local.own_post == manifest::parse_hex64(&d.head_checksum);
         if !ours {
             return Some(format!(
                 "the bucket's head of {} is txid {}, written by another node after this node's txid {}",
@@ -113,6 +135,19 @@ pub fn judge(
         }
     }
     None
+}
+
+/// Whether `h`, a generation this node started from its own file (the file
+/// and the journal disagreed: changed outside membridge, say), continues the
+/// bucket's history `d`: it replaced a history whose head was exactly the
+/// bucket's head (same generation, txid and checksum). Txids of different
+/// generations say nothing about each other (issue 11, item 4: a node that
+/// restarted history from a stale copy must not replace a newer history).
+pub fn on_top(h: &DbHead, parent: Option<u64>, d: &manifest::DbManifest) -> bool {
+    h.generation == d.generation + 1
+        && h.base_txid == d.head_txid + 1
+        && parent.is_some()
+        && parent == manifest::parse_hex64(&d.head_checksum)
 }
 
 /// The databases whose unpublished transactions the bucket has moved past,
@@ -159,7 +194,12 @@ pub async fn diverged(
                 .map(|x| x.post_checksum),
             _ => None,
         };
-        if let Some(why) = judge(&v.manifest, &h, &times, own_post) {
+        let local = Local {
+            own_post,
+            parent: journal.parent(&h.name).map_err(|e| e.to_string())?,
+            epoch: journal.last_epoch().map_err(|e| e.to_string())?,
+        };
+        if let Some(why) = judge(&v.manifest, &h, &times, local) {
             out.push((h, why, v.manifest.epoch));
         }
     }
@@ -307,35 +347,115 @@ mod tests {
     fn still_publishable() {
         // This node was the last primary: the bucket is where it left it.
         let m = bucket(20, &[(1, 1)]);
-        assert_eq!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None), None);
+        assert_eq!(
+            judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Local::default()),
+            None
+        );
         // Its own later epoch already started after its head.
         let m = bucket(20, &[(1, 1), (2, 26)]);
-        assert_eq!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None), None);
+        assert_eq!(
+            judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Local::default()),
+            None
+        );
         // The bucket got txid 22 from this node, the answer was lost.
         let m = bucket(22, &[(1, 1)]);
         let own = Some(0x10 + 22);
-        assert_eq!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), own), None);
-        // Nothing unpublished, or a database the bucket does not know.
-        assert_eq!(judge(&m, &head(1, 25, 25), &[], None), None);
+        assert_eq!(
+            judge(
+                &m,
+                &head(1, 20, 25),
+                &txns(21..=25, 1),
+                Local {
+                    own_post: own,
+                    ..Local::default()
+                }
+            ),
+            None
+        );
+        // Nothing unpublished, or a database the bucket does not know (at
+        // the epoch they were written under).
+        assert_eq!(judge(&m, &head(1, 25, 25), &[], Local::default()), None);
         let mut other = head(1, 0, 3);
         other.name = "other.db".into();
-        assert_eq!(judge(&m, &other, &txns(1..=3, 1), None), None);
+        let own_epoch = Local {
+            epoch: 1,
+            ..Local::default()
+        };
+        assert_eq!(judge(&m, &other, &txns(1..=3, 1), own_epoch), None);
     }
 
     #[test]
     fn moved_past() {
         // Another node took over at epoch 2 right after this node's txid 20.
         let m = bucket(20, &[(1, 1), (2, 21)]);
-        let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None).unwrap();
+        let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Local::default()).unwrap();
         assert!(why.contains("epoch 2"), "{why}");
         // ... and published its own txid 22 (no epoch history: an old manifest).
         let m = bucket(22, &[]);
-        let why = judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Some(1)).unwrap();
+        let why = judge(
+            &m,
+            &head(1, 20, 25),
+            &txns(21..=25, 1),
+            Local {
+                own_post: Some(1),
+                ..Local::default()
+            },
+        )
+        .unwrap();
         assert!(why.contains("another node"), "{why}");
+        // The bucket does not know the database, but another primary took
+        // over after these were written (found by the model-based test: a
+        // node killed before its first upload kept them as a backlog forever).
+        let mut other = head(1, 0, 3);
+        other.name = "other.db".into();
+        let m2 = bucket(0, &[(1, 1), (2, 1)]);
+        let own_epoch = Local {
+            epoch: 1,
+            ..Local::default()
+        };
+        let why = judge(&m2, &other, &txns(1..=3, 1), own_epoch).unwrap();
+        assert!(why.contains("epoch 2"), "{why}");
+        // ... unless this node took the lease again itself since (its own
+        // newer epoch): then they are still its to publish.
+        let again = Local {
+            epoch: 2,
+            ..Local::default()
+        };
+        assert_eq!(judge(&m2, &other, &txns(1..=3, 1), again), None);
         // The bucket restarted history (a new generation elsewhere).
         let mut m = bucket(30, &[]);
         m.databases.get_mut(DB).unwrap().generation = 2;
-        assert!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), None).is_some());
+        assert!(judge(&m, &head(1, 20, 25), &txns(21..=25, 1), Local::default()).is_some());
+    }
+
+    /// Issue 11, item 4: a generation this node started from its own file
+    /// continues the bucket only on top of exactly the head it replaced;
+    /// txids of two generations say nothing about each other.
+    fn parent(p: Option<u64>) -> Local {
+        Local {
+            parent: p,
+            ..Local::default()
+        }
+    }
+
+    #[test]
+    fn a_new_local_generation_continues_only_the_head_it_replaced() {
+        let m = bucket(25, &[(1, 1)]);
+        let mut h = head(2, 0, 27);
+        h.base_txid = 26;
+        let t = txns(27..=27, 1);
+        assert_eq!(judge(&m, &h, &t, parent(Some(0x10 + 25))), None);
+        assert!(
+            judge(&m, &h, &t, parent(Some(0x99))).is_some(),
+            "another state at txid 25"
+        );
+        assert!(
+            judge(&m, &h, &t, Local::default()).is_some(),
+            "no parent recorded"
+        );
+        // The bucket is elsewhere: a number past its head proves nothing.
+        let m = bucket(24, &[(1, 1)]);
+        assert!(judge(&m, &h, &t, parent(Some(0x10 + 24))).is_some());
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub mod follower;
 pub mod hydrate;
 pub mod legacy;
 pub mod manifest;
+#[cfg(test)]
+mod model;
 pub mod node;
 pub mod restore;
 pub mod uploader;

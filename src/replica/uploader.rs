@@ -248,7 +248,7 @@ impl Uploader {
                     tracing::warn!(error = %e, "upload failed; will retry (writes go on locally)");
                     let now = chrono::Utc::now();
                     let since = *outage_since.get_or_insert(now);
-                    self.manifest = None; // re-read: it may have moved meanwhile
+                    self.forget_manifest();
                     self.status.update(|s| {
                         s.upload_state = if unreachable { "unreachable" } else { "error" }.into();
                         s.last_error = Some(e.to_string());
@@ -263,6 +263,13 @@ impl Uploader {
                 }
             }
         }
+    }
+
+    /// After a failed round: the manifest is read again before the next
+    /// decision (it may have moved meanwhile). Public so that a test driving
+    /// rounds step by step reacts to a failure exactly as [`Uploader::run`].
+    pub fn forget_manifest(&mut self) {
+        self.manifest = None;
     }
 
     fn refresh_backlog(&self) {
@@ -340,7 +347,7 @@ impl Uploader {
     /// compare-and-swap fails. A lost race on that swap means the manifest
     /// changed after it was judged (the old primary's last upload, say): the
     /// whole decision is taken again from the manifest as it now is.
-    async fn take_over(&mut self, epoch: u64) -> Result<()> {
+    pub async fn take_over(&mut self, epoch: u64) -> Result<()> {
         self.files_reconciled = false;
         let start = Instant::now();
         let res = self.take_over_once(epoch).await;
@@ -451,6 +458,24 @@ impl Uploader {
                 tracing::info!(db, ms = t.elapsed().as_millis() as u64, "view settled");
             }
             let mut local = self.journal.head(db)?;
+            let own_unconfirmed = local.as_ref().is_some_and(|j| {
+                j.generation == d.generation
+                    && j.uploaded_txid < d.head_txid
+                    && d.head_txid < j.head_txid
+            });
+            if own_unconfirmed {
+                // The bucket's head is within this node's unpublished
+                // history: its own upload whose answer was lost (before a
+                // restart, say) if the checksums agree. Then it is published,
+                // and the rest continues it; otherwise this node would wait
+                // in catching-up for ever.
+                let own = self.journal.txns(db, d.head_txid - 1, d.head_txid, 0)?;
+                if own.first().map(|x| x.post_checksum) == manifest::parse_hex64(&d.head_checksum) {
+                    self.journal.mark_uploaded(db, d.head_txid)?;
+                    local = self.journal.head(db)?;
+                }
+            }
+            let parent = self.journal.parent(db)?;
             // A history whose tail was set aside as divergent cannot go on:
             // the bucket's history went another way.
             let continues = |j: &DbHead, aside: bool| {
@@ -462,8 +487,8 @@ impl Uploader {
                         && Some(j.head_checksum) == manifest::parse_hex64(&d.head_checksum))
                         || (j.head_txid > d.head_txid && j.uploaded_txid == d.head_txid));
                 // This node restarted history from its own database (changed
-                // outside membridge) on top of everything the bucket has.
-                let newer = j.generation > d.generation && j.base_txid > d.head_txid;
+                // outside membridge) on top of exactly the bucket's head.
+                let newer = super::divergent::on_top(j, parent, d);
                 same || newer
             };
             let aside = self.journal.divergent_through(db)?.is_some();
@@ -598,8 +623,20 @@ impl Uploader {
             .manifest
             .as_ref()
             .and_then(|v| v.manifest.databases.get(&h.name))
+            .cloned()
         {
-            uploaded = uploaded.max(d.head_txid.min(h.head_txid));
+            let t = d.head_txid.min(h.head_txid);
+            if t > uploaded && d.generation == h.generation && t == d.head_txid {
+                // The bucket's head is this node's own transaction whose
+                // publication was never confirmed (a lost answer, or a crash
+                // right after the manifest moved): it is published. Without
+                // this the journal counts it as backlog for ever.
+                let own = self.journal.txns(&h.name, t - 1, t, 0)?;
+                if own.first().map(|x| x.post_checksum) == manifest::parse_hex64(&d.head_checksum) {
+                    self.journal.mark_uploaded(&h.name, t)?;
+                }
+            }
+            uploaded = uploaded.max(t);
         }
         while uploaded < h.head_txid {
             let txns =
@@ -620,12 +657,12 @@ impl Uploader {
                 page_size: h.page_size,
                 created_ms: now_ms(),
             };
-            let body = codec::encode_segment(&meta, &txns)?;
+            let body = Bytes::from(codec::encode_segment(&meta, &txns)?);
             let key = self.layout.segment(&h.name, from, to);
             let bytes = body.len();
             match self
                 .store
-                .put(&key, Bytes::from(body), PutMode::CreateOnly)
+                .put(&key, body.clone(), PutMode::CreateOnly)
                 .await
             {
                 Ok(_) => self
@@ -633,7 +670,7 @@ impl Uploader {
                     .metrics()
                     .uploaded(&h.name, Object::Segment, bytes as u64),
                 Err(StoreError::PreconditionFailed { .. }) => {
-                    self.check_existing(&key, post).await?
+                    self.check_existing(&key, post, &h.name, from, body).await?
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -746,13 +783,39 @@ impl Uploader {
     }
 
     /// A create-only put found the key taken: fine if it is our own earlier
-    /// upload (a crash between the put and the manifest), a conflict otherwise.
-    async fn check_existing(&self, key: &str, post: u64) -> Result<()> {
+    /// upload (a crash between the put and the manifest); replaced if it is
+    /// a deposed primary's (see below); a conflict otherwise.
+    async fn check_existing(
+        &self,
+        key: &str,
+        post: u64,
+        db: &str,
+        from: u64,
+        body: Bytes,
+    ) -> Result<()> {
         let got = self.store.get(key).await?;
         let h = codec::parse_segment_header(&got.body)?;
+        let ours = self.epoch.load(Ordering::Acquire);
+        let owner = self
+            .manifest
+            .as_ref()
+            .and_then(|v| v.manifest.epoch_of(db, from));
         if h.post_checksum == post {
             Ok(())
-        } else if h.epoch > self.epoch.load(Ordering::Acquire) {
+        } else if h.epoch < ours && owner == Some(ours) {
+            // A deposed primary wrote these txids before its manifest
+            // compare-and-swap failed: the manifest gives them to this
+            // epoch, so no reader takes that segment, and it would block
+            // this primary's publication for ever (keys are txid ranges).
+            tracing::warn!(
+                key,
+                node = %h.node_id,
+                epoch = h.epoch,
+                "replacing a deposed primary's unpublished segment"
+            );
+            self.store.put(key, body, PutMode::Overwrite).await?;
+            Ok(())
+        } else if h.epoch > ours {
             let (node, why) = (
                 self.node.clone(),
                 format!("{key} was written under epoch {} by {}", h.epoch, h.node_id),
@@ -770,7 +833,7 @@ impl Uploader {
     }
 
     /// `membridge push`: publish the backlog, then a snapshot of every database.
-    async fn push(&mut self) -> Result<String> {
+    pub async fn push(&mut self) -> Result<String> {
         let role = self.node.role();
         if !matches!(role, Role::Primary | Role::HandingOver) {
             return Err(UploadError::Refused(format!(
