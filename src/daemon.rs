@@ -74,6 +74,9 @@ fn spawn_background(cfg: &Config) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
+    // SAFETY: the hook runs in the forked child before exec, where only
+    // async-signal-safe work is allowed: setsid(2) is, and mapping its Errno to
+    // io::Error builds the allocation-free `Os` variant.
     unsafe {
         cmd.pre_exec(|| {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
@@ -107,6 +110,17 @@ fn tell_parent(msg: &str) {
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
     {
+        // Adopt the fd at most once: `serve` can report "ready" and later fail,
+        // and a second adoption would close (or write into) whatever file has
+        // reused the number since.
+        static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if TOLD.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: `spawn_background` set the variable to the write end of the
+        // readiness pipe it let this process inherit; nothing else in this
+        // process opens, wraps or closes that fd, and TOLD makes this the only
+        // adoption, so the File is its sole owner.
         let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
         let _ = writeln!(f, "{msg}");
         // dropping `f` closes the pipe: the parent's read ends
