@@ -145,11 +145,9 @@ fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
         a.status()["role"] == "secondary"
     });
     assert_eq!(cli(&adb, "SELECT count(*) FROM t").unwrap(), "21");
-    let ro = rusqlite::Connection::open_with_flags(
-        &adb,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let ro =
+        rusqlite::Connection::open_with_flags(&adb, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     assert_eq!(rows(&ro), 21);
     drop(ro);
     cli(&bdb, "INSERT INTO t(v) VALUES ('b1'); CREATE TABLE v(y);").unwrap();

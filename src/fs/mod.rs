@@ -319,6 +319,8 @@ impl MemFs {
     /// New files belong to the user who created them, not to a root daemon.
     fn hand_over(&self, req: &Request, dir: RawFd, name: &std::ffi::CStr) {
         if self.as_root && (req.uid() != 0 || req.gid() != 0) {
+            // SAFETY: `name` is a NUL-terminated C string borrowed for the
+            // call; fchownat reads nothing else of ours (a bad `dir` is EBADF).
             unsafe {
                 libc::fchownat(
                     dir,
