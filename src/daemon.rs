@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::Config;
 use crate::fs::class::Classifier;
-use crate::fs::{mount, MemFs};
+use crate::fs::{mount, PassthroughFs};
 use crate::journal::Journal;
 use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKeeper, LeaseState};
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
@@ -174,7 +174,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
             root: replication.root.try_clone()?,
         });
     }
-    let fs = MemFs::new(
+    let fs = PassthroughFs::new(
         root_fd,
         classifier,
         Arc::new(status.clone()),

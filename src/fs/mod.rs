@@ -182,7 +182,10 @@ fn replicated(class: &PathClass) -> bool {
     !matches!(class, PathClass::Local)
 }
 
-pub struct MemFs {
+/// The FUSE filesystem: every operation is passed through to the backing
+/// directory (`*at()` calls on the fd opened before the mount covered it);
+/// replicated paths are also reported through [`Replication`].
+pub struct PassthroughFs {
     inodes: Arc<InodeTable>,
     repl: Arc<dyn Replication>,
     classifier: Classifier,
@@ -269,16 +272,16 @@ fn time_spec(t: Option<TimeOrNow>) -> libc::timespec {
     }
 }
 
-impl MemFs {
+impl PassthroughFs {
     /// `root_fd` is the `O_PATH` fd of the directory, opened before it was covered.
     pub fn new(
         root_fd: std::os::fd::OwnedFd,
         classifier: Classifier,
         virt: Arc<dyn VirtualFiles>,
         repl: Arc<dyn Replication>,
-    ) -> std::io::Result<MemFs> {
+    ) -> std::io::Result<PassthroughFs> {
         let st = sys::fstat(root_fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
-        Ok(MemFs {
+        Ok(PassthroughFs {
             inodes: Arc::new(InodeTable::new(root_fd, (st.st_dev, st.st_ino))),
             repl,
             classifier,
@@ -350,7 +353,7 @@ impl MemFs {
     }
 }
 
-impl Filesystem for MemFs {
+impl Filesystem for PassthroughFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // KILLPRIV_V2: the daemon clears set-id bits itself (see
         // `sys::kill_suidgid`), so the kernel stops asking for
@@ -1159,7 +1162,7 @@ impl Filesystem for MemFs {
     }
 }
 
-impl MemFs {
+impl PassthroughFs {
     /// `write` on an open file: the role check on a replicated path, the
     /// write, then capture of what was written.
     fn write_at(
