@@ -319,8 +319,9 @@ impl PassthroughFs {
         fh
     }
 
-    /// New files belong to the user who created them, not to a root daemon.
-    fn hand_over(&self, req: &Request, dir: RawFd, name: &std::ffi::CStr) {
+    /// Chowns `name` in `dir` to the requesting uid/gid: new files belong to
+    /// the user who created them, not to a root daemon.
+    fn give_to_caller(&self, req: &Request, dir: RawFd, name: &std::ffi::CStr) {
         if self.as_root && (req.uid() != 0 || req.gid() != 0) {
             // SAFETY: `name` is a NUL-terminated C string borrowed for the
             // call; fchownat reads nothing else of ours (a bad `dir` is EBADF).
@@ -1033,7 +1034,7 @@ impl Filesystem for PassthroughFs {
             Ok(f) => f,
             Err(e) => return reply.error(err(e)),
         };
-        self.hand_over(req, p.fd(), &c);
+        self.give_to_caller(req, p.fd(), &c);
         match self.do_lookup(&p, name) {
             Ok(attr) => reply.created(
                 &TTL,
@@ -1256,7 +1257,7 @@ impl PassthroughFs {
         if let Err(e) = op(p.fd(), &c) {
             return reply.error(err(e));
         }
-        self.hand_over(req, p.fd(), &c);
+        self.give_to_caller(req, p.fd(), &c);
         match self.do_lookup(&p, name) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
