@@ -383,23 +383,24 @@ fn serve_control(
                 if std::io::BufRead::read_line(&mut reader, &mut line).is_err() {
                     continue;
                 }
+                let shutting_down = || ControlError::Failed("daemon is shutting down".into());
                 let reply = match line.trim() {
                     "push" => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         match commands.blocking_send(UploaderCommand::Push(tx)) {
-                            Ok(()) => rx
-                                .blocking_recv()
-                                .unwrap_or_else(|_| Err("daemon is shutting down".into())),
-                            Err(_) => Err("daemon is shutting down".into()),
+                            Ok(()) => match rx.blocking_recv() {
+                                Ok(r) => r.map_err(ControlError::from_push),
+                                Err(_) => Err(shutting_down()),
+                            },
+                            Err(_) => Err(shutting_down()),
                         }
                     }
                     "pull" => pull(&node, &status, poll),
-                    other => Err(format!("unknown request {other:?}")),
+                    other => Err(ControlError::Failed(format!("unknown request {other:?}"))),
                 };
                 let line = match reply {
                     Ok(m) => format!("ok {m}\n"),
-                    Err(e) if e.starts_with("refused") => format!("{e}\n"),
-                    Err(e) => format!("error {e}\n"),
+                    Err(e) => format!("{}\n", e.wire()),
                 };
                 let _ = (&conn).write_all(line.as_bytes());
             }
@@ -407,14 +408,57 @@ fn serve_control(
     Ok(())
 }
 
+/// Why the daemon did not do what a control request asked. On the socket it
+/// is the first word of the reply line (see [`ControlError::wire`]), which
+/// [`request`] turns back into an exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ControlError {
+    /// Declined because of this node's role: it is the primary (`push` is
+    /// the only way to publish there, `pull` has nothing to do), or it is a
+    /// secondary (`push`).
+    Refused { on_primary: bool, message: String },
+    /// The request was valid for this role but did not succeed.
+    Failed(String),
+}
+
+impl ControlError {
+    /// The reply line's words: `refused-primary`, `refused` or `error`, then
+    /// the message.
+    fn wire(&self) -> String {
+        match self {
+            ControlError::Refused {
+                on_primary: true,
+                message,
+            } => format!("refused-primary {message}"),
+            ControlError::Refused {
+                on_primary: false,
+                message,
+            } => format!("refused {message}"),
+            ControlError::Failed(m) => format!("error {m}"),
+        }
+    }
+
+    /// The uploader's `push` reply: `refused <why>` when this node is not the
+    /// primary, any other text a failure.
+    fn from_push(e: String) -> Self {
+        match e.strip_prefix("refused ") {
+            Some(why) => ControlError::Refused {
+                on_primary: false,
+                message: why.to_string(),
+            },
+            None => ControlError::Failed(e),
+        }
+    }
+}
+
 /// `membridge pull`: a secondary waits until its follower has applied the
 /// bucket's head (it polls on its own; this just waits for it, bounded).
-fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<String, String> {
+fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<String, ControlError> {
     if matches!(node.role(), Role::Primary | Role::HandingOver) {
-        return Err(
-            "refused-primary this node is the primary: it is the source, there is nothing to pull"
-                .into(),
-        );
+        return Err(ControlError::Refused {
+            on_primary: true,
+            message: "this node is the primary: it is the source, there is nothing to pull".into(),
+        });
     }
     // Let the follower read the newest manifest first.
     std::thread::sleep(poll + Duration::from_millis(200));
@@ -440,7 +484,10 @@ fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<Str
             });
         }
         if start.elapsed() > Duration::from_secs(30) {
-            return Err(format!("not caught up after 30 s: {}", behind.join(", ")));
+            return Err(ControlError::Failed(format!(
+                "not caught up after 30 s: {}",
+                behind.join(", ")
+            )));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -468,7 +515,12 @@ pub fn request(cfg: &Config, what: &str) -> Result<String> {
     writeln!(conn, "{what}")?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply)?;
-    let reply = reply.trim();
+    parse_reply(reply.trim())
+}
+
+/// A reply line as the CLI reports it: the message, or an error ([`Refused`]
+/// with the old tool's exit code when the node's role declined).
+fn parse_reply(reply: &str) -> Result<String> {
     match reply.split_once(' ') {
         Some(("ok", m)) => Ok(m.to_string()),
         Some(("error", m)) => bail!("{m}"),
@@ -827,4 +879,32 @@ pub fn read_status(dir: &Path) -> Result<crate::status::StatusDoc> {
     let p = dir.join(".membridge/status.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the daemon writes is what the CLI reads: each kind of reply
+    /// keeps its message and maps to its exit code.
+    #[test]
+    fn control_replies_round_trip_through_the_wire() {
+        let code = |e: ControlError| {
+            let err = parse_reply(&e.wire()).unwrap_err();
+            let refused = err.downcast_ref::<Refused>().map(|r| r.code);
+            (refused, err.to_string())
+        };
+        let primary = ControlError::Refused {
+            on_primary: true,
+            message: "this node is the primary".into(),
+        };
+        assert_eq!(code(primary), (Some(2), "this node is the primary".into()));
+        let push = ControlError::from_push("refused this node is a secondary".into());
+        assert_eq!(code(push), (Some(3), "this node is a secondary".into()));
+        let failed = ControlError::from_push("bucket unreachable".into());
+        assert_eq!(failed, ControlError::Failed("bucket unreachable".into()));
+        assert_eq!(code(failed), (None, "bucket unreachable".into()));
+        assert_eq!(parse_reply("ok caught up").unwrap(), "caught up");
+        assert!(parse_reply("garbage").is_err());
+    }
 }
