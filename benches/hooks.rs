@@ -67,9 +67,9 @@ fn main() {
     let (bare_hook, bare_save) = measure(&client, "bare", bare.path());
     let s3 = SeaweedFs::shared();
     let bucket = s3.new_bucket("bench-hooks");
-    let a = support::node(&s3, &bucket, "bench-hooks", "node-a", &[]);
+    let a = support::node(s3, &bucket, "bench-hooks", "node-a", &[]);
     let (a_hook, a_save) = measure(&client, "node-a", &a.dir);
-    let b = support::node(&s3, &bucket, "bench-hooks", "node-b", &[]);
+    let b = support::node(s3, &bucket, "bench-hooks", "node-b", &[]);
     support::wait_for("the secondary's copy", Duration::from_secs(60), || {
         support::db_status(&b)["applied_txid"].as_u64()
             >= support::db_status(&a)["head_txid"].as_u64()

@@ -21,7 +21,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::Config;
 use crate::fs::class::Classifier;
-use crate::fs::{mount, MemFs};
+use crate::fs::{mount, PassthroughFs};
 use crate::journal::Journal;
 use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKeeper, LeaseState};
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
@@ -74,6 +74,9 @@ fn spawn_background(cfg: &Config) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
+    // SAFETY: the hook runs in the forked child before exec, where only
+    // async-signal-safe work is allowed: setsid(2) is, and mapping its Errno to
+    // io::Error builds the allocation-free `Os` variant.
     unsafe {
         cmd.pre_exec(|| {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
@@ -107,6 +110,17 @@ fn tell_parent(msg: &str) {
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
     {
+        // Adopt the fd at most once: `serve` can report "ready" and later fail,
+        // and a second adoption would close (or write into) whatever file has
+        // reused the number since.
+        static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if TOLD.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: `spawn_background` set the variable to the write end of the
+        // readiness pipe it let this process inherit; nothing else in this
+        // process opens, wraps or closes that fd, and TOLD makes this the only
+        // adoption, so the File is its sole owner.
         let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
         let _ = writeln!(f, "{msg}");
         // dropping `f` closes the pipe: the parent's read ends
@@ -160,7 +174,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
             root: replication.root.try_clone()?,
         });
     }
-    let fs = MemFs::new(
+    let fs = PassthroughFs::new(
         root_fd,
         classifier,
         Arc::new(status.clone()),
@@ -370,14 +384,16 @@ fn serve_control(
                 if std::io::BufRead::read_line(&mut reader, &mut line).is_err() {
                     continue;
                 }
+                let shutting_down = || ControlError::Failed("daemon is shutting down".into());
                 let reply = match line.trim() {
                     "push" => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         match commands.blocking_send(UploaderCommand::Push(tx)) {
-                            Ok(()) => rx
-                                .blocking_recv()
-                                .unwrap_or_else(|_| Err("daemon is shutting down".into())),
-                            Err(_) => Err("daemon is shutting down".into()),
+                            Ok(()) => match rx.blocking_recv() {
+                                Ok(r) => r.map_err(ControlError::from_push),
+                                Err(_) => Err(shutting_down()),
+                            },
+                            Err(_) => Err(shutting_down()),
                         }
                     }
                     "pull" => pull(&node, &status, poll),
@@ -387,12 +403,11 @@ fn serve_control(
                         keeper.expect_lease(keeper.client().select_wait());
                         Ok("watching the lease".into())
                     }
-                    other => Err(format!("unknown request {other:?}")),
+                    other => Err(ControlError::Failed(format!("unknown request {other:?}"))),
                 };
                 let line = match reply {
                     Ok(m) => format!("ok {m}\n"),
-                    Err(e) if e.starts_with("refused") => format!("{e}\n"),
-                    Err(e) => format!("error {e}\n"),
+                    Err(e) => format!("{}\n", e.wire()),
                 };
                 let _ = (&conn).write_all(line.as_bytes());
             }
@@ -400,14 +415,57 @@ fn serve_control(
     Ok(())
 }
 
+/// Why the daemon did not do what a control request asked. On the socket it
+/// is the first word of the reply line (see [`ControlError::wire`]), which
+/// [`request`] turns back into an exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ControlError {
+    /// Declined because of this node's role: it is the primary (`push` is
+    /// the only way to publish there, `pull` has nothing to do), or it is a
+    /// secondary (`push`).
+    Refused { on_primary: bool, message: String },
+    /// The request was valid for this role but did not succeed.
+    Failed(String),
+}
+
+impl ControlError {
+    /// The reply line's words: `refused-primary`, `refused` or `error`, then
+    /// the message.
+    fn wire(&self) -> String {
+        match self {
+            ControlError::Refused {
+                on_primary: true,
+                message,
+            } => format!("refused-primary {message}"),
+            ControlError::Refused {
+                on_primary: false,
+                message,
+            } => format!("refused {message}"),
+            ControlError::Failed(m) => format!("error {m}"),
+        }
+    }
+
+    /// The uploader's `push` reply: `refused <why>` when this node is not the
+    /// primary, any other text a failure.
+    fn from_push(e: String) -> Self {
+        match e.strip_prefix("refused ") {
+            Some(why) => ControlError::Refused {
+                on_primary: false,
+                message: why.to_string(),
+            },
+            None => ControlError::Failed(e),
+        }
+    }
+}
+
 /// `membridge pull`: a secondary waits until its follower has applied the
 /// bucket's head (it polls on its own; this just waits for it, bounded).
-fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<String, String> {
+fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<String, ControlError> {
     if matches!(node.role(), Role::Primary | Role::HandingOver) {
-        return Err(
-            "refused-primary this node is the primary: it is the source, there is nothing to pull"
-                .into(),
-        );
+        return Err(ControlError::Refused {
+            on_primary: true,
+            message: "this node is the primary: it is the source, there is nothing to pull".into(),
+        });
     }
     // Let the follower read the newest manifest first.
     std::thread::sleep(poll + Duration::from_millis(200));
@@ -433,7 +491,10 @@ fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<Str
             });
         }
         if start.elapsed() > Duration::from_secs(30) {
-            return Err(format!("not caught up after 30 s: {}", behind.join(", ")));
+            return Err(ControlError::Failed(format!(
+                "not caught up after 30 s: {}",
+                behind.join(", ")
+            )));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -461,7 +522,12 @@ pub fn request(cfg: &Config, what: &str) -> Result<String> {
     writeln!(conn, "{what}")?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply)?;
-    let reply = reply.trim();
+    parse_reply(reply.trim())
+}
+
+/// A reply line as the CLI reports it: the message, or an error ([`Refused`]
+/// with the old tool's exit code when the node's role declined).
+fn parse_reply(reply: &str) -> Result<String> {
     match reply.split_once(' ') {
         Some(("ok", m)) => Ok(m.to_string()),
         Some(("error", m)) => bail!("{m}"),
@@ -828,4 +894,32 @@ pub fn read_status(dir: &Path) -> Result<crate::status::StatusDoc> {
     let p = dir.join(".membridge/status.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the daemon writes is what the CLI reads: each kind of reply
+    /// keeps its message and maps to its exit code.
+    #[test]
+    fn control_replies_round_trip_through_the_wire() {
+        let code = |e: ControlError| {
+            let err = parse_reply(&e.wire()).unwrap_err();
+            let refused = err.downcast_ref::<Refused>().map(|r| r.code);
+            (refused, err.to_string())
+        };
+        let primary = ControlError::Refused {
+            on_primary: true,
+            message: "this node is the primary".into(),
+        };
+        assert_eq!(code(primary), (Some(2), "this node is the primary".into()));
+        let push = ControlError::from_push("refused this node is a secondary".into());
+        assert_eq!(code(push), (Some(3), "this node is a secondary".into()));
+        let failed = ControlError::from_push("bucket unreachable".into());
+        assert_eq!(failed, ControlError::Failed("bucket unreachable".into()));
+        assert_eq!(code(failed), (None, "bucket unreachable".into()));
+        assert_eq!(parse_reply("ok caught up").unwrap(), "caught up");
+        assert!(parse_reply("garbage").is_err());
+    }
 }

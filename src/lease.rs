@@ -142,7 +142,8 @@ impl Lease {
         if !v.is_object() {
             return Err(malformed("not a JSON object".into()));
         }
-        let lease: Lease = serde_json::from_value(v).map_err(|e| malformed(e.to_string()))?;
+        // From the bytes, not `v`: the error then says where (line, column).
+        let lease: Lease = serde_json::from_slice(body).map_err(|e| malformed(e.to_string()))?;
         if lease.canonical_id != canonical_id {
             return Err(LeaseError::ForeignProject {
                 key: key.to_string(),

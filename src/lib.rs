@@ -5,6 +5,11 @@
 //! passed through, is turned into a transaction by [`sqlite`], stored by
 //! [`journal`], shipped by [`replica`] through [`remote`]. On a secondary the
 //! same path runs backwards.
+//!
+//! Every `unsafe` block says why it is sound in a `// SAFETY:` comment;
+//! clippy refuses one without.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
 pub mod daemon;

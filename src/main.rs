@@ -2,6 +2,8 @@
 //! 0 ok, 1 error, 2 refused on the primary, 3 refused on a secondary; and
 //! `doctor` exits 4 when the node works but is degraded (STATUS: DEGRADED).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -144,7 +144,7 @@ struct Bucket {
     lease: Option<Lease>,
     legacy_size: Option<u64>,
     legacy_sha: Option<String>,
-    legacy_manifest: Option<serde_json::Value>,
+    legacy_manifest: Option<legacy::LegacyManifestFields>,
 }
 
 async fn read_bucket(store: &dyn ObjectStore, layout: &Layout, cfg: &Config) -> Result<Bucket> {
@@ -182,7 +182,13 @@ async fn read_bucket(store: &dyn ObjectStore, layout: &Layout, cfg: &Config) -> 
         Err(e) => return Err(e.into()),
     };
     let legacy_manifest = match store.get(&layout.legacy_manifest()).await {
-        Ok(g) => serde_json::from_slice(&g.body).ok(),
+        Ok(g) => Some(
+            legacy::read_manifest(&layout.legacy_manifest(), &g.body).map_err(|e| {
+                MigrateError::Refused(format!(
+                    "{e} (push again with the old tool, or remove it, then migrate)"
+                ))
+            })?,
+        ),
         Err(StoreError::NotFound { .. }) => None,
         Err(e) => return Err(e.into()),
     };
@@ -294,8 +300,10 @@ pub async fn run(
         });
     };
     let lm = b.legacy_manifest.as_ref();
-    let lm_str = |k: &str| lm.and_then(|v| v.get(k)).and_then(|v| v.as_str());
-    if let Some(cid) = lm_str("canonical_id").filter(|c| *c != cfg.canonical_id) {
+    let lm_str = |field: fn(&legacy::LegacyManifestFields) -> &Option<String>| {
+        lm.and_then(|m| field(m).as_deref())
+    };
+    if let Some(cid) = lm_str(|m| &m.canonical_id).filter(|c| *c != cfg.canonical_id) {
         return Err(MigrateError::Refused(format!(
             "{} belongs to canonical id {cid}, not {}: refusing to adopt another project's snapshot",
             layout.legacy_manifest(),
@@ -306,7 +314,7 @@ pub async fn run(
         "legacy snapshot {} ({size} bytes, sha256 {}…){}",
         layout.legacy_db(),
         &sha[..12],
-        match (lm_str("source_host"), lm_str("timestamp")) {
+        match (lm_str(|m| &m.source_host), lm_str(|m| &m.timestamp)) {
             (Some(h), Some(t)) => format!(", pushed by {h} at {t}"),
             _ if lm.is_none() => format!(", no {} (not needed)", layout.legacy_manifest()),
             _ => String::new(),
@@ -384,7 +392,7 @@ pub async fn run(
             want: sha,
         });
     }
-    if let Some(other) = lm_str("sha256").filter(|s| !s.eq_ignore_ascii_case(&sha)) {
+    if let Some(other) = lm_str(|m| &m.sha256).filter(|s| !s.eq_ignore_ascii_case(&sha)) {
         return Err(MigrateError::Refused(format!(
             "{} names sha256 {other}, but {} and its .sha256 say {sha}: the old tool's push was interrupted; push again, then migrate",
             layout.legacy_manifest(),
@@ -594,7 +602,7 @@ fn seed_manifest(
     snap_key: &str,
     sha: &str,
     lease_epoch: Option<u64>,
-    lm: Option<&serde_json::Value>,
+    lm: Option<&legacy::LegacyManifestFields>,
 ) -> Manifest {
     let mut m = Manifest::new(&cfg.canonical_id, &cfg.node_id, lease_epoch.unwrap_or(0));
     if let Some(e) = lease_epoch {
@@ -605,11 +613,6 @@ fn seed_manifest(
             start_txid: BTreeMap::from([(DB.to_string(), SEED_TXID + 1)]),
         });
     }
-    let lm_str = |k: &str| {
-        lm.and_then(|v| v.get(k))
-            .and_then(|v| v.as_str())
-            .map(String::from)
-    };
     m.databases.insert(
         DB.to_string(),
         DbManifest {
@@ -631,8 +634,8 @@ fn seed_manifest(
     m.adopted = Some(Adoption {
         from_key: layout.legacy_db(),
         sha256: sha.to_string(),
-        legacy_timestamp: lm_str("timestamp"),
-        legacy_source_host: lm_str("source_host"),
+        legacy_timestamp: lm.and_then(|m| m.timestamp.clone()),
+        legacy_source_host: lm.and_then(|m| m.source_host.clone()),
         lease_epoch,
         by: cfg.node_id.clone(),
         at: m.updated_at.clone(),

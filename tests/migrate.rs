@@ -352,6 +352,26 @@ fn errors_are_one_clear_line_and_change_nothing() {
     assert_eq!(etags(s3, &bucket, project), before);
     assert_eq!(std::fs::read(m.dir.join(DB)).unwrap(), live);
 
+    // The old tool's manifest with a field of the wrong type: refused, naming
+    // the object and the field.
+    old_push(s3, &bucket, project, &pushed, 3);
+    block_on(store.put(
+        &l.legacy_manifest(),
+        br#"{"canonical_id": "x", "sha256": 5}"#.to_vec().into(),
+        PutMode::Overwrite,
+    ))
+    .unwrap();
+    let before = etags(s3, &bucket, project);
+    let o = m.run(&["migrate", dir]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("sqlite/manifest.json") && err.contains("field `sha256` is a number"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(etags(s3, &bucket, project), before);
+
     // A local database with other content is not replaced silently.
     old_push(s3, &bucket, project, &pushed, 3);
     let c = rusqlite::Connection::open(m.dir.join(DB)).unwrap();

@@ -151,6 +151,7 @@ fn lock_holder(path: &str, hold_ms: u64) {
         l_len: 10,
         l_pid: 0,
     };
+    // SAFETY: `f` is open for the call and `fl` a live flock F_SETLK only reads.
     assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
     println!("\n@@ locked");
     std::io::stdout().flush().unwrap();
@@ -164,6 +165,8 @@ fn mmap_reader(path: &str, len: usize) {
         .write(true)
         .open(path)
         .unwrap();
+    // SAFETY: a fresh mapping chosen by the kernel (null hint) of an open fd;
+    // it overlaps no memory Rust owns.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -175,6 +178,9 @@ fn mmap_reader(path: &str, len: usize) {
         )
     };
     assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: `p` is a successful (asserted) readable mapping of `len` bytes,
+    // never unmapped in this short-lived worker; the writer finished writing
+    // before it started the worker, so nothing changes the bytes while read.
     let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
     println!("\n@@ {}", String::from_utf8_lossy(&bytes[..11]));
 }
@@ -331,8 +337,10 @@ fn posix_semantics_and_errnos() {
     r.read_to_string(&mut s).unwrap();
     assert_eq!(s, "a");
     // statfs answers with the backing filesystem's numbers
+    // SAFETY: `statvfs` is a plain C struct of integers: all-zero is valid.
     let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
     let c = std::ffi::CString::new(d.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is NUL-terminated and `sv` live and writable for the call.
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut sv) }, 0);
     assert!(sv.f_blocks > 0 && sv.f_bsize > 0);
     // the virtual dir is read-only and cannot be shadowed
@@ -359,6 +367,8 @@ fn shared_mmap_write_is_visible_to_another_process() {
         .open(&path)
         .unwrap();
     let len = 32768;
+    // SAFETY: a fresh mapping chosen by the kernel (null hint) of an open fd;
+    // it overlaps no memory Rust owns.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -370,13 +380,17 @@ fn shared_mmap_write_is_visible_to_another_process() {
         )
     };
     assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: `p` is a successful (asserted) writable mapping of 32768 bytes,
+    // so 11 bytes fit; the source is a static array that cannot overlap it.
     unsafe { std::ptr::copy_nonoverlapping(b"hello mmap!".as_ptr(), p as *mut u8, 11) };
     let out = finish(spawn_worker(
         "mmap-reader",
         &[path.to_str().unwrap(), &len.to_string()],
     ));
     assert_eq!(out.trim_end(), "hello mmap!");
+    // SAFETY: `p`/`len` are exactly the mapping made above, still mapped.
     assert_eq!(unsafe { libc::msync(p, len, libc::MS_SYNC) }, 0);
+    // SAFETY: as above; no reference into the mapping outlives this call.
     unsafe { libc::munmap(p, len) };
     drop(f);
     m.unmount();
@@ -415,12 +429,14 @@ fn fcntl_locks_block_and_fail_across_processes() {
     // F_GETLK reports the holder
     let mut probe = fl;
     assert_eq!(
+        // SAFETY: `f` is open; F_GETLK fills the live local `probe`.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut probe) },
         0
     );
     assert_eq!(probe.l_type, libc::F_WRLCK as i16);
     assert_eq!(probe.l_pid as u32, holder.id());
     // F_SETLK fails at once
+    // SAFETY: `f` is open; F_SETLK only reads the live local `fl`.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
     assert_eq!(r, -1);
     let e = std::io::Error::last_os_error().raw_os_error().unwrap();
@@ -430,6 +446,7 @@ fn fcntl_locks_block_and_fail_across_processes() {
     other.l_start = 0;
     other.l_len = 50;
     assert_eq!(
+        // SAFETY: as above, with the live local `other`.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &other) },
         0
     );
@@ -437,6 +454,7 @@ fn fcntl_locks_block_and_fail_across_processes() {
     let t = Instant::now();
     fl.l_type = libc::F_WRLCK as i16;
     assert_eq!(
+        // SAFETY: as above; F_SETLKW only blocks until the lock is granted.
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) },
         0
     );
@@ -563,6 +581,8 @@ fn unprivileged_writes_clear_set_id_bits_as_on_the_bare_dir() {
 /// explicit modes and reports the modes they got.
 fn create_modes(dir: &str, umask: u32) {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    // SAFETY: umask takes no pointers and cannot fail (this worker process
+    // is single-threaded, so no other thread's file creation is affected).
     unsafe { libc::umask(umask as libc::mode_t) };
     let dir = Path::new(dir);
     for (name, mode) in [("f620", 0o620), ("f666", 0o666), ("f777", 0o777)] {
@@ -580,6 +600,7 @@ fn create_modes(dir: &str, umask: u32) {
             .unwrap();
     }
     let fifo = std::ffi::CString::new(dir.join("p666").to_str().unwrap()).unwrap();
+    // SAFETY: `fifo` is NUL-terminated and outlives the call.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o666) }, 0);
     for name in ["f620", "f666", "f777", "d777", "d750", "p666"] {
         let mode = fs::symlink_metadata(dir.join(name)).unwrap().mode() & 0o7777;

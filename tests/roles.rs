@@ -128,11 +128,13 @@ fn a_non_primary_refuses_fallocate_and_copy_file_range_onto_databases() {
         .open(&db)
         .unwrap();
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: no pointers; `f` is open for the call.
     let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, 4096) };
     assert_eq!((rc, errno()), (-1, Some(libc::EACCES)), "punch hole");
     std::fs::write(m.dir.join("backup.db"), vec![7u8; 4096]).unwrap();
     let src = std::fs::File::open(m.dir.join("backup.db")).unwrap();
     let (mut off_in, mut off_out) = (0i64, 0i64);
+    // SAFETY: both fds are open; the offsets are live locals the kernel updates.
     let n = unsafe {
         libc::copy_file_range(
             src.as_raw_fd(),
@@ -154,6 +156,7 @@ fn a_non_primary_refuses_fallocate_and_copy_file_range_onto_databases() {
     let out = std::fs::File::create(m.dir.join("copy.db")).unwrap();
     let (mut off_in, mut off_out) = (0i64, 0i64);
     while (off_in as usize) < before.len() {
+        // SAFETY: as above.
         let n = unsafe {
             libc::copy_file_range(
                 src.as_raw_fd(),

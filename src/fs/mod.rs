@@ -182,7 +182,10 @@ fn replicated(class: &PathClass) -> bool {
     !matches!(class, PathClass::Local)
 }
 
-pub struct MemFs {
+/// The FUSE filesystem: every operation is passed through to the backing
+/// directory (`*at()` calls on the fd opened before the mount covered it);
+/// replicated paths are also reported through [`Replication`].
+pub struct PassthroughFs {
     inodes: Arc<InodeTable>,
     repl: Arc<dyn Replication>,
     classifier: Classifier,
@@ -269,16 +272,16 @@ fn time_spec(t: Option<TimeOrNow>) -> libc::timespec {
     }
 }
 
-impl MemFs {
+impl PassthroughFs {
     /// `root_fd` is the `O_PATH` fd of the directory, opened before it was covered.
     pub fn new(
         root_fd: std::os::fd::OwnedFd,
         classifier: Classifier,
         virt: Arc<dyn VirtualFiles>,
         repl: Arc<dyn Replication>,
-    ) -> std::io::Result<MemFs> {
+    ) -> std::io::Result<PassthroughFs> {
         let st = sys::fstat(root_fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
-        Ok(MemFs {
+        Ok(PassthroughFs {
             inodes: Arc::new(InodeTable::new(root_fd, (st.st_dev, st.st_ino))),
             repl,
             classifier,
@@ -316,9 +319,12 @@ impl MemFs {
         fh
     }
 
-    /// New files belong to the user who created them, not to a root daemon.
-    fn hand_over(&self, req: &Request, dir: RawFd, name: &std::ffi::CStr) {
+    /// Chowns `name` in `dir` to the requesting uid/gid: new files belong to
+    /// the user who created them, not to a root daemon.
+    fn give_to_caller(&self, req: &Request, dir: RawFd, name: &std::ffi::CStr) {
         if self.as_root && (req.uid() != 0 || req.gid() != 0) {
+            // SAFETY: `name` is a NUL-terminated C string borrowed for the
+            // call; fchownat reads nothing else of ours (a bad `dir` is EBADF).
             unsafe {
                 libc::fchownat(
                     dir,
@@ -348,7 +354,7 @@ impl MemFs {
     }
 }
 
-impl Filesystem for MemFs {
+impl Filesystem for PassthroughFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // KILLPRIV_V2: the daemon clears set-id bits itself (see
         // `sys::kill_suidgid`), so the kernel stops asking for
@@ -1028,7 +1034,7 @@ impl Filesystem for MemFs {
             Ok(f) => f,
             Err(e) => return reply.error(err(e)),
         };
-        self.hand_over(req, p.fd(), &c);
+        self.give_to_caller(req, p.fd(), &c);
         match self.do_lookup(&p, name) {
             Ok(attr) => reply.created(
                 &TTL,
@@ -1157,7 +1163,7 @@ impl Filesystem for MemFs {
     }
 }
 
-impl MemFs {
+impl PassthroughFs {
     /// `write` on an open file: the role check on a replicated path, the
     /// write, then capture of what was written.
     fn write_at(
@@ -1251,7 +1257,7 @@ impl MemFs {
         if let Err(e) = op(p.fd(), &c) {
             return reply.error(err(e));
         }
-        self.hand_over(req, p.fd(), &c);
+        self.give_to_caller(req, p.fd(), &c);
         match self.do_lookup(&p, name) {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),

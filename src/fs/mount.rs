@@ -12,7 +12,7 @@ use std::process::Command;
 use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 
 use super::sys;
-use super::MemFs;
+use super::PassthroughFs;
 
 /// fuser's own mount(2) passes no subtype, so a membridge mount is recognised
 /// by its source name (the `fsname` option) on a `fuse` filesystem.
@@ -146,7 +146,7 @@ pub fn prepare(dir: &Path) -> Result<(PathBuf, OwnedFd), String> {
 
 /// Mount `fs` over `dir`. Returns once the kernel has completed the handshake,
 /// so the mount is usable as soon as this returns.
-pub fn mount(fs: MemFs, dir: &Path, threads: usize) -> io::Result<Session<MemFs>> {
+pub fn mount(fs: PassthroughFs, dir: &Path, threads: usize) -> io::Result<Session<PassthroughFs>> {
     let mut cfg = FuseConfig::default();
     cfg.mount_options = vec![
         MountOption::FSName(FS_NAME.into()),

@@ -40,6 +40,12 @@ pub const SNAPSHOT_FOOTER_LEN: usize = 24;
 pub const MAX_FRAME_RAW_LEN: u64 = 1 << 20;
 /// zstd level for segments and snapshots: fast, good ratio on b-tree pages.
 const ZSTD_LEVEL: i32 = 3;
+/// Largest zstd window (log2 bytes) a segment body may ask for. The streaming
+/// decoder allocates the window its frame header declares (zstd's default
+/// limit is 2^27, 128 MiB) before reading any data, so a few bytes in an
+/// object from the bucket could claim it; level 3 writes 2^21 windows, so
+/// 2^23 (8 MiB) refuses nothing this format writes.
+pub const MAX_WINDOW_LOG: u32 = 23;
 
 const SEG_FIXED: usize = 88;
 const SNAP_FIXED: usize = 56;
@@ -67,6 +73,8 @@ pub struct Txn {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Region {
     Header,
+    /// Segment body (the compressed transactions).
+    Body,
     /// Snapshot page index.
     Index,
     /// Snapshot frame (0-based group number).
@@ -79,6 +87,7 @@ impl fmt::Display for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Region::Header => write!(f, "header"),
+            Region::Body => write!(f, "body"),
             Region::Index => write!(f, "page index"),
             Region::Frame(n) => write!(f, "frame {n}"),
             Region::File => write!(f, "whole-file"),
@@ -86,15 +95,19 @@ impl fmt::Display for Region {
     }
 }
 
-/// Why an object was rejected (or could not be written).
+/// Why an object was rejected (or could not be written). Each message names
+/// the region at fault (header, body, transaction, page index, frame, footer,
+/// whole file); the caller names the object (its key).
 #[derive(Debug, Error)]
 pub enum CodecError {
-    #[error("bad magic {found:02x?}, expected {expected:?}")]
+    #[error("bad magic in the {what}: {found:02x?}, expected {expected:?}")]
     BadMagic {
+        /// "segment header", "snapshot header" or "snapshot footer".
+        what: &'static str,
         expected: &'static str,
         found: Vec<u8>,
     },
-    #[error("unsupported format version {found} (this build reads {supported})")]
+    #[error("unsupported format version {found} in the header (this build reads {supported})")]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("truncated {what}: needs {needed} bytes, {available} available")]
     Truncated {
@@ -102,8 +115,14 @@ pub enum CodecError {
         needed: u64,
         available: u64,
     },
-    #[error("object (or frame) is {actual} bytes but its header or index says {expected}")]
+    #[error("whole-file length is {actual} bytes, but the header and index say {expected}")]
     LengthMismatch { expected: u64, actual: u64 },
+    #[error("frame {frame} is {actual} bytes, but the page index says {expected}")]
+    FrameLength {
+        frame: u32,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{region} checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum {
         region: Region,
@@ -112,7 +131,9 @@ pub enum CodecError {
     },
     #[error("malformed header: {0}")]
     BadHeader(&'static str),
-    #[error("invalid page size {0}")]
+    #[error("malformed page index: {0}")]
+    BadIndex(&'static str),
+    #[error("invalid page size {0} in the header")]
     BadPageSize(u32),
     #[error("header says {field} is {header}, body has {body}")]
     HeaderBodyMismatch {
@@ -128,40 +149,42 @@ pub enum CodecError {
         expected: u64,
         found: u64,
     },
-    #[error("txid {txid}: pre-checksum {found:016x} does not continue the previous post-checksum {expected:016x}")]
+    #[error("transaction {txid}: pre-checksum {found:016x} does not continue the previous post-checksum {expected:016x}")]
     ChecksumChain {
         txid: u64,
         expected: u64,
         found: u64,
     },
-    #[error("txid {txid}: epoch {epoch} is lower than the previous {prev}")]
+    #[error("transaction {txid}: epoch {epoch} is lower than the previous {prev}")]
     EpochRegressed { txid: u64, epoch: u64, prev: u64 },
-    #[error("txid {txid}: page number 0")]
+    #[error("transaction {txid}: page number 0")]
     PageZero { txid: u64 },
-    #[error("txid {txid}: page {pgno} has {len} bytes, page size is {page_size}")]
+    #[error("transaction {txid}: page {pgno} has {len} bytes, page size is {page_size}")]
     PageLength {
         txid: u64,
         pgno: u32,
         len: u64,
         page_size: u32,
     },
-    #[error("txid {txid}: page {pgno} follows page {prev}; pages must be strictly ascending")]
+    #[error(
+        "transaction {txid}: page {pgno} follows page {prev}; pages must be strictly ascending"
+    )]
     PagesNotAscending { txid: u64, pgno: u32, prev: u32 },
-    #[error("txid {txid}: page {pgno} is beyond the database size of {db_size} pages")]
+    #[error("transaction {txid}: page {pgno} is beyond the database size of {db_size} pages")]
     PageBeyondDbSize { txid: u64, pgno: u32, db_size: u32 },
     #[error("segment body goes on after the {txn_count} transactions its header announces")]
     BodyContinues { txn_count: u32 },
-    #[error("segment has no transactions")]
+    #[error("segment has no transactions (header txn_count 0)")]
     EmptySegment,
     #[error("segment continues txid {found}, expected {expected}")]
     ChainGap { expected: u64, found: u64 },
-    #[error("{what} must be 1..=255 bytes of UTF-8")]
+    #[error("{what} in the header must be 1..=255 bytes of UTF-8")]
     BadName { what: &'static str },
     #[error("page {pgno} is outside the snapshot's 1..={page_count}")]
     PageOutOfRange { pgno: u32, page_count: u32 },
     #[error("snapshot declared {declared} pages, {written} written")]
     PageCountMismatch { declared: u32, written: u64 },
-    #[error("whole-database checksum mismatch: stored {stored:016x}, computed {computed:016x}")]
+    #[error("whole-database checksum mismatch: the header says {stored:016x}, the pages hash to {computed:016x}")]
     DbChecksum { stored: u64, computed: u64 },
     #[error("decompression failed in {region}: {detail}")]
     Decompress { region: Region, detail: String },
@@ -203,6 +226,7 @@ fn check_magic(
     let n = bytes.len().min(8);
     if bytes[..n] != magic[..n] {
         return Err(CodecError::BadMagic {
+            what,
             expected: std::str::from_utf8(magic).unwrap_or("?"),
             found: bytes[..n].to_vec(),
         });
@@ -426,9 +450,13 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
-    /// Total object length implied by the header.
+    /// Total object length implied by the header (saturating: `body_len` is
+    /// read from the object, and a huge one must read as a length mismatch,
+    /// not overflow).
     pub fn object_len(&self) -> u64 {
-        u64::from(self.header_len) + self.body_len + 4
+        u64::from(self.header_len)
+            .saturating_add(self.body_len)
+            .saturating_add(4)
     }
 
     /// Checks that this segment continues a chain whose last transaction is
@@ -641,10 +669,11 @@ impl<'a> SegmentReader<'a> {
             });
         }
         let body = &bytes[header.header_len as usize..end];
-        let dec = zstd::stream::read::Decoder::with_buffer(body)
-            .map_err(|e| decompress_err(Region::File, e))?
-            .single_frame()
-            .take(header.raw_len);
+        let mut dec = zstd::stream::read::Decoder::with_buffer(body)
+            .map_err(|e| decompress_err(Region::Body, e))?;
+        dec.window_log_max(MAX_WINDOW_LOG)
+            .map_err(|e| decompress_err(Region::Body, e))?;
+        let dec = dec.single_frame().take(header.raw_len);
         Ok(Self {
             header,
             body: Counting { inner: dec, n: 0 },
@@ -668,7 +697,7 @@ impl<'a> SegmentReader<'a> {
                 needed: before + buf.len() as u64,
                 available: self.body.n,
             }),
-            Err(e) => Err(decompress_err(Region::File, e)),
+            Err(e) => Err(decompress_err(Region::Body, e)),
         }
     }
 
@@ -763,7 +792,7 @@ impl<'a> SegmentReader<'a> {
             .inner
             .get_mut()
             .read(&mut probe)
-            .map_err(|e| decompress_err(Region::File, e))?;
+            .map_err(|e| decompress_err(Region::Body, e))?;
         if extra != 0 {
             return Err(CodecError::BodyContinues {
                 txn_count: self.header.txn_count,
@@ -1158,6 +1187,7 @@ impl SnapshotReader {
         let (idx, footer) = suffix.split_at(suffix.len() - SNAPSHOT_FOOTER_LEN);
         if &footer[12..20] != SNAPSHOT_END_MAGIC {
             return Err(CodecError::BadMagic {
+                what: "snapshot footer",
                 expected: "MBSNPEND",
                 found: footer[12..20].to_vec(),
             });
@@ -1181,16 +1211,14 @@ impl SnapshotReader {
                 crc32: be32(e, 12),
             };
             if entry.offset != expect || entry.len == 0 {
-                return Err(CodecError::BadHeader(
-                    "index entries do not tile the frames",
-                ));
+                return Err(CodecError::BadIndex("its entries do not tile the frames"));
             }
             expect = entry.offset + u64::from(entry.len);
             index.push(entry);
         }
         if expect != index_offset {
-            return Err(CodecError::BadHeader(
-                "index does not end where the footer says",
+            return Err(CodecError::BadIndex(
+                "the frames it lists do not end where the footer says it starts",
             ));
         }
         Ok(Self {
@@ -1248,7 +1276,8 @@ impl SnapshotReader {
                 page_count: self.header.page_count,
             })?;
         if frame_bytes.len() != e.len as usize {
-            return Err(CodecError::LengthMismatch {
+            return Err(CodecError::FrameLength {
+                frame,
                 expected: u64::from(e.len),
                 actual: frame_bytes.len() as u64,
             });

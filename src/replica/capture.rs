@@ -861,6 +861,8 @@ mod tests {
             )
             .unwrap();
             let capture = Arc::new(Capture::new(
+                // SAFETY: `root` was just returned by a successful open and
+                // is not wrapped anywhere else: the OwnedFd is its only owner.
                 unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) },
                 journal.clone(),
                 dir.path().join("base"),

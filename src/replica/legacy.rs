@@ -78,8 +78,61 @@ pub enum LegacyError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("{key}: not the old tool's manifest: {why}")]
+    Malformed { key: String, why: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What membridge reads from the old tool's `sqlite/manifest.json`: the
+/// fields `migrate` checks or reports. Each may be absent or null (old
+/// versions of the tool wrote fewer); other fields are not looked at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LegacyManifestFields {
+    pub canonical_id: Option<String>,
+    pub source_host: Option<String>,
+    pub timestamp: Option<String>,
+    pub sha256: Option<String>,
+}
+
+/// Reads `sqlite/manifest.json` (`body`, fetched from `key`). Refused, with
+/// the position or the field at fault: text that is not one JSON object, and
+/// a field above that is not a string (the old tool writes them all as strings).
+pub fn read_manifest(key: &str, body: &[u8]) -> Result<LegacyManifestFields, LegacyError> {
+    let malformed = |why: String| LegacyError::Malformed {
+        key: key.to_string(),
+        why,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| malformed(format!("not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| malformed("not a JSON object".into()))?;
+    let field = |name: &str| match obj.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(malformed(format!(
+            "field `{name}` is {}, expected a string",
+            json_kind(other)
+        ))),
+    };
+    Ok(LegacyManifestFields {
+        canonical_id: field("canonical_id")?,
+        source_host: field("source_host")?,
+        timestamp: field("timestamp")?,
+        sha256: field("sha256")?,
+    })
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// Uploads `db_image_path`, a consistent standalone database file (rollback

@@ -212,8 +212,11 @@ pub enum RestoreError {
 fn classify(e: &CodecError) -> &'static str {
     match e {
         CodecError::Truncated { .. } => "truncated",
-        CodecError::LengthMismatch { expected, actual } if actual < expected => "truncated",
-        CodecError::LengthMismatch { .. } => "oversized",
+        CodecError::LengthMismatch { expected, actual }
+        | CodecError::FrameLength {
+            expected, actual, ..
+        } if actual < expected => "truncated",
+        CodecError::LengthMismatch { .. } | CodecError::FrameLength { .. } => "oversized",
         CodecError::Checksum { .. } | CodecError::DbChecksum { .. } => "corrupt",
         _ => "invalid",
     }

@@ -1146,6 +1146,7 @@ mod tests {
             nix::sys::stat::Mode::empty(),
         )
         .unwrap();
+        // SAFETY: a fresh fd from a successful open, owned by nothing else.
         let root = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) };
         let capture = Arc::new(Capture::new(
             root,

@@ -3,8 +3,15 @@
 //! rollback journal, in order. Replaying the log reproduces exactly the
 //! sequence of writes the FUSE layer will see, including SQLite's split frame
 //! writes, in-place frame overwrites and checksum rewrites.
-
-#![allow(clippy::missing_safety_doc)]
+//!
+//! Safety: every `unsafe fn` below is a callback SQLite calls through the
+//! `sqlite3_vfs` and [`METHODS`] tables installed by [`RecVfs::register`],
+//! with the pointers its VFS contract guarantees valid: the `sqlite3_vfs` we
+//! registered (whose `pAppData` is the leaked, never-freed [`Shared`]), and a
+//! `sqlite3_file` of `szOsFile` bytes that `x_open` initialised as a
+//! [`ShimFile`] and that lives until `m_close`. Each delegates to the real
+//! VFS with the same arguments, so what SQLite guarantees us, it guarantees
+//! the real VFS.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +66,11 @@ impl RecVfs {
     pub fn register(no_psow: bool) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("recvfs{}", N.fetch_add(1, Ordering::Relaxed));
+        // SAFETY: sqlite3_initialize has no preconditions; the default VFS it
+        // finds is asserted non-null before `(*real)` is read. The new vfs
+        // struct, its name and its `Shared` are leaked, so they outlive every
+        // use SQLite makes of them after registration; `szOsFile` is the size
+        // of the ShimFile our callbacks treat each file as.
         unsafe {
             ffi::sqlite3_initialize();
             let real = ffi::sqlite3_vfs_find(std::ptr::null());
@@ -128,10 +140,14 @@ struct ShimFile {
     shared: *const Shared,
 }
 
+/// # Safety
+/// `vfs` is a vfs registered by [`RecVfs::register`] (its `pAppData` is a leaked `Shared`).
 unsafe fn shared(vfs: *mut ffi::sqlite3_vfs) -> &'static Shared {
     &*((*vfs).pAppData as *const Shared)
 }
 
+/// # Safety
+/// As [`shared`].
 unsafe fn real_vfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
     shared(vfs).real
 }
@@ -252,6 +268,8 @@ unsafe extern "C" fn x_current_time_int64(
     ((*rv).xCurrentTimeInt64.unwrap())(rv, t)
 }
 
+/// # Safety
+/// `f` is a file `x_open` opened successfully and that is not closed yet.
 unsafe fn parts(
     f: *mut ffi::sqlite3_file,
 ) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {

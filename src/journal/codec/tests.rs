@@ -714,7 +714,7 @@ fn snapshot_every_byte_flip_is_rejected_precisely() {
                     ..
                 }
             ),
-            _ if i < footer + 8 => matches!(err, CodecError::BadHeader(_)),
+            _ if i < footer + 8 => matches!(err, CodecError::BadIndex(_)),
             _ if i < footer + 12 => matches!(
                 err,
                 CodecError::Checksum {
@@ -749,14 +749,14 @@ fn snapshot_truncation_and_bad_frames() {
     let frame = &bytes[off as usize..(off + u64::from(len)) as usize];
     assert!(matches!(
         r.decode_page(&frame[1..], 1),
-        Err(CodecError::LengthMismatch { .. })
+        Err(CodecError::FrameLength { frame: 0, .. })
     ));
     // Frame 0's bytes handed in for a page of frame 1.
     let e = r.decode_page(frame, 65).unwrap_err();
     assert!(
         matches!(
             e,
-            CodecError::LengthMismatch { .. }
+            CodecError::FrameLength { frame: 1, .. }
                 | CodecError::Checksum {
                     region: Region::Frame(1),
                     ..
