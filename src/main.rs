@@ -503,7 +503,10 @@ fn merge(cfg: &Config, file: &std::path::Path, dry_run: bool) -> Result<(), Stri
         Err(e) => return Err(format!("merge: {e}")),
     };
     print!("{}", report.render());
-    if let (false, Some(e)) = (dry_run, &entry) {
+    let first = entry
+        .as_ref()
+        .filter(|e| e.resolution.as_ref().is_none_or(|r| r.how != "merged"));
+    if let (false, Some(e)) = (dry_run, first) {
         let detail = format!(
             "{} rows imported into {} on node {}",
             report.new_rows(),
