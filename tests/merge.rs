@@ -2,13 +2,15 @@
 //! memory is left behind when histories meet.
 //!
 //! - Two machines with their own history before membridge: one becomes the
-//!   primary, the other's database is merged into it; the worker then finds
-//!   both histories (search, context injection), the counts are the union by
-//!   natural key, a second merge imports nothing, and a secondary converges.
+//!   primary, the other joins as a secondary (its database set aside, counted,
+//!   DEGRADED) and its history is merged into the primary; the worker then
+//!   finds both histories (search, context injection), the counts are the
+//!   union by natural key, a second merge imports nothing, the joining
+//!   machine's copy clears by itself and its dump is the primary's.
 //! - A primary killed with a tail the bucket never got: after failover and its
 //!   restart the tail is set aside (divergent and replaced copies, DEGRADED),
-//!   merging it on the new primary brings back every commit it acknowledged,
-//!   and the old primary's copies clear by themselves.
+//!   merging it on the new primary brings back every commit it acknowledged;
+//!   the merged copy is marked, the other dismissed.
 //!
 //! Needs Bun and claude-mem from `scripts/install-deps.sh`, like tests/claude_mem.rs.
 
@@ -246,6 +248,51 @@ fn two_machines_histories_meet_on_the_primary() {
         text(&out)
     );
 
+    // The laptop joins with its own history: the bucket's copy replaces it,
+    // its database is set aside, loudly, and the daemon counts what it holds.
+    let mut env_b = env.clone();
+    env_b.retain(|(k, _)| k != "MEMBRIDGE_NODE_ID");
+    env_b.push(("MEMBRIDGE_NODE_ID".into(), "laptop".into()));
+    let yfiles = files_of(y.path());
+    let yfiles: Vec<(&str, &[u8])> = yfiles
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    let b = Mount::with_files(env_b, &yfiles);
+    assert_eq!(b.status()["role"], "secondary");
+    wait_for(
+        "the laptop's copy to be set aside",
+        Duration::from_secs(30),
+        || set_aside(&b).1.len() == 1,
+    );
+    let replaced = set_aside(&b).1;
+    let check = format!("{}.check", replaced[0]);
+    wait_for(
+        "the laptop's copy to be checked",
+        Duration::from_secs(30),
+        || Path::new(&check).exists(),
+    );
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&check).unwrap()).unwrap();
+    let would: u64 = table.values().map(|t| t[1]).sum();
+    assert_eq!(c["new_rows"], would, "{c}");
+    let out = b.run(&["doctor", b.dir.to_str().unwrap()]);
+    let doc = text(&out);
+    assert_eq!(out.status.code(), Some(4), "{doc}");
+    assert!(
+        doc.contains("[warn] set-aside copy")
+            && doc.contains(&format!("{would} row(s) the replicated database lacks"))
+            && doc.contains(&format!("membridge merge {}", replaced[0])),
+        "{doc}"
+    );
+    // A merge runs on the primary only.
+    let out = b.run(&["merge", ypath]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("run it on the primary"),
+        "{}",
+        text(&out)
+    );
+
     // The merge, through the mount: counts are the union by natural key.
     let t = Instant::now();
     let out = a.run(&["merge", ypath]);
@@ -322,19 +369,17 @@ fn two_machines_histories_meet_on_the_primary() {
     assert_eq!(stop.code, Some(0), "{stop:?}");
     drop(w);
 
-    // A merge runs on the primary only; a secondary converges to the same rows.
-    let mut env_b = env.clone();
-    env_b.retain(|(k, _)| k != "MEMBRIDGE_NODE_ID");
-    env_b.push(("MEMBRIDGE_NODE_ID".into(), "laptop".into()));
-    let b = Mount::with_files(env_b, &[]);
-    assert_eq!(b.status()["role"], "secondary");
-    let out = b.run(&["merge", ypath]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(
-        text(&out).contains("run it on the primary"),
-        "{}",
-        text(&out)
+    // The laptop's own copy, set aside when it joined, cleared by itself
+    // once its view holds every row of it; its dump is the primary's.
+    wait_for(
+        "the laptop's set-aside copy to clear",
+        Duration::from_secs(40),
+        || set_aside(&b).1.is_empty(),
     );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{}.resolved", replaced[0])).unwrap())
+            .unwrap();
+    assert_eq!(r["how"], "contained", "{r}");
     let out = b.run(&["pull"]);
     assert!(out.status.success(), "{}", text(&out));
     let bdb = b.dir.join(DB);
@@ -478,6 +523,19 @@ fn a_divergent_tail_merges_back_into_the_new_primary() {
         doc.contains("[warn] divergent copy") && doc.contains(&format!("membridge merge {copy}")),
         "{doc}"
     );
+    // The replaced copy is the same tail: acknowledged without importing.
+    assert_eq!(replaced.len(), 1, "{}", a.status());
+    let out = a.run(&["merge", "--dismiss", &replaced[0]]);
+    assert!(
+        out.status.success() && text(&out).contains("dismissed"),
+        "{}",
+        text(&out)
+    );
+    wait_for(
+        "the dismissed copy to leave status",
+        Duration::from_secs(10),
+        || set_aside(&a).1.is_empty(),
+    );
     let out = a.run(&["merge", &copy]);
     assert_eq!(
         out.status.code(),
@@ -519,8 +577,7 @@ fn a_divergent_tail_merges_back_into_the_new_primary() {
     let out = b.run(&["merge", &copy]);
     assert!(text(&out).contains("imported 0 rows"), "{}", text(&out));
 
-    // A's copies clear: the merged one by its mark, the replaced one once
-    // A's view holds every row of it.
+    // A's divergent copy clears by its mark.
     wait_for(
         "A's set-aside copies to clear",
         Duration::from_secs(40),
@@ -546,6 +603,6 @@ fn a_divergent_tail_merges_back_into_the_new_primary() {
     for c in &replaced {
         let r = resolution(c);
         println!("{c}: {r}");
-        assert_eq!(r["how"], "contained", "{r}");
+        assert_eq!(r["how"], "dismissed", "{r}");
     }
 }
