@@ -209,15 +209,19 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(10), first_poll).await });
     }
+    let aside = crate::replica::aside::Checker::start(&cfg.state_dir, &dir, &status);
+    let paused = aside.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             match signals.wait() {
                 Ok(Signal::SIGUSR1) => {
+                    paused.pause(UNMOUNT_PAUSE);
                     let _ = applier.pause(UNMOUNT_PAUSE);
                 }
                 Ok(sig) => {
                     tracing::info!(signal = ?sig, "shutting down: unmounting");
+                    paused.pause(UNMOUNT_PAUSE);
                     let _ = applier.pause(UNMOUNT_PAUSE);
                     if let Err(e) = unmounter.unmount() {
                         tracing::error!(error = %e, "unmount failed");
@@ -234,6 +238,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         .join()
         .map_err(|_| anyhow!("the FUSE session panicked"))?
         .context("FUSE session")?;
+    aside.stop();
     tracing::info!(dir = %dir.display(), "unmounted");
     replication.drain(Duration::from_secs(10));
     replication.release_lease();
@@ -403,6 +408,12 @@ fn serve_control(
                         keeper.expect_lease(keeper.client().select_wait());
                         Ok("watching the lease".into())
                     }
+                    // `membridge merge` writes through the mount, on the primary only.
+                    "role" => Ok(format!(
+                        "{} {}",
+                        node.role().name(),
+                        status.snapshot().mount_dir
+                    )),
                     other => Err(ControlError::Failed(format!("unknown request {other:?}"))),
                 };
                 let line = match reply {
@@ -586,10 +597,11 @@ fn set_aside_divergent(
             "could not compare unpublished transactions with the bucket at start"
         ),
     }
-    let reports = divergent::reports(&cfg.state_dir);
+    // Every set-aside copy not merged or dismissed yet, this run's included.
+    let aside = crate::replica::aside::scan(&cfg.state_dir);
     let heads = journal.heads().unwrap_or_default();
     status.update(|s| {
-        s.divergent = reports.iter().map(|p| p.display().to_string()).collect();
+        crate::replica::aside::publish(&aside, s);
         for h in &heads {
             let d = s.databases.entry(h.name.clone()).or_default();
             d.head_txid = h.head_txid;

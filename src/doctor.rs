@@ -232,7 +232,7 @@ pub async fn run_full(cfg: &Config, local: &Local, out: &mut dyn Write) -> Docto
     if let Some(doc) = &doc {
         check_replication(doc, &mut report, out);
     }
-    check_divergent(cfg, &mut report, out);
+    check_set_aside(cfg, &mut report, out);
     check_installed(local.home.as_deref(), &mut report, out);
     report.finish(out);
     report
@@ -511,27 +511,48 @@ fn check_replication(
     }
 }
 
-/// Divergent reports under the state dir, mounted or not: transactions this
-/// node acknowledged that the bucket's history does not have. They stay a
-/// warning until the user has dealt with them and deleted the reports.
-fn check_divergent(cfg: &Config, report: &mut DoctorReport, out: &mut dyn Write) {
-    let found = crate::replica::divergent::reports(&cfg.state_dir);
-    if found.is_empty() {
-        return;
+/// Databases set aside under the state dir, mounted or not
+/// (`replica::aside`): a divergent tail (transactions acknowledged on this
+/// node that the bucket's history does not have) or this node's own database
+/// that the bucket's copy replaced. Each is a warning until merged back or
+/// dismissed; resolved ones are listed for the record.
+fn check_set_aside(cfg: &Config, report: &mut DoctorReport, out: &mut dyn Write) {
+    use crate::replica::aside::{self, Kind};
+    let all = aside::scan(&cfg.state_dir);
+    for e in all.iter().filter(|e| e.outstanding()) {
+        let name = match e.kind {
+            Kind::Divergent => "divergent copy",
+            Kind::Replaced => "set-aside copy",
+        };
+        report.record(
+            out,
+            Status::Warn,
+            name,
+            format!(
+                "{}; its rows are not in claude-mem until merged: {}",
+                e.describe(),
+                e.commands()
+            ),
+        );
     }
-    let list: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
-    report.record(
-        out,
-        Status::Warn,
-        "divergent copies",
-        format!(
-            "{} report(s) of transactions acknowledged on this node that the bucket's history \
-             does not have (another node took over first); they are never uploaded: review each \
-             copy, merge by hand what you need, then delete the report and its copy: {}",
-            found.len(),
-            list.join(", ")
-        ),
-    );
+    let resolved: Vec<String> = all
+        .iter()
+        .filter_map(|e| {
+            let r = e.resolution.as_ref()?;
+            Some(format!("{} ({} {})", e.key().display(), r.how, r.at))
+        })
+        .collect();
+    if !resolved.is_empty() {
+        report.record(
+            out,
+            Status::Info,
+            "set-aside copies resolved",
+            format!(
+                "{}; delete them when you no longer want them",
+                resolved.join(", ")
+            ),
+        );
+    }
 }
 
 /// Mount helper, systemd units, the Claude hook: informational, except the

@@ -21,6 +21,8 @@ pub mod http;
 pub mod journal;
 /// The leadership lease: conditional writes, renewal, fencing, heartbeats.
 pub mod lease;
+/// `membridge merge`: import another claude-mem database's rows by natural key.
+pub mod merge;
 /// Prometheus counters and their text exposition, served at `/metrics`.
 pub mod metrics;
 /// `membridge migrate`: adopt a bucket written by the old hook-based tool.

@@ -139,6 +139,19 @@ enum Cmd {
         #[arg(long)]
         replace_local: bool,
     },
+    /// Import the rows of another claude-mem database (a copy this node set
+    /// aside, a divergent tail, another machine's history) that the
+    /// replicated one lacks, by natural key (primary; exit 3 elsewhere)
+    Merge {
+        /// The claude-mem database to import (or a divergent report naming its copy)
+        file: PathBuf,
+        /// Count per table what would be imported, present or conflicting; write nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Acknowledge a set-aside copy without importing it (on any node)
+        #[arg(long, conflicts_with = "dry_run")]
+        dismiss: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -288,6 +301,18 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Leadership { cmd } => leadership(&load(&cli)?, cmd),
         Cmd::Nodes => nodes(&load(&cli)?),
+        Cmd::Merge {
+            file,
+            dry_run,
+            dismiss,
+        } => {
+            let cfg = load(&cli)?;
+            if *dismiss {
+                return dismiss_copy(&cfg, file);
+            }
+            init_logging(cli.log_format);
+            merge(&cfg, file, *dry_run)
+        }
         Cmd::Migrate {
             dir,
             dry_run,
@@ -499,6 +524,111 @@ fn migrate(cfg: &Config, opts: &membridge::migrate::Options) -> Result<(), Strin
         ))
         .map(|_| ())
         .map_err(|e| format!("migrate: {e}"))
+}
+
+/// `membridge merge --dismiss FILE`: a set-aside copy is acknowledged and
+/// no longer makes this node DEGRADED; the file itself stays.
+fn dismiss_copy(cfg: &Config, file: &std::path::Path) -> Result<(), String> {
+    use membridge::replica::aside;
+    let e = aside::locate(file).ok_or_else(|| {
+        format!(
+            "{}: not a set-aside copy (those are listed by `membridge status` and `doctor`, \
+             under replaced/ or divergent/ in the state dir)",
+            file.display()
+        )
+    })?;
+    if let Some(r) = &e.resolution {
+        println!(
+            "membridge: {} was already {} ({})",
+            e.key().display(),
+            r.how,
+            r.at
+        );
+        return Ok(());
+    }
+    aside::resolve(
+        &e,
+        "dismissed",
+        format!("membridge merge --dismiss on node {}", cfg.node_id),
+    )
+    .map_err(|err| format!("marking {}: {err}", e.key().display()))?;
+    println!(
+        "membridge: dismissed {}: its rows stay out of claude-mem; the file stays (delete it when you like)",
+        e.key().display()
+    );
+    Ok(())
+}
+
+/// `membridge merge FILE [--dry-run]`: on the primary only, through its
+/// mount (the daemon says which role it has and where it is mounted), so
+/// that the imported rows replicate like any write.
+fn merge(cfg: &Config, file: &std::path::Path, dry_run: bool) -> Result<(), String> {
+    use membridge::merge::{self, MergeError};
+    use membridge::replica::aside;
+    let entry = aside::locate(file);
+    // A divergent report names its copy.
+    let file = entry
+        .as_ref()
+        .and_then(|e| e.copy.clone())
+        .unwrap_or_else(|| file.to_path_buf());
+    let role = || -> Result<(String, PathBuf), String> {
+        let reply = daemon::request(cfg, "role").map_err(|e| format!("{e:#}"))?;
+        let (role, dir) = reply.split_once(' ').unwrap_or((&reply, ""));
+        Ok((role.to_string(), PathBuf::from(dir)))
+    };
+    let (now, dir) = role().map_err(|e| format!("merge: {e}"))?;
+    if now != "primary" {
+        eprintln!(
+            "membridge: merge refused: this node is {now}; merge writes through the primary's mount \
+             so that the rows replicate: run it on the primary (copy {} there first)",
+            file.display()
+        );
+        std::process::exit(3);
+    }
+    let target = dir.join(merge::DB);
+    if file.canonicalize().ok() == target.canonicalize().ok() {
+        return Err(format!(
+            "merge: {} is the replicated database itself",
+            file.display()
+        ));
+    }
+    let opts = merge::Options {
+        dry_run,
+        progress: true,
+        ..merge::Options::default()
+    };
+    let mut still_primary = || match role()? {
+        (r, _) if r == "primary" => Ok(()),
+        (r, _) => Err(format!("this node is no longer the primary (now {r})")),
+    };
+    let report = match merge::merge(&file, &target, &opts, &mut still_primary) {
+        Ok(r) => r,
+        Err(MergeError::Stopped { why, imported }) => {
+            eprintln!("membridge: merge stopped: {why}; {imported} rows were imported before: run it again on the primary");
+            std::process::exit(3);
+        }
+        Err(e) => return Err(format!("merge: {e}")),
+    };
+    print!("{}", report.render());
+    let first = entry
+        .as_ref()
+        .filter(|e| e.resolution.as_ref().is_none_or(|r| r.how != "merged"));
+    if let (false, Some(e)) = (dry_run, first) {
+        let detail = format!(
+            "{} rows imported into {} on node {}",
+            report.new_rows(),
+            target.display(),
+            cfg.node_id
+        );
+        match aside::resolve(e, "merged", detail) {
+            Ok(()) => println!("membridge: {} is marked merged", e.key().display()),
+            Err(err) => eprintln!(
+                "membridge: could not mark {} merged: {err}",
+                e.key().display()
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// A request to the running daemon; a refusal exits with the old tool's code.

@@ -401,6 +401,7 @@ mod tests {
             upload_state: "ok".into(),
             last_outage: None,
             divergent: vec![],
+            replaced: vec![],
             last_error: None,
             role_history: vec![],
         }

@@ -459,6 +459,13 @@ pub async fn run(
             if !opts.dry_run {
                 backup(&local, &dest)?;
             }
+            if why.as_str() == "--replace-local" {
+                // Its own history is not lost: it can join the bucket's.
+                say.info(format!(
+                    "once mounted as the primary, `membridge merge {}` imports the rows the bucket's copy lacks",
+                    dest.display()
+                ));
+            }
         }
     }
 

@@ -1,5 +1,5 @@
 //! Progress of long work (restore, a secondary's bootstrap, hydration,
-//! migration): a bar on a terminal, log lines elsewhere.
+//! migration, merge): a bar on a terminal, log lines elsewhere.
 //!
 //! On a terminal (`membridge restore`, or the daemon run with `--foreground`)
 //! an indicatif bar is drawn on stderr. Otherwise, as in the background
@@ -32,21 +32,37 @@ struct LogState {
     last: Instant,
     logged: bool,
     min_interval: Duration,
+    /// What `done` and `total` count ("bytes", "rows").
+    unit: &'static str,
 }
 
 impl Progress {
     /// A progress of `total` bytes (or units) of `what`. `enabled: false`
     /// shows nothing; otherwise a bar on a terminal, log lines elsewhere.
     pub fn new(enabled: bool, total: u64, what: impl Into<String>) -> Progress {
+        Progress::counting(enabled, total, what, "bytes")
+    }
+
+    /// Like [`Progress::new`] for work counted in other units (`"rows"`).
+    pub fn counting(
+        enabled: bool,
+        total: u64,
+        what: impl Into<String>,
+        unit: &'static str,
+    ) -> Progress {
         let what = what.into();
         if !enabled {
             return Progress::hidden();
         }
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template(
-                "{msg} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            ) {
+            let template = match unit {
+                "bytes" => {
+                    "{msg} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}".into()
+                }
+                _ => format!("{{msg}} [{{bar:32}}] {{pos}}/{{len}} {unit} eta {{eta}}"),
+            };
+            if let Ok(style) = ProgressStyle::with_template(&template) {
                 bar.set_style(style.progress_chars("=> "));
             }
             bar.set_message(what);
@@ -55,7 +71,7 @@ impl Progress {
                 log: None,
             };
         }
-        Progress::logging(total, what, LOG_MIN_INTERVAL)
+        Progress::logging(total, what, LOG_MIN_INTERVAL, unit)
     }
 
     pub fn hidden() -> Progress {
@@ -65,7 +81,7 @@ impl Progress {
         }
     }
 
-    fn logging(total: u64, what: String, min_interval: Duration) -> Progress {
+    fn logging(total: u64, what: String, min_interval: Duration, unit: &'static str) -> Progress {
         Progress {
             bar: None,
             log: Some(Mutex::new(LogState {
@@ -76,6 +92,7 @@ impl Progress {
                 last: Instant::now(),
                 logged: false,
                 min_interval,
+                unit,
             })),
         }
     }
@@ -102,7 +119,7 @@ impl Progress {
         if let Some(log) = &self.log {
             let s = log.lock().unwrap();
             if s.logged {
-                tracing::info!("{}: done ({} bytes)", s.what, s.done);
+                tracing::info!("{}: done ({} {})", s.what, s.done, s.unit);
             }
         }
     }
@@ -123,8 +140,8 @@ impl LogState {
         self.last = Instant::now();
         self.logged = true;
         Some(format!(
-            "{}: {pct}% ({} of {} bytes)",
-            self.what, self.done, self.total
+            "{}: {pct}% ({} of {} {})",
+            self.what, self.done, self.total, self.unit
         ))
     }
 }
@@ -145,7 +162,7 @@ mod tests {
 
     #[test]
     fn logs_each_ten_percent_step_once() {
-        let p = Progress::logging(1000, "restoring x".into(), Duration::ZERO);
+        let p = Progress::logging(1000, "restoring x".into(), Duration::ZERO, "bytes");
         let got = lines(&p, &[50, 60, 5, 300, 585]);
         assert_eq!(
             got,
@@ -158,9 +175,9 @@ mod tests {
 
     #[test]
     fn quick_work_logs_nothing() {
-        let p = Progress::logging(1000, "x".into(), Duration::from_secs(3600));
+        let p = Progress::logging(1000, "x".into(), Duration::from_secs(3600), "rows");
         assert!(lines(&p, &[500, 500]).is_empty());
-        let p = Progress::logging(0, "x".into(), Duration::ZERO);
+        let p = Progress::logging(0, "x".into(), Duration::ZERO, "rows");
         assert!(lines(&p, &[5]).is_empty());
     }
 }

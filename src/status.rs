@@ -79,9 +79,14 @@ pub struct StatusDoc {
     pub upload_state: String,
     /// The last bucket outage; `to` is empty while it lasts.
     pub last_outage: Option<Outage>,
-    /// Reports of divergent copies kept when this node was fenced.
+    /// Reports of divergent copies kept when this node was fenced, until
+    /// merged or dismissed (`replica::aside`).
     #[serde(default)]
     pub divergent: Vec<String>,
+    /// This node's own databases the bucket's copy replaced (under
+    /// `replaced/` in the state dir), until merged or dismissed.
+    #[serde(default)]
+    pub replaced: Vec<String>,
     pub last_error: Option<String>,
     /// The last role changes, oldest first (at most [`ROLE_HISTORY`]).
     #[serde(default)]
@@ -155,6 +160,7 @@ impl Status {
             upload_state: "ok".into(),
             last_outage: None,
             divergent: Vec::new(),
+            replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
         })
@@ -185,6 +191,7 @@ impl Status {
             upload_state: "ok".into(),
             last_outage: None,
             divergent: Vec::new(),
+            replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
         })
@@ -298,6 +305,19 @@ pub fn render_text(d: &StatusDoc) -> String {
     }
     for r in &d.divergent {
         s += &format!("divergent: {r} (never uploaded; see membridge doctor)\n");
+        let copy = std::fs::read(r)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::replica::divergent::Report>(&b).ok())
+            .and_then(|r| r.copy);
+        if let Some(copy) = copy {
+            s += &format!("   bring it back: membridge merge {copy}   (or: membridge merge --dismiss {copy})\n");
+        }
+    }
+    for c in &d.replaced {
+        s += &format!(
+            "set aside: {c} (this node's database before the bucket's copy replaced it)\n   \
+             bring it back: membridge merge {c}   (or: membridge merge --dismiss {c})\n"
+        );
     }
     s
 }

@@ -1,10 +1,12 @@
 //! Divergent history: transactions this node acknowledged that the bucket's
 //! history will never contain, because another node took over before they
-//! were published. They are never dropped silently, never merged and never
-//! uploaded: the database as it stood at this node's head is written under
+//! were published. They are never dropped silently and never uploaded: the
+//! database as it stood at this node's head is written under
 //! `<state dir>/divergent/` with a JSON report beside it, the journal marks
 //! them set aside (no longer backlog, and this history may not be continued),
-//! and `status` and `doctor` show the reports until the user deletes them.
+//! and `status` and `doctor` show the reports until `membridge merge` brings
+//! the rows into the new primary's history or the user dismisses them
+//! ([`super::aside`]).
 //!
 //! Two ways in: a running primary that is fenced ([`super::node::Node::fence`]),
 //! and a daemon that starts with unpublished transactions the bucket has

@@ -605,9 +605,7 @@ fn keep_aside(main: &Path, db: &str, state_dir: &Path, with_main: bool) {
             let _ = std::fs::create_dir_all(&dir);
             let dst = dir.join(format!("{}-{stamp}{suffix}", db.replace('/', "%2F")));
             match std::fs::copy(&src, &dst) {
-                Ok(_) => {
-                    tracing::info!(from = %src.display(), to = %dst.display(), "kept the local copy aside")
-                }
+                Ok(_) => super::aside::kept(&src, &dst),
                 Err(e) => tracing::warn!(error = %e, "could not keep the local copy aside"),
             }
         }

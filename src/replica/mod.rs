@@ -2,6 +2,8 @@
 //! and read-through.
 
 pub mod apply;
+/// Set-aside databases (replaced, divergent) until merged or dismissed.
+pub mod aside;
 pub mod capture;
 pub mod divergent;
 pub mod files;
