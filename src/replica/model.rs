@@ -349,6 +349,8 @@ struct Up {
     /// The epoch released on purpose (0: none), as `LeaseKeeper` keeps it.
     released: u64,
     conn: Option<Connection>,
+    /// What the follower publishes (the applied txid `take_over` reads).
+    status: Status,
 }
 
 /// One machine: files and state dir survive kill -9, `up` does not.
@@ -521,6 +523,7 @@ impl<'r> World<'r> {
         let epoch = Arc::new(AtomicU64::new(journal.last_epoch().unwrap()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let status = Status::for_tests(&sim.name);
+        let view_status = status.clone();
         let base_dir = sim.state.join("base");
         let fd = nix::fcntl::open(
             &sim.backing,
@@ -653,6 +656,7 @@ impl<'r> World<'r> {
             backoff: false,
             released: 0,
             conn: None,
+            status: view_status,
         });
         self.tick(i)
     }
@@ -1244,6 +1248,12 @@ impl<'r> World<'r> {
             show(&img)
         ));
         self.stat("follows that laid out the head");
+        if let Some(up) = &self.nodes[i].up {
+            // As the real follower does after applying.
+            up.status.update(|s| {
+                s.databases.entry(DB.to_string()).or_default().applied_txid = report.txid
+            });
+        }
         self.nodes[i].img = Some(img);
         Ok(())
     }
