@@ -161,7 +161,13 @@ fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
     wait_for("node-a to step down", Duration::from_secs(10), || {
         a.status()["role"] == "secondary"
     });
-    assert_eq!(cli(&adb, "SELECT count(*) FROM t").unwrap(), "21");
+    // Within the follower's first poll (until then the -wal may not exist
+    // and a reader cannot create it: closing note).
+    wait_for(
+        "the demoted primary to read",
+        Duration::from_secs(10),
+        || cli(&adb, "SELECT count(*) FROM t").ok().as_deref() == Some("21"),
+    );
     let ro =
         rusqlite::Connection::open_with_flags(&adb, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
