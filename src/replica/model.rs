@@ -844,6 +844,16 @@ impl<'r> World<'r> {
 
     /// The secondary's view, settled: its WAL folded into the main file by
     /// a checkpoint (the applier's), nothing reported to capture.
+    /// What the real follower publishes after applying or verifying: the
+    /// applied txid `take_over` reads before settling the view.
+    fn publish_applied(&self, i: usize, txid: u64) {
+        if let Some(up) = &self.nodes[i].up {
+            up.status.update(|s| {
+                s.databases.entry(DB.to_string()).or_default().applied_txid = txid
+            });
+        }
+    }
+
     fn settle_view(&self, i: usize) {
         let path = self.db_path(i);
         if !path.exists() {
@@ -1213,6 +1223,9 @@ impl<'r> World<'r> {
         if let Ok(h) = PageHashes::from_file(&path, d.page_size) {
             if Some(h.checksum()) == parse_hex64(&d.head_checksum) && h.page_count() == d.size_pages
             {
+                // The real follower hashes its file at first sight and
+                // publishes the head as applied when it matches.
+                self.publish_applied(i, d.head_txid);
                 return Ok(());
             }
         }
@@ -1248,12 +1261,7 @@ impl<'r> World<'r> {
             show(&img)
         ));
         self.stat("follows that laid out the head");
-        if let Some(up) = &self.nodes[i].up {
-            // As the real follower does after applying.
-            up.status.update(|s| {
-                s.databases.entry(DB.to_string()).or_default().applied_txid = report.txid
-            });
-        }
+        self.publish_applied(i, report.txid);
         self.nodes[i].img = Some(img);
         Ok(())
     }
@@ -1910,6 +1918,25 @@ fn model_lost_manifest_answer_then_more_commits_and_a_restart() {
             Step::Upload { node: 0 },
             Step::Commit { node: 0, rows: 1 },
             Step::Kill { node: 0 },
+        ],
+    );
+}
+
+/// A follower lays out the head, is killed and restarts: its file already
+/// is the head, so the stand-in returned without publishing the applied
+/// txid, and take_over kept it catching-up for ever ("applied txid 0 of the
+/// bucket's 1"). The real follower publishes the head once its file hashes
+/// to it; the stand-in now does the same.
+#[test]
+fn model_restarted_follower_at_the_head_can_take_over() {
+    replay(
+        2,
+        &[
+            Step::Commit { node: 0, rows: 1 },
+            Step::Upload { node: 0 },
+            Step::Follow { node: 1 },
+            Step::Expire,
+            Step::Kill { node: 1 },
         ],
     );
 }
