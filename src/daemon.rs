@@ -328,6 +328,7 @@ impl Running {
             status: self.status.clone(),
             poll: cfg.poll_interval,
             read_through: self.read_through.clone(),
+            ahead_noted: Default::default(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rt.spawn(follower.run(tx));

@@ -59,6 +59,8 @@ pub struct Follower {
     pub status: Status,
     pub poll: Duration,
     pub read_through: Arc<ReadThrough>,
+    /// Databases already logged as not followed over unpublished history.
+    pub ahead_noted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +202,20 @@ impl Follower {
             Some(a) => a.generation != d.generation || a.txid > d.head_txid,
             None => true,
         };
+        if fresh && self.node.capture().ahead_of_bucket(db) {
+            // This node's unpublished history (a new generation after a
+            // change made while unmounted, say) waits for its take-over or
+            // for the divergent check; laying the bucket's copy over it
+            // would lose it from the live file.
+            if !self.ahead_noted.lock().unwrap().insert(db.to_string()) {
+                return Ok(());
+            }
+            tracing::info!(
+                db,
+                "not following the bucket over this node's unpublished transactions"
+            );
+            return Ok(());
+        }
         if fresh {
             let a = match self.bootstrap_lazy(db).await {
                 Ok(a) => a,

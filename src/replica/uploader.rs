@@ -426,10 +426,14 @@ impl Uploader {
                 .get(db)
                 .map(|s| s.applied_txid);
             let journaled = self.journal.head(db)?;
+            let parent = self.journal.parent(db)?;
+            // A new local generation on top of exactly the bucket's head is
+            // ahead of it, not behind (the follower leaves it alone).
             let behind = applied.is_some_and(|a| a < d.head_txid)
-                && journaled
-                    .as_ref()
-                    .is_none_or(|j| j.generation != d.generation || j.head_txid < d.head_txid)
+                && journaled.as_ref().is_none_or(|j| {
+                    (j.generation != d.generation || j.head_txid < d.head_txid)
+                        && !super::divergent::on_top(j, parent, d)
+                })
                 && self.node.all_local();
             if behind {
                 return Err(UploadError::Conflict(format!(
