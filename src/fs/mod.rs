@@ -82,6 +82,11 @@ pub trait Replication: Send + Sync {
     fn check_write(&self, _class: &PathClass, _pid: u32) -> Result<(), i32> {
         Ok(())
     }
+    /// May a replicated path be created (empty, never truncated) by `pid`?
+    /// Defaults to the write gate.
+    fn check_create(&self, class: &PathClass, pid: u32) -> Result<(), i32> {
+        self.check_write(class, pid)
+    }
     /// Just before `len` bytes at `offset` are written (a truncation to
     /// `offset` passes `u64::MAX`): a hydrating secondary claims the range so
     /// that no older snapshot page lands over it.
@@ -1025,9 +1030,15 @@ impl Filesystem for PassthroughFs {
             Err(e) => return reply.error(e),
         };
         let class = self.child_class(parent.0, name);
+        let mut flags = flags;
         if replicated(&class) {
-            if let Err(e) = self.repl.check_write(&class, req.pid()) {
+            if let Err(e) = self.repl.check_create(&class, req.pid()) {
                 return reply.error(err(e));
+            }
+            if self.repl.check_write(&class, req.pid()).is_err() {
+                // Created, not written: should it exist by now after all,
+                // it is opened as it is.
+                flags &= !libc::O_TRUNC;
             }
         }
         let file = match sys::create_at(p.fd(), &c, flags, mode & !umask) {

@@ -331,6 +331,17 @@ impl Replication for Node {
         }
     }
 
+    // A reader in WAL mode needs the -wal to exist; after a demotion (or a
+    // primary's last close, which deletes it) nobody but a writer would
+    // create it. An empty -wal changes nothing (docs/ARCHITECTURE.md, "The
+    // view on a secondary").
+    fn check_create(&self, class: &PathClass, pid: u32) -> Result<(), i32> {
+        match class {
+            PathClass::Sidecar(_, Sidecar::Wal) => Ok(()),
+            _ => self.check_write(class, pid),
+        }
+    }
+
     fn before_write(&self, class: &PathClass, offset: u64, len: u64) -> Result<(), i32> {
         match (class, self.read_through.get()) {
             (PathClass::Database(db), Some(rt)) if !self.primary() => {
