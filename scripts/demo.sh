@@ -108,6 +108,17 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
+# A row written on primary $1 and read back on follower $2, with the delay.
+write_and_follow() {
+  local from=$1 to=$2 start delay
+  start=$(now)
+  sql "$from" "PRAGMA synchronous=NORMAL; INSERT INTO observations(text, created_at) VALUES ('hello from $from', datetime('now'));" >/dev/null
+  echo "$from\$ INSERT INTO observations ... 'hello from $from'"
+  delay=$(wait_row "$to" "hello from $from" "$start")
+  echo "$to\$ SELECT id, text FROM observations;   # the row arrived after ${delay} s"
+  sql "$to" "SELECT id, text FROM observations;" | sed 's/^/  /'
+}
+
 # The desktop has a claude-mem database already; the laptop has nothing yet.
 sqlite3 "$(db desktop)" >/dev/null <<'SQL'
 PRAGMA journal_mode=WAL;
@@ -127,12 +138,7 @@ done
 
 echo
 echo "== 2. a write on the primary (desktop) appears on the secondary (laptop)"
-start=$(now)
-sql desktop "PRAGMA synchronous=NORMAL; INSERT INTO observations(text, created_at) VALUES ('hello from desktop', datetime('now'));" >/dev/null
-echo "desktop$ INSERT INTO observations ... 'hello from desktop'"
-delay=$(wait_row laptop 'hello from desktop' "$start")
-echo "laptop\$ SELECT id, text FROM observations;   # the row arrived after ${delay} s"
-sql laptop "SELECT id, text FROM observations;" | sed 's/^/  /'
+write_and_follow desktop laptop
 
 echo
 echo "== 3. the secondary refuses writes (WAL mode reports a refused write as an I/O error)"
@@ -157,12 +163,7 @@ done
 
 echo
 echo "== 5. the new primary (laptop) writes; the desktop follows"
-start=$(now)
-sql laptop "PRAGMA synchronous=NORMAL; INSERT INTO observations(text, created_at) VALUES ('hello from laptop', datetime('now'));" >/dev/null
-echo "laptop\$ INSERT INTO observations ... 'hello from laptop'"
-delay=$(wait_row desktop 'hello from laptop' "$start")
-echo "desktop\$ SELECT id, text FROM observations;   # the row arrived after ${delay} s"
-sql desktop "SELECT id, text FROM observations;" | sed 's/^/  /'
+write_and_follow laptop desktop
 # Heartbeats come every 5 s: wait for the ones written since the hand-over.
 for _ in $(seq 1 100); do
   mb laptop nodes 2>/dev/null | awk '

@@ -17,22 +17,9 @@ use membridge::remote::{Layout, ObjectStore, PutMode};
 
 use common::mount::{Mount, BIN};
 use common::SeaweedFs;
+use common::{node, wait_for};
 
 const DB: &str = "claude-mem.db";
-
-fn node(env: &[(String, String)], id: &str) -> Mount {
-    let mut env = env.to_vec();
-    env.push(("MEMBRIDGE_NODE_ID".into(), id.into()));
-    Mount::with_files(env, &[])
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn text(out: &Output) -> String {
     format!(

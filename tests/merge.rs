@@ -23,23 +23,13 @@ use std::time::{Duration, Instant};
 
 use common::claude_mem::{sqlite3, Client, Worker, PROJECT};
 use common::mount::Mount;
+use common::wait_for;
 use common::SeaweedFs;
 use serde_json::json;
 
 const DB: &str = "claude-mem.db";
 /// claude-mem's one-time migration markers (kept with the database).
 const MARKERS: [&str; 2] = [".cwd-remap-applied-v1", ".cleanup-v12.4.3-applied"];
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(
-            t.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn text(o: &Output) -> String {
     format!(

@@ -8,9 +8,10 @@ mod common;
 
 use std::io::ErrorKind;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::Mount;
+use common::wait_for;
 use common::SeaweedFs;
 use membridge::remote::Layout;
 use membridge::replica::manifest;
@@ -22,14 +23,6 @@ fn node(env: &[(String, String)], id: &str, files: &[(&str, &[u8])]) -> Mount {
     let mut env = env.to_vec();
     env.push(("MEMBRIDGE_NODE_ID".into(), id.into()));
     Mount::with_files(env, files)
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn read(dir: &Path, name: &str) -> Option<Vec<u8>> {

@@ -8,23 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::mount::Mount;
 use common::SeaweedFs;
+use common::{node, wait_for};
 
 const DB: &str = "claude-mem.db";
-
-fn node(env: &[(String, String)], id: &str) -> Mount {
-    let mut env = env.to_vec();
-    env.push(("MEMBRIDGE_NODE_ID".into(), id.into()));
-    Mount::with_files(env, &[])
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    t.elapsed()
-}
 
 /// Rows in table `t`, if the database is readable there.
 fn count(p: &std::path::Path) -> Option<i64> {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use common::mount::Mount;
+use common::wait_for;
 use common::SeaweedFs;
 
 const DB: &str = "claude-mem.db";
@@ -265,6 +266,12 @@ impl Session<'_> {
         )
     }
 
+    /// Whether the button `#id` is disabled (None: no such button).
+    fn disabled(&self, id: &str) -> Option<bool> {
+        let script = format!("return document.getElementById({}).disabled", json!(id));
+        self.js(&script).as_bool()
+    }
+
     fn text_of(&self, css: &str) -> String {
         let script = format!(
             "const e = document.querySelector({}); return e ? e.innerText : null;",
@@ -333,14 +340,6 @@ fn node(env: &[(String, String)], id: &str, port: u16) -> Mount {
     env.push(("MEMBRIDGE_NODE_ID".into(), id.into()));
     env.push(("MEMBRIDGE_METRICS_ADDR".into(), format!("127.0.0.1:{port}")));
     Mount::with_files(env, &[])
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The rows of a table of the page, one string per row (cells tab-separated).
@@ -418,16 +417,8 @@ fn a_browser_sees_both_nodes_and_hands_the_lease_over_from_the_page() {
     assert_eq!(cells[0], DB, "{dbs:?}");
     assert_eq!(cells[5], "—", "a primary has no lag: {dbs:?}");
     assert_eq!(cells[4], "0", "backlog: {dbs:?}");
-    assert!(
-        s.js("return document.getElementById('release').disabled")
-            .as_bool()
-            == Some(false)
-    );
-    assert!(
-        s.js("return document.getElementById('make-primary').disabled")
-            .as_bool()
-            == Some(true)
-    );
+    assert_eq!(s.disabled("release"), Some(false));
+    assert_eq!(s.disabled("make-primary"), Some(true));
 
     // The secondary's page: its role, its lag, and both nodes.
     s.open(&format!("http://127.0.0.1:{pb}/"));
@@ -507,11 +498,7 @@ fn a_browser_sees_both_nodes_and_hands_the_lease_over_from_the_page() {
     s.open(&format!("http://127.0.0.1:{pa}/"));
     s.wait_text("#role", Duration::from_secs(10), |t| t == "secondary");
     assert_eq!(s.text_of("#primary"), "node-b");
-    assert!(
-        s.js("return document.getElementById('release').disabled")
-            .as_bool()
-            == Some(true)
-    );
+    assert_eq!(s.disabled("release"), Some(true));
 
     // Release on the new primary's page: the CLI's release, audited.
     s.open(&format!("http://127.0.0.1:{pb}/"));

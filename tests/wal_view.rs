@@ -12,25 +12,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::mount::Mount;
 use common::SeaweedFs;
+use common::{node, wait_for};
 
 const DB: &str = "claude-mem.db";
-
-fn node(env: &[(String, String)], id: &str) -> Mount {
-    let mut env = env.to_vec();
-    env.push(("MEMBRIDGE_NODE_ID".into(), id.into()));
-    Mount::with_files(env, &[])
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    t.elapsed()
-}
 
 /// The `sqlite3` CLI (Debian's SQLite, not the bundled one) on `db`.
 fn cli(db: &Path, sql: &str) -> Result<String, String> {

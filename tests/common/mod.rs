@@ -489,3 +489,24 @@ fn terminate(child: &mut Child, grace: Duration) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Polls `ok` every 50 ms until it holds; fails the test after `limit`.
+/// Returns how long it took.
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t = std::time::Instant::now();
+    while !ok() {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+/// A mount of its own identity `id` on the bucket of `env`.
+pub fn node(env: &[(String, String)], id: &str) -> mount::Mount {
+    let mut env = env.to_vec();
+    env.push(("MEMBRIDGE_NODE_ID".into(), id.into()));
+    mount::Mount::with_files(env, &[])
+}
