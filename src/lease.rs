@@ -906,6 +906,56 @@ impl LeaseClient {
         .into())
     }
 
+    /// `leadership select TARGET --force`: like [`LeaseClient::select`], but
+    /// a valid lease held by an old-tool node (see
+    /// [`crate::coexist::old_tool_holder`]: it can neither hand over nor be
+    /// waited for, its lease lasts an hour) is replaced at `epoch + 1` by
+    /// compare-and-swap on the ETag it was read with, and audited as
+    /// `select-force`. A lease held by a membridge node is never forced: that
+    /// node may be writing (use `select`, which asks it to hand over).
+    pub async fn select_force(&self, target: &str) -> Result<Select, LeaseError> {
+        self.may_hold(target)?;
+        for _ in 0..RACE_ROUNDS {
+            let v = match self.select(target).await? {
+                Select::NeedsHandover(v) => v,
+                done => return Ok(done),
+            };
+            let now = Utc::now();
+            let old_tool =
+                crate::coexist::old_tool_holder(self.store.as_ref(), &self.layout, &v.lease, now)
+                    .await?;
+            if !old_tool {
+                return Err(LeaseError::NotAllowed(format!(
+                    "--force replaces only a lease held by an old-tool node; {} holds it as a membridge node (its lease carries a membridge session or it publishes a heartbeat): run `membridge leadership select {target}` without --force, which asks it to hand over",
+                    v.lease.describe()
+                )));
+            }
+            let next = self.fresh(target, v.lease.epoch + 1, Some(&v.lease), None);
+            match self.put(&next, PutMode::IfMatch(v.etag.clone())).await {
+                Ok(etag) => {
+                    let reason = format!(
+                        "forced by {}: replaced a lease held by {}, an old-tool node that publishes no membridge history ({} s left of {} s)",
+                        self.node_id,
+                        v.lease.primary_node_id,
+                        v.lease.remaining(now).num_seconds(),
+                        v.lease.lease_seconds
+                    );
+                    self.audit("select-force", Some(&v.lease), &next, &reason)
+                        .await;
+                    return Ok(Select::Changed(Versioned { lease: next, etag }));
+                }
+                // Changed since it was read (the old tool renewed, a node
+                // took it): look again.
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::PreconditionFailed {
+            key: self.layout.lease(),
+        }
+        .into())
+    }
+
     /// The primary's side of a graceful hand-over, once it has flushed and
     /// published: writes the lease for `target` at `epoch + 1` if it still
     /// holds `held`, and withdraws `handover.json`. The target adopts it with

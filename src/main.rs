@@ -160,7 +160,13 @@ enum LeadershipCmd {
     Info,
     /// Make NODE the primary: at once if nobody holds the lease, else the
     /// primary is asked to flush and hand over; returns once NODE takes writes
-    Select { node: String },
+    Select {
+        node: String,
+        /// Replace a lease held by an old-tool node (which cannot hand over)
+        /// at once, by compare-and-swap on its ETag; audited
+        #[arg(long)]
+        force: bool,
+    },
     /// Policy follow: make this node the primary if the primary has been idle
     /// (no write for MEMBRIDGE_FOLLOW_IDLE_S); a busy primary keeps the lease
     /// (exit 3). Run by the Claude SessionStart hook and the `claude` wrapper
@@ -360,14 +366,32 @@ fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
             );
             Ok(())
         }
-        LeadershipCmd::Select { node } => {
+        LeadershipCmd::Select { node, force } => {
             let mut say = |line: &str| println!("membridge: {line}");
             if *node == cfg.node_id {
                 // This node's daemon takes the lease up the moment it comes.
                 let _ = daemon::request(cfg, "expect-lease");
             }
             block_on(async {
-                let v = c.request_handover(node, c.select_wait(), &mut say).await?;
+                let v = if *force {
+                    match c.select_force(node).await? {
+                        membridge::lease::Select::Changed(v) => {
+                            say(&format!(
+                                "{node} is primary now (epoch {}); the lease it replaced is in the audit log",
+                                v.lease.epoch
+                            ));
+                            v
+                        }
+                        membridge::lease::Select::Unchanged(v) => {
+                            say(&format!("{node} is primary already (epoch {})", v.lease.epoch));
+                            v
+                        }
+                        // select_force refuses rather than ask for a hand-over.
+                        membridge::lease::Select::NeedsHandover(v) => v,
+                    }
+                } else {
+                    c.request_handover(node, c.select_wait(), &mut say).await?
+                };
                 if let Some(why) = c.no_fresh_heartbeat(node).await {
                     say(&format!(
                         "{node} takes writes once its daemon runs and has caught up ({why})"

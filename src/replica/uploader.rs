@@ -1006,6 +1006,7 @@ impl Uploader {
                 &self.canonical_id,
                 &self.node_id,
                 &path,
+                Some(txid),
             )
             .await
             {

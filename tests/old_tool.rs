@@ -1,0 +1,319 @@
+//! Living beside the old tool (docs/MIGRATION.md): membridge nodes and
+//! old-tool nodes on one bucket, the old tool played by
+//! [`common::old_tool::OldTool`] (its bucket behaviour, re-implemented from
+//! `sqlite_minio_sync.py`).
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use membridge::remote::{Layout, ObjectStore};
+
+use common::mount::Mount;
+use common::old_tool::{OldTool, RC_OK, RC_SECONDARY_PUSH_BLOCKED};
+use common::{block_on, SeaweedFs};
+
+const DB: &str = "claude-mem.db";
+const OLD_HOLDER: &str = "an old-tool node that publishes no membridge history";
+
+fn env(
+    s3: &SeaweedFs,
+    bucket: &str,
+    project: &str,
+    node: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env = s3.env(bucket, project);
+    env.push(("MEMBRIDGE_NODE_ID".into(), node.into()));
+    for (k, v) in extra {
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An old-tool node's database: claude-mem's three counted tables, `rows`
+/// observations, in WAL mode as claude-mem keeps it.
+fn old_database(path: &Path, rows: usize) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL;
+         CREATE TABLE observations(id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT);
+         CREATE TABLE session_summaries(id INTEGER PRIMARY KEY AUTOINCREMENT, summary TEXT);
+         CREATE TABLE user_prompts(id INTEGER PRIMARY KEY AUTOINCREMENT, prompt TEXT);",
+    )
+    .unwrap();
+    for i in 0..rows {
+        c.execute(
+            "INSERT INTO observations(text) VALUES (?1)",
+            [format!("old {i}")],
+        )
+        .unwrap();
+    }
+}
+
+fn insert(db: &Path, text: &str) -> rusqlite::Result<usize> {
+    let c = rusqlite::Connection::open(db)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    c.execute("INSERT INTO observations(text) VALUES (?1)", [text])
+}
+
+fn count(db: &Path) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT COUNT(*) FROM observations", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn coexistence(m: &Mount) -> String {
+    m.status()["coexistence"].to_string()
+}
+
+/// Issue 15, items 1 and 6: an old-tool node whose clock runs 60 s ahead
+/// takes a live membridge primary's lease with a plain put of 3,600 s;
+/// status and doctor name it; `select --force` takes it back by CAS, audited.
+#[test]
+fn an_old_tool_lease_is_named_and_taken_back_by_force() {
+    let s3 = SeaweedFs::shared();
+    let bucket = s3.new_bucket("old-lease");
+    let project = "old-lease";
+    let m = Mount::with_files(
+        env(
+            s3,
+            &bucket,
+            project,
+            "m1",
+            &[("LEADERSHIP_LEASE_SECONDS", "6")],
+        ),
+        &[],
+    );
+    wait_for("primary", Duration::from_secs(15), || {
+        m.status()["role"] == "primary"
+    });
+    let db = m.dir.join(DB);
+    old_database(&db, 3);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut old = OldTool::new(s3, &bucket, project, "OLD1", &tmp.path().join(DB));
+    old.primary_node_id = "OLD1".into();
+    old.clock_ahead_s = 60;
+    let (role, lease) = old.leadership_info();
+    assert_eq!(role, "primary", "{:?}", old.log);
+    assert_eq!(lease["lease_seconds"], 3600);
+
+    // membridge loses its lease at the next renewal and says why.
+    wait_for("m1 to step down", Duration::from_secs(20), || {
+        m.status()["role"] != "primary"
+    });
+    wait_for(
+        "status to name the old tool",
+        Duration::from_secs(15),
+        || coexistence(&m).contains(OLD_HOLDER),
+    );
+    assert!(coexistence(&m).contains("OLD1"), "{}", coexistence(&m));
+    assert!(insert(&db, "refused").is_err(), "writes are refused");
+    let o = m.run(&["doctor", m.dir.to_str().unwrap()]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{out}");
+    assert!(out.contains(OLD_HOLDER), "{out}");
+    assert!(out.contains("leadership select m1 --force"), "{out}");
+
+    // Without --force a membridge-held lease is never replaced; with it the
+    // old tool's is, at once.
+    let t = Instant::now();
+    let o = m.run(&["leadership", "select", "m1", "--force"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    wait_for("m1 primary again", Duration::from_secs(20), || {
+        m.status()["role"] == "primary"
+    });
+    assert!(t.elapsed() < Duration::from_secs(20));
+    insert(&db, "after force").unwrap();
+    let store = s3.store(&bucket);
+    let l = Layout::new(&membridge::config::canonical_id(project));
+    let audit = block_on(async {
+        let mut found = Vec::new();
+        for o in store.list(&l.audit_prefix()).await.unwrap() {
+            let body = store.get(&o.key).await.unwrap().body;
+            found.push(serde_json::from_slice::<serde_json::Value>(&body).unwrap());
+        }
+        found
+    });
+    let forced: Vec<_> = audit
+        .iter()
+        .filter(|e| e["event"] == "select-force")
+        .collect();
+    assert_eq!(forced.len(), 1, "{audit:?}");
+    assert_eq!(forced[0]["from"], "OLD1");
+    assert_eq!(forced[0]["to"], "m1");
+    let o = m.run(&["leadership", "select", "m2", "--force"]);
+    assert!(
+        !o.status.success(),
+        "a membridge primary's lease is not forced"
+    );
+    assert!(text(&o).contains("without --force"), "{}", text(&o));
+    wait_for("the note to clear", Duration::from_secs(15), || {
+        !coexistence(&m).contains(OLD_HOLDER)
+    });
+
+    // The way to keep it so (docs/MIGRATION.md): no PRIMARY_NODE_ID naming
+    // the old node itself. Its push is then refused, however its clock runs.
+    old.primary_node_id.clear();
+    old_database(&old.db, 1);
+    assert_eq!(
+        old.push_sqlite(),
+        RC_SECONDARY_PUSH_BLOCKED,
+        "{:?}",
+        old.log
+    );
+    assert_eq!(m.status()["role"], "primary");
+}
+
+/// Issue 15, item 6: migrate does not say "follows OLD1" of an expired
+/// lease; a node migrated under a live old-tool lease is DEGRADED, and says
+/// what to do.
+#[test]
+fn following_an_old_tool_primary_is_degraded() {
+    let s3 = SeaweedFs::shared();
+    let bucket = s3.new_bucket("old-follow");
+    let project = "old-follow";
+    let tmp = tempfile::tempdir().unwrap();
+    let mut old = OldTool::new(s3, &bucket, project, "OLD1", &tmp.path().join(DB));
+    old_database(&old.db, 4);
+    old.primary_node_id = "OLD1".into();
+    old.lease_seconds = 1;
+    assert_eq!(old.push_sqlite(), RC_OK, "{:?}", old.log);
+    std::thread::sleep(Duration::from_millis(2100));
+
+    let m = Mount::prepared(env(s3, &bucket, project, "m1", &[]), &[]);
+    let dir = m.dir.to_str().unwrap().to_string();
+    let o = m.run(&["migrate", "--dry-run", &dir]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(!out.contains("follows OLD1"), "{out}");
+    assert!(out.contains("expired"), "{out}");
+
+    // The old node runs again (a session starts): an hour's lease.
+    old.lease_seconds = 3600;
+    assert_eq!(old.leadership_info().0, "primary");
+    let o = m.run(&["migrate", &dir]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("holds it with the old tool"), "{out}");
+    m.mount();
+    assert_eq!(count(&m.dir.join(DB)), 4);
+    let o = m.run(&["doctor", &dir]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{out}");
+    assert!(out.contains(OLD_HOLDER), "{out}");
+    assert!(out.contains("STATUS: DEGRADED"), "{out}");
+}
+
+/// Issue 15, items 4 and 5: the legacy copy follows the primary within
+/// MEMBRIDGE_LEGACY_REFRESH_S; an old-tool push beside membridge is noticed,
+/// its snapshot kept aside (nothing lost), and the copy refreshed again.
+#[test]
+fn the_legacy_copy_stays_fresh_and_old_tool_overwrites_are_kept() {
+    let s3 = SeaweedFs::shared();
+    let bucket = s3.new_bucket("old-fresh");
+    let project = "old-fresh";
+    let tmp = tempfile::tempdir().unwrap();
+    let mut old = OldTool::new(s3, &bucket, project, "OLD1", &tmp.path().join(DB));
+    old_database(&old.db, 2);
+    old.leadership_enabled = false;
+    assert_eq!(old.push_sqlite(), RC_OK, "{:?}", old.log);
+
+    let m = Mount::prepared(
+        env(
+            s3,
+            &bucket,
+            project,
+            "m1",
+            &[("MEMBRIDGE_LEGACY_REFRESH_S", "2")],
+        ),
+        &[],
+    );
+    let dir = m.dir.to_str().unwrap().to_string();
+    let o = m.run(&["migrate", &dir]);
+    assert!(o.status.success(), "{}", text(&o));
+    m.mount();
+    wait_for("primary", Duration::from_secs(15), || {
+        m.status()["role"] == "primary"
+    });
+    let db = m.dir.join(DB);
+    for i in 0..5 {
+        insert(&db, &format!("membridge {i}")).unwrap();
+    }
+    let t = Instant::now();
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let mut reader = OldTool::new(s3, &bucket, project, "OLD2", &other.join(DB));
+    wait_for(
+        "the old tool to pull every row",
+        Duration::from_secs(15),
+        || reader.pull_sqlite() == RC_OK && count(&reader.db) == 7,
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let st = m.status();
+    assert_eq!(st["legacy"]["by_membridge"], true, "{st}");
+    assert_eq!(st["legacy"]["refresh_seconds"], 2, "{st}");
+    let o = m.run(&["doctor", &dir]);
+    let out = text(&o);
+    assert!(out.contains("legacy copy"), "{out}");
+    assert_eq!(o.status.code(), Some(0), "{out}");
+
+    // An old-tool node with ALLOW_SECONDARY_PUSH=1 pushes its own rows.
+    old.leadership_enabled = true;
+    old.allow_secondary_push = true;
+    insert(&old.db, "only on OLD1").unwrap();
+    assert_eq!(old.push_sqlite(), RC_OK, "{:?}", old.log);
+    wait_for(
+        "the overwrite to be noticed",
+        Duration::from_secs(15),
+        || coexistence(&m).contains("overwrote"),
+    );
+    wait_for("the copy to be listed", Duration::from_secs(15), || {
+        m.status()["replaced"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    });
+    let st = m.status();
+    let replaced = st["replaced"].as_array().cloned().unwrap_or_default();
+    assert_eq!(replaced.len(), 1, "{st}");
+    let copy = replaced[0].as_str().unwrap();
+    let kept = rusqlite::Connection::open(copy).unwrap();
+    let n: i64 = kept
+        .query_row(
+            "SELECT COUNT(*) FROM observations WHERE text = 'only on OLD1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the old tool's row is kept");
+    let o = m.run(&["doctor", &dir]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{out}");
+    assert!(out.contains("overwrote"), "{out}");
+    // ...and the old tool's nodes get membridge's copy again.
+    wait_for(
+        "the copy to be membridge's again",
+        Duration::from_secs(15),
+        || reader.pull_sqlite() == RC_OK && count(&reader.db) == 7,
+    );
+}
