@@ -422,3 +422,118 @@ impl LegacyWatch {
         Ok(true)
     }
 }
+
+/// What `migrate --rollback` did in the bucket.
+#[derive(Debug, Clone)]
+pub struct RolledBack {
+    /// The txid of `claude-mem.db` the legacy copy now holds.
+    pub txid: u64,
+    pub sha256: String,
+    /// The lease written for the old tool.
+    pub lease: Lease,
+    /// The other machines known to membridge (by their heartbeats).
+    pub others: Vec<String>,
+}
+
+/// `migrate --rollback`, the bucket's part (the caller has published and
+/// unmounted this node first): the head of `claude-mem.db` becomes the old
+/// tool's copy, and a lease the old tool accepts names `to` for an hour.
+pub async fn rollback_bucket(
+    cfg: &crate::config::Config,
+    store: Arc<dyn ObjectStore>,
+    to: &str,
+) -> Result<RolledBack, String> {
+    let layout = Layout::for_config(cfg);
+    let client = crate::lease::LeaseClient::new(cfg, store.clone());
+    let store = store.as_ref();
+    // Refuse before anything changes while a membridge primary still runs.
+    if let Some(v) = client.read().await.map_err(|e| e.to_string())? {
+        let now = Utc::now();
+        if client.seen_held(&v.lease, now)
+            && !old_tool_holder(store, &layout, &v.lease, now)
+                .await
+                .map_err(|e| e.to_string())?
+        {
+            return Err(format!(
+                "{} holds the lease as a membridge primary: run the rollback there, or unmount it first",
+                v.lease.describe()
+            ));
+        }
+    }
+    let dir = reports_dir(&cfg.state_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let image = dir.join("rollback.db");
+    let _ = std::fs::remove_file(&image);
+    let r = crate::replica::restore::restore(
+        store,
+        &layout,
+        &cfg.canonical_id,
+        LEGACY_DB,
+        crate::replica::restore::Target::Latest,
+        &image,
+        false,
+    )
+    .await
+    .map_err(|e| format!("restoring the head of {LEGACY_DB}: {e}"))?;
+    let published = legacy::publish_legacy_at(
+        store,
+        &layout,
+        &cfg.project_id,
+        &cfg.canonical_id,
+        &cfg.node_id,
+        &image,
+        Some(r.txid),
+    )
+    .await
+    .map_err(|e| e.to_string());
+    let _ = std::fs::remove_file(&image);
+    let published = published?;
+    let lease = client
+        .hand_to_old_tool(to, OLD_TOOL_LEASE_SECONDS)
+        .await
+        .map_err(|e| e.to_string())?
+        .lease;
+    let mut others: Vec<String> =
+        crate::lease::list_nodes(store, &layout, DEFAULT_HEARTBEAT_INTERVAL, Utc::now())
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter_map(|n| n.heartbeat.ok().map(|h| h.node_id))
+            .filter(|n| n != to)
+            .collect();
+    others.sort();
+    others.dedup();
+    Ok(RolledBack {
+        txid: r.txid,
+        sha256: published.manifest.sha256,
+        lease,
+        others,
+    })
+}
+
+/// The old tool's settings for each machine after a rollback to `to`
+/// (what the real script reads: `MEMBRIDGE_NODE_ID` or the host name is its
+/// node id; it renews an expired lease only where `PRIMARY_NODE_ID` names
+/// itself; `LEADERSHIP_ENABLED=0` and `ALLOW_SECONDARY_PUSH=1` let a node
+/// push over the primary's copy).
+pub fn rollback_settings(to: &str, others: &[String], local_is_head: bool) -> String {
+    let common = format!(
+        "PRIMARY_NODE_ID={to}  LEADERSHIP_ENABLED=1 (or unset)  ALLOW_SECONDARY_PUSH unset"
+    );
+    let mut s = format!(
+        "on {to} (the old tool's primary): `membridge unmount` if still mounted; in ~/.claude-mem-minio/config.env: \
+         {common}  MEMBRIDGE_NODE_ID={to} unless that is its host name; put the old SessionStart/Stop hooks back; {}\n",
+        if local_is_head {
+            "its claude-mem.db is the head already".to_string()
+        } else {
+            "fetch the head once: ALLOW_PRIMARY_PULL_OVERRIDE=1 python3 sqlite_minio_sync.py pull_sqlite".to_string()
+        }
+    );
+    for o in others {
+        s += &format!(
+            "on {o}: `membridge unmount`; in ~/.claude-mem-minio/config.env: {common}  MEMBRIDGE_NODE_ID={o} unless that is its host name; put the old hooks back; then `python3 sqlite_minio_sync.py pull_sqlite` (cm-pull)\n"
+        );
+    }
+    s += "on any other old-tool machine: the same settings as the line above; never PRIMARY_NODE_ID naming itself\n";
+    s
+}

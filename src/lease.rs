@@ -956,6 +956,66 @@ impl LeaseClient {
         .into())
     }
 
+    /// `migrate --rollback`: a lease the old tool accepts as its own, naming
+    /// `target` for `seconds` (its policy, no membridge session), at
+    /// `epoch + 1`, by compare-and-swap; audited as `rollback`. Refused while
+    /// a membridge node holds a valid lease (it must unmount first: it would
+    /// keep writing).
+    pub async fn hand_to_old_tool(
+        &self,
+        target: &str,
+        seconds: u64,
+    ) -> Result<Versioned, LeaseError> {
+        validate_node_id(target).map_err(LeaseError::NotAllowed)?;
+        for _ in 0..RACE_ROUNDS {
+            let now = Utc::now();
+            let current = self.read().await?;
+            if let Some(v) = &current {
+                let membridge_holder = self.seen_held(&v.lease, now)
+                    && !crate::coexist::old_tool_holder(
+                        self.store.as_ref(),
+                        &self.layout,
+                        &v.lease,
+                        now,
+                    )
+                    .await?;
+                if membridge_holder {
+                    return Err(LeaseError::NotAllowed(format!(
+                        "{} holds the lease as a membridge primary: unmount it first (membridge unmount, or run the rollback there)",
+                        v.lease.describe()
+                    )));
+                }
+            }
+            let epoch = current.as_ref().map_or(1, |v| v.lease.epoch + 1);
+            let mut next = self.fresh(target, epoch, current.as_ref().map(|v| &v.lease), None);
+            next.policy = crate::coexist::OLD_TOOL_POLICY.to_string();
+            next.lease_seconds = seconds;
+            next.expires_at = next.issued_at + chrono::Duration::seconds(seconds as i64);
+            let mode = match &current {
+                Some(v) => PutMode::IfMatch(v.etag.clone()),
+                None => PutMode::CreateOnly,
+            };
+            match self.put(&next, mode).await {
+                Ok(etag) => {
+                    self.audit(
+                        "rollback",
+                        current.as_ref().map(|v| &v.lease),
+                        &next,
+                        "migrate --rollback: the project goes back to the old tool",
+                    )
+                    .await;
+                    return Ok(Versioned { lease: next, etag });
+                }
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::PreconditionFailed {
+            key: self.layout.lease(),
+        }
+        .into())
+    }
+
     /// The primary's side of a graceful hand-over, once it has flushed and
     /// published: writes the lease for `target` at `epoch + 1` if it still
     /// holds `held`, and withdraws `handover.json`. The target adopts it with

@@ -246,6 +246,25 @@ pub async fn run(
     if let Some(v) = &b.manifest {
         let m = &v.manifest;
         let head = m.databases.get(DB);
+        if let Some(lm) = b
+            .legacy_manifest
+            .as_ref()
+            .filter(|lm| crate::coexist::newer_than_head(lm, &m.updated_at))
+            .filter(|lm| {
+                crate::coexist::is_foreign(lm, m.adopted.as_ref().map(|a| a.sha256.as_str()))
+            })
+        {
+            say.info(format!(
+                "WARNING: {} was pushed by the old tool ({} at {}) after membridge's head (manifest updated by {} at {}): the old tool has newer data than membridge (a rollback?); mounting serves membridge's older copy. To bring the old tool's data back into membridge, delete {} and {} and migrate again (docs/MIGRATION.md, \"Coming back after a rollback\")",
+                layout.legacy_db(),
+                lm.source_host.as_deref().unwrap_or("?"),
+                lm.timestamp.as_deref().unwrap_or("?"),
+                m.updated_by,
+                m.updated_at,
+                layout.manifest(),
+                layout.db_prefix(DB)
+            ));
+        }
         let Some(a) = &m.adopted else {
             return Err(MigrateError::Conflict(format!(
                 "{} already holds a membridge manifest with different content (epoch {}, {}, updated by {} at {}), not written by migrate: this project is on membridge already; nothing adopted (just mount)",
@@ -263,23 +282,6 @@ pub async fn run(
                 && d.snapshot.as_ref().is_some_and(|s| s.txid == SEED_TXID)
         });
         let since = format!("adopted from {} by {} at {}", a.from_key, a.by, a.at);
-        if let Some(lm) = b
-            .legacy_manifest
-            .as_ref()
-            .filter(|lm| crate::coexist::newer_than_head(lm, &m.updated_at))
-            .filter(|lm| crate::coexist::is_foreign(lm, Some(a.sha256.as_str())))
-        {
-            say.info(format!(
-                "WARNING: {} was pushed by the old tool ({} at {}) after membridge's head (manifest updated by {} at {}): the old tool has newer data than membridge (a rollback?); mounting serves membridge's older copy. To bring the old tool's data back into membridge, delete {} and {} and migrate again (docs/MIGRATION.md, \"Coming back after a rollback\")",
-                layout.legacy_db(),
-                lm.source_host.as_deref().unwrap_or("?"),
-                lm.timestamp.as_deref().unwrap_or("?"),
-                m.updated_by,
-                m.updated_at,
-                layout.manifest(),
-                layout.db_prefix(DB)
-            ));
-        }
         if local_head.is_some() {
             return Ok(nothing(
                 &mut say,

@@ -317,3 +317,64 @@ fn the_legacy_copy_stays_fresh_and_old_tool_overwrites_are_kept() {
         || reader.pull_sqlite() == RC_OK && count(&reader.db) == 7,
     );
 }
+
+/// Issue 15, items 3 and 9: `migrate --rollback` hands the project back to
+/// the old tool as it really behaves (its primary pushes, the others pull and
+/// are refused a push); a bucket whose old-tool copy is then newer than
+/// membridge's head is flagged by doctor and migrate.
+#[test]
+fn rollback_hands_the_project_back_to_the_old_tool() {
+    let s3 = SeaweedFs::shared();
+    let bucket = s3.new_bucket("old-rollback");
+    let project = "old-rollback";
+    let m = Mount::with_files(env(s3, &bucket, project, "m1", &[]), &[]);
+    wait_for("primary", Duration::from_secs(15), || {
+        m.status()["role"] == "primary"
+    });
+    let db = m.dir.join(DB);
+    old_database(&db, 3);
+    let dir = m.dir.to_str().unwrap().to_string();
+
+    let o = m.run(&["migrate", "--rollback", &dir]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(!m.is_mounted(), "{out}");
+    for want in [
+        "PRIMARY_NODE_ID=m1",
+        "on m1",
+        "put the old SessionStart/Stop hooks back",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut other = OldTool::new(s3, &bucket, project, "OLD2", &tmp.path().join(DB));
+    other.primary_node_id = "m1".into();
+    assert_eq!(other.pull_sqlite(), RC_OK, "{:?}", other.log);
+    assert_eq!(
+        count(&other.db),
+        3,
+        "the old tool's copy is membridge's head"
+    );
+    let mut primary = OldTool::new(s3, &bucket, project, "m1", &db);
+    primary.primary_node_id = "m1".into();
+    insert(&db, "after rollback").unwrap();
+    assert_eq!(primary.push_sqlite(), RC_OK, "{:?}", primary.log);
+    assert_eq!(
+        other.push_sqlite(),
+        RC_SECONDARY_PUSH_BLOCKED,
+        "{:?}",
+        other.log
+    );
+    assert_eq!(other.pull_sqlite(), RC_OK, "{:?}", other.log);
+    assert_eq!(count(&other.db), 4);
+
+    // A stray membridge command on a machine afterwards sees it.
+    let o = m.run(&["doctor", &dir]);
+    let out = text(&o);
+    assert!(out.contains("NEWER than membridge's head"), "{out}");
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    let o = m.run(&["migrate", "--dry-run", &dir]);
+    let out = text(&o);
+    assert!(out.contains("newer data than membridge"), "{out}");
+}
