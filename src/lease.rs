@@ -96,6 +96,9 @@ pub const SESSION_FIELD: &str = "membridge_session";
 /// Set by a release: who released the lease, and when (Unix seconds).
 pub const RELEASED_BY_FIELD: &str = "released_by";
 pub const RELEASED_AT_FIELD: &str = "released_at";
+/// Set by `migrate --rollback` on the lease it writes for the old tool: no
+/// membridge node adopts it (the old tool drops it at its first renewal).
+pub const ROLLBACK_FIELD: &str = "membridge_rollback";
 
 /// How many times an operation re-reads and retries after losing a race on the
 /// lease (a conditional write that failed because someone else wrote first).
@@ -559,7 +562,12 @@ impl LeaseClient {
         let issued_at = DateTime::from_timestamp(issued, 0).unwrap_or(now);
         let secs = self.lease_seconds();
         let mut extra = base.map(|b| b.extra.clone()).unwrap_or_default();
-        for k in [SESSION_FIELD, RELEASED_BY_FIELD, RELEASED_AT_FIELD] {
+        for k in [
+            SESSION_FIELD,
+            RELEASED_BY_FIELD,
+            RELEASED_AT_FIELD,
+            ROLLBACK_FIELD,
+        ] {
             extra.remove(k);
         }
         if let Some(s) = session {
@@ -626,6 +634,12 @@ impl LeaseClient {
                     }
                     let mine = l.session() == Some(self.session.as_str());
                     let how = match l.session() {
+                        // Written by `migrate --rollback` for the old tool
+                        // on this machine: a stray mount must not take the
+                        // project back from it (docs/MIGRATION.md).
+                        None if l.extra.contains_key(ROLLBACK_FIELD) => {
+                            return Ok(Acquire::HeldBy(v.clone()))
+                        }
                         None => How::Adopted,
                         Some(_) if mine || at_start => How::Reclaimed,
                         Some(_) => return Ok(Acquire::HeldBy(v.clone())),
@@ -989,6 +1003,7 @@ impl LeaseClient {
             let epoch = current.as_ref().map_or(1, |v| v.lease.epoch + 1);
             let mut next = self.fresh(target, epoch, current.as_ref().map(|v| &v.lease), None);
             next.policy = crate::coexist::OLD_TOOL_POLICY.to_string();
+            next.extra.insert(ROLLBACK_FIELD.into(), Value::Bool(true));
             next.lease_seconds = seconds;
             next.expires_at = next.issued_at + chrono::Duration::seconds(seconds as i64);
             let mode = match &current {

@@ -377,4 +377,17 @@ fn rollback_hands_the_project_back_to_the_old_tool() {
     let o = m.run(&["migrate", "--dry-run", &dir]);
     let out = text(&o);
     assert!(out.contains("newer data than membridge"), "{out}");
+
+    // A stray mount does not take the project back from the old tool: it
+    // stays read-only, and the old tool's newer copy is kept aside.
+    m.mount();
+    wait_for(
+        "the old tool's copy kept aside",
+        Duration::from_secs(20),
+        || coexistence(&m).contains("overwrote"),
+    );
+    assert_ne!(m.status()["role"], "primary");
+    assert!(insert(&db, "stray").is_err());
+    assert_eq!(other.pull_sqlite(), RC_OK, "{:?}", other.log);
+    assert_eq!(count(&other.db), 4, "the old tool's copy is not replaced");
 }
