@@ -650,7 +650,9 @@ fn check_installed(home: Option<&Path>, report: &mut DoctorReport, out: &mut dyn
             format!("no SessionStart hook in {shown} mentions membridge (see mount-scripts/)")
         },
     );
-    const OLD_HOOKS: [&str; 5] = [
+    const OLD_HOOKS: [&str; 7] = [
+        "claude-mem-hook-pull",
+        "claude-mem-hook-push",
         "claude-mem-pull",
         "claude-mem-push",
         "sqlite_minio_sync",
