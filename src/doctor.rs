@@ -233,7 +233,12 @@ pub async fn run_full(cfg: &Config, local: &Local, out: &mut dyn Write) -> Docto
         check_replication(doc, &mut report, out);
     }
     if let Some(doc) = &doc {
-        for c in &doc.coexistence {
+        // The lease line says it already, from the bucket itself.
+        for c in doc
+            .coexistence
+            .iter()
+            .filter(|c| !c.starts_with("the lease"))
+        {
             report.record(out, Status::Warn, "old tool", c.as_str());
         }
     }

@@ -390,4 +390,26 @@ fn rollback_hands_the_project_back_to_the_old_tool() {
     assert!(insert(&db, "stray").is_err());
     assert_eq!(other.pull_sqlite(), RC_OK, "{:?}", other.log);
     assert_eq!(count(&other.db), 4, "the old tool's copy is not replaced");
+
+    // An old pull hook left on this (read-only) machine fails before it
+    // downloads a database into the mount (issue 15, item 8).
+    let mut hook = OldTool::new(s3, &bucket, project, "m1-hook", &db);
+    assert_eq!(
+        hook.pull_sqlite(),
+        common::old_tool::RC_ERROR,
+        "{:?}",
+        hook.log
+    );
+    assert!(
+        hook.log.iter().any(|l| l.contains("mkstemp")),
+        "{:?}",
+        hook.log
+    );
+    let left: Vec<String> = std::fs::read_dir(&m.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tmp") || n == "backups")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

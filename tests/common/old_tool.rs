@@ -343,13 +343,28 @@ impl OldTool {
                 }
             }
         }
+        // [3/7] the download goes to `mkstemp(suffix=".db.tmp")` beside the
+        // database; failing to create it raises (a traceback, exit 1).
+        let tmp = self
+            .db
+            .parent()
+            .unwrap()
+            .join(format!("tmp{:08x}.db.tmp", rand::random::<u32>()));
+        if let Err(e) = std::fs::File::create_new(&tmp) {
+            self.say(format!("Traceback: mkstemp: {e}"));
+            return RC_ERROR;
+        }
         let Some(body) = self.get(&self.layout.legacy_db()) else {
+            let _ = std::fs::remove_file(&tmp);
             return RC_ERROR;
         };
+        std::fs::write(&tmp, &body).unwrap();
         if hex::encode(Sha256::digest(&body)) != remote_sha {
+            let _ = std::fs::remove_file(&tmp);
             self.say("  ERROR: SHA256 mismatch!".into());
             return RC_ERROR;
         }
+        // [5/7] the safety backup, then [7/7] the atomic replace.
         if self.db.exists() {
             let ts = chrono::Utc::now().format("%Y%m%d-%H%M%S%f");
             let dir = self
@@ -361,9 +376,10 @@ impl OldTool {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::copy(&self.db, dir.join("claude-mem.db")).unwrap();
         }
-        let tmp = self.db.with_extension("db.tmp");
-        std::fs::write(&tmp, &body).unwrap();
-        std::fs::rename(&tmp, &self.db).unwrap();
+        if let Err(e) = std::fs::rename(&tmp, &self.db) {
+            self.say(format!("Traceback: os.replace: {e}"));
+            return RC_ERROR;
+        }
         for side in ["-wal", "-shm"] {
             let mut p = self.db.as_os_str().to_os_string();
             p.push(side);
