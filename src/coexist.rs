@@ -287,13 +287,14 @@ impl LegacyWatch {
             if behind && primary && due && kept {
                 if let Some(h) = head.filter(|h| h.page_size > 0) {
                     let txid = h.uploaded_txid;
-                    self.publish(&h, txid).await?;
-                    mem.last_publish = Some(Instant::now());
-                    mem.behind_since = None;
-                    written.by_membridge = true;
-                    written.membridge_txid = Some(txid);
-                    written.source_host = Some(self.node_id.clone());
-                    written.timestamp = Some(Utc::now().to_rfc3339());
+                    if self.publish(&h, txid, &seen.etag).await? {
+                        mem.last_publish = Some(Instant::now());
+                        mem.behind_since = None;
+                        written.by_membridge = true;
+                        written.membridge_txid = Some(txid);
+                        written.source_host = Some(self.node_id.clone());
+                        written.timestamp = Some(Utc::now().to_rfc3339());
+                    }
                 }
             }
             legacy_status = Some(LegacyStatus {
@@ -319,7 +320,16 @@ impl LegacyWatch {
 
     /// The image of `h` at `txid`, built from the base image and the journal
     /// (never by reading the live database), published as the old tool's copy.
-    async fn publish(&self, h: &crate::journal::DbHead, txid: u64) -> Result<(), String> {
+    /// `Ok(false)`: not published, because `sqlite/manifest.json` is no
+    /// longer at `etag` (the old tool pushed since it was read; the next
+    /// round keeps that copy first). Plain puts cannot close this window
+    /// entirely; it is as long as the upload.
+    async fn publish(
+        &self,
+        h: &crate::journal::DbHead,
+        txid: u64,
+        etag: &str,
+    ) -> Result<bool, String> {
         let dir = reports_dir(&self.state_dir);
         let out = dir.join("refresh.db");
         let (journal, base_dir, h2, out2) = (
@@ -336,6 +346,13 @@ impl LegacyWatch {
         })
         .await
         .map_err(|e| e.to_string())??;
+        let current = read_legacy(self.store.as_ref(), &self.layout)
+            .await
+            .map_err(|e| e.to_string())?;
+        if current.is_some_and(|c| c.etag != etag) {
+            let _ = std::fs::remove_file(&out);
+            return Ok(false);
+        }
         let res = legacy::publish_legacy_at(
             self.store.as_ref(),
             &self.layout,
@@ -353,7 +370,7 @@ impl LegacyWatch {
             txid,
             "legacy copy sqlite/claude-mem.db refreshed for old-tool nodes"
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Keeps the old tool's copy under `replaced/` with a report under

@@ -413,3 +413,173 @@ fn rollback_hands_the_project_back_to_the_old_tool() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Every `observations.text` of a database file (read-only).
+fn texts(db: &Path) -> Vec<String> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut st = c.prepare("SELECT text FROM observations").unwrap();
+    let v = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .unwrap();
+    v
+}
+
+/// The databases a mount set aside (`replaced/`, `divergent/`).
+fn set_aside(m: &Mount, project: &str) -> Vec<std::path::PathBuf> {
+    let state = m.state.join(membridge::config::canonical_id(project));
+    let mut out = Vec::new();
+    for sub in ["replaced", "divergent"] {
+        for e in std::fs::read_dir(state.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = e.path();
+            let n = p.to_string_lossy().into_owned();
+            let sidecar = [".json", ".resolved", ".check", "-wal", "-shm", ".tmp"]
+                .iter()
+                .any(|s| n.ends_with(s));
+            if !sidecar {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Issue 15, acceptance: two membridge nodes and one old-tool node through a
+/// compressed hour of sessions, each misconfiguration of the old node tried
+/// once. Whenever a membridge node is read-only because of the old tool,
+/// doctor says why; every row written anywhere ends in the primary's
+/// database or in a copy a membridge node kept aside.
+#[test]
+fn a_mixed_fleet_loses_nothing_and_always_says_why() {
+    let s3 = SeaweedFs::shared();
+    let bucket = s3.new_bucket("old-fleet");
+    let project = "old-fleet";
+    let extra = [
+        ("LEADERSHIP_LEASE_SECONDS", "6"),
+        ("MEMBRIDGE_LEGACY_REFRESH_S", "2"),
+    ];
+    let mut written: Vec<String> = Vec::new();
+    let tmp = tempfile::tempdir().unwrap();
+
+    // The old world: OLD1 is the old tool's primary (PRIMARY_NODE_ID=OLD1).
+    let mut old = OldTool::new(s3, &bucket, project, "OLD1", &tmp.path().join(DB));
+    old_database(&old.db, 3);
+    written.extend((0..3).map(|i| format!("old {i}")));
+    old.primary_node_id = "OLD1".into();
+    assert_eq!(old.push_sqlite(), RC_OK, "{:?}", old.log);
+
+    // m1 migrates and mounts under OLD1's hour-long lease; m2 joins.
+    let m1 = Mount::prepared(env(s3, &bucket, project, "m1", &extra), &[]);
+    let o = m1.run(&["migrate", m1.dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    m1.mount();
+    let m2 = Mount::with_files(env(s3, &bucket, project, "m2", &extra), &[]);
+    let says_why = |m: &Mount| {
+        let o = m.run(&["doctor", m.dir.to_str().unwrap()]);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(4), "{out}");
+        assert!(out.contains(OLD_HOLDER), "{out}");
+    };
+    let primary = |m: &Mount| m.status()["role"] == "primary";
+    let force = |m: &Mount, node: &str| {
+        let o = m.run(&["leadership", "select", node, "--force"]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    says_why(&m1);
+    says_why(&m2);
+    // The fix doctor names: OLD1 stops naming itself; the lease comes back.
+    old.primary_node_id = "m1".into();
+    force(&m1, "m1");
+    wait_for("m1 primary", Duration::from_secs(20), || primary(&m1));
+
+    let write = |m: &Mount, written: &mut Vec<String>, tag: &str| {
+        for i in 0..2 {
+            let t = format!("{tag} {i}");
+            // As an application would while a role change settles (a new
+            // primary's view may refuse the first write for a moment).
+            let start = Instant::now();
+            while let Err(e) = insert(&m.dir.join(DB), &t) {
+                assert!(start.elapsed() < Duration::from_secs(10), "{t}: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            written.push(t);
+        }
+    };
+    let caught_up = |m: &Mount, n: usize| {
+        wait_for("the follower to catch up", Duration::from_secs(20), || {
+            texts(&m.dir.join(DB)).len() >= n
+        });
+    };
+    for round in 0..6 {
+        let (p, s) = if primary(&m2) { (&m2, &m1) } else { (&m1, &m2) };
+        write(p, &mut written, &format!("round {round}"));
+        caught_up(s, texts(&p.dir.join(DB)).len());
+        // OLD1's session: it pulls (secondary, as configured).
+        let _ = old.pull_sqlite();
+        match round {
+            1 => {
+                // ALLOW_SECONDARY_PUSH=1: its own row over sqlite/.
+                old.allow_secondary_push = true;
+                insert(&old.db, "OLD1 secondary push").unwrap();
+                written.push("OLD1 secondary push".into());
+                assert_eq!(old.push_sqlite(), RC_OK, "{:?}", old.log);
+                old.allow_secondary_push = false;
+                wait_for("the copy kept", Duration::from_secs(15), || {
+                    coexistence(&m1).contains("overwrote")
+                });
+            }
+            2 => {
+                // LEADERSHIP_ENABLED=0: the same, without the lease check.
+                old.leadership_enabled = false;
+                insert(&old.db, "OLD1 without leadership").unwrap();
+                written.push("OLD1 without leadership".into());
+                assert_eq!(old.push_sqlite(), RC_OK, "{:?}", old.log);
+                old.leadership_enabled = true;
+            }
+            3 => {
+                // PRIMARY_NODE_ID=OLD1 with a clock 60 s ahead: the lease.
+                old.primary_node_id = "OLD1".into();
+                old.clock_ahead_s = 60;
+                assert_eq!(old.leadership_info().0, "primary");
+                wait_for("m1 read-only", Duration::from_secs(20), || !primary(&m1));
+                says_why(&m1);
+                says_why(&m2);
+                old.primary_node_id = "m1".into();
+                force(&m1, "m1");
+                wait_for("m1 primary again", Duration::from_secs(20), || primary(&m1));
+            }
+            4 => {
+                // m1 unmounts cleanly; OLD1 (configured right) leaves the
+                // released lease alone; m2 takes it and writes; m1 returns.
+                m1.unmount();
+                let _ = old.doctor();
+                wait_for("m2 primary", Duration::from_secs(20), || primary(&m2));
+                write(&m2, &mut written, "m2 while m1 was away");
+                m1.mount();
+                caught_up(&m1, texts(&m2.dir.join(DB)).len());
+            }
+            _ => {}
+        }
+    }
+    let (head, other) = if primary(&m2) { (&m2, &m1) } else { (&m1, &m2) };
+    write(head, &mut written, "last");
+    caught_up(other, texts(&head.dir.join(DB)).len());
+    let mut everywhere: Vec<String> = texts(&head.dir.join(DB));
+    for m in [&m1, &m2] {
+        for copy in set_aside(m, project) {
+            everywhere.extend(texts(&copy));
+        }
+    }
+    let lost: Vec<&String> = written.iter().filter(|t| !everywhere.contains(t)).collect();
+    assert!(lost.is_empty(), "rows lost: {lost:?}");
+    // The old node ends with the primary's data.
+    wait_for("OLD1 to pull the head", Duration::from_secs(15), || {
+        old.pull_sqlite() == RC_OK && texts(&old.db).contains(&"last 1".to_string())
+    });
+}
