@@ -84,6 +84,9 @@ pub enum LegacyError {
     },
     #[error("{key}: not the old tool's manifest: {why}")]
     Malformed { key: String, why: String },
+    /// The copy there was not written by membridge: left to the legacy watch.
+    #[error("{key} was written by the old tool: left for the legacy watch, which keeps it aside before replacing it")]
+    NotOurs { key: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -225,6 +228,9 @@ pub async fn publish_legacy_at(
 
 /// [`publish_legacy`] under the name the uploader calls it by (`txid`: the
 /// image's, recorded in the manifest so that `status` can show its age).
+/// A copy membridge did not write (the old tool's) is left for
+/// `coexist::LegacyWatch`, which keeps it aside before replacing it
+/// (docs/ARCHITECTURE.md, "Living beside the old tool").
 pub async fn publish(
     store: &dyn ObjectStore,
     layout: &Layout,
@@ -234,6 +240,16 @@ pub async fn publish(
     image: &Path,
     txid: Option<u64>,
 ) -> Result<LegacyPublished, LegacyError> {
+    let key = layout.legacy_manifest();
+    match store.get(&key).await {
+        Ok(got) => {
+            if !read_manifest(&key, &got.body).is_ok_and(|m| m.by_membridge) {
+                return Err(LegacyError::NotOurs { key });
+            }
+        }
+        Err(StoreError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
     publish_legacy_at(
         store,
         layout,
