@@ -554,3 +554,69 @@ pub fn rollback_settings(to: &str, others: &[String], local_is_head: bool) -> St
     s += "on any other old-tool machine: the same settings as the line above; never PRIMARY_NODE_ID naming itself\n";
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(policy: &str, extra: serde_json::Value) -> Lease {
+        let mut v = serde_json::json!({
+            "canonical_id": "c", "primary_node_id": "OLD1", "issued_at": 1,
+            "expires_at": 3601, "lease_seconds": 3600, "epoch": 2,
+            "policy": policy, "issued_by": "OLD1"
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        Lease::parse("l", &serde_json::to_vec(&v).unwrap(), "c").unwrap()
+    }
+
+    #[test]
+    fn only_the_old_tools_own_leases_count_as_written_by_it() {
+        assert!(written_by_old_tool(&lease(
+            OLD_TOOL_POLICY,
+            serde_json::json!({})
+        )));
+        // membridge's: its policy, or a session, or released.
+        assert!(!written_by_old_tool(&lease("auto", serde_json::json!({}))));
+        assert!(!written_by_old_tool(&lease(
+            OLD_TOOL_POLICY,
+            serde_json::json!({"membridge_session": "s"})
+        )));
+        assert!(!written_by_old_tool(&lease(
+            OLD_TOOL_POLICY,
+            serde_json::json!({"released_by": "m1"})
+        )));
+    }
+
+    #[test]
+    fn foreign_and_newer_copies() {
+        let old = LegacyManifestFields {
+            sha256: Some("aa".into()),
+            timestamp: Some("2026-02-25T10:11:12.123456+00:00".into()),
+            ..Default::default()
+        };
+        assert!(is_foreign(&old, None));
+        assert!(!is_foreign(&old, Some("aa")), "the adopted snapshot");
+        let ours = LegacyManifestFields {
+            by_membridge: true,
+            ..old.clone()
+        };
+        assert!(!is_foreign(&ours, None));
+        assert!(newer_than_head(&old, "2026-02-25T10:00:00+00:00"));
+        assert!(!newer_than_head(&old, "2026-02-25T11:00:00Z"));
+        assert!(!newer_than_head(&ours, "2026-02-25T10:00:00+00:00"));
+        assert!(!newer_than_head(&old, "not a time"));
+    }
+
+    #[test]
+    fn old_tool_temp_files_are_recognised() {
+        use crate::fs::class::is_old_tool_temp;
+        use std::ffi::OsStr;
+        assert!(is_old_tool_temp(OsStr::new("tmpab12_x9.db.tmp")));
+        assert!(is_old_tool_temp(OsStr::new("tmpq0w9e8.snap.db")));
+        assert!(!is_old_tool_temp(OsStr::new("claude-mem.db")));
+        assert!(!is_old_tool_temp(OsStr::new("claude-mem.db.tmp")));
+        assert!(!is_old_tool_temp(OsStr::new("tmp.log")));
+    }
+}
