@@ -1161,6 +1161,22 @@ impl LeaseClient {
             }
             Select::NeedsHandover(v) => v,
         };
+        // An old-tool node never reads handover.json: waiting would only
+        // time out (docs/MIGRATION.md, "Old-tool nodes and the lease").
+        if crate::coexist::old_tool_holder(
+            self.store.as_ref(),
+            &self.layout,
+            &current.lease,
+            Utc::now(),
+        )
+        .await?
+        {
+            return Err(LeaseError::NotAllowed(format!(
+                "{} is an old-tool node ({} s left of its lease): it cannot hand over; fix its settings (docs/MIGRATION.md), then `membridge leadership select {target} --force`",
+                current.lease.describe(),
+                current.lease.remaining(Utc::now()).num_seconds()
+            )));
+        }
         let request = Handover::new(target, &self.node_id, current.lease.epoch);
         self.ask(request, &current.lease, wait, progress).await
     }

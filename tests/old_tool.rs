@@ -134,8 +134,13 @@ fn an_old_tool_lease_is_named_and_taken_back_by_force() {
     assert!(out.contains(OLD_HOLDER), "{out}");
     assert!(out.contains("leadership select m1 --force"), "{out}");
 
-    // Without --force a membridge-held lease is never replaced; with it the
-    // old tool's is, at once.
+    // Without --force, select says at once that the old node cannot hand
+    // over; with it the old tool's lease is replaced, at once.
+    let t = Instant::now();
+    let o = m.run(&["leadership", "select", "m1"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("--force"), "{}", text(&o));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let t = Instant::now();
     let o = m.run(&["leadership", "select", "m1", "--force"]);
     let out = text(&o);
