@@ -222,7 +222,7 @@ impl LegacyWatch {
         let mut mem = Memory::default();
         loop {
             if let Err(e) = self.round(&mut mem).await {
-                tracing::info!(error = %e, "legacy watch: will try again");
+                tracing::debug!(error = %e, "legacy watch: will try again");
             }
             tokio::time::sleep(tick).await;
         }
