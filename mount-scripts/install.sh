@@ -17,7 +17,12 @@
 #
 # It enables nothing, and it never writes the mounted directory, ~/.claude
 # (the Claude CLI's settings and credentials) or ~/.claude-mem-minio/config.env:
-# the last lines it prints say what to run or add by hand.
+# the last lines it prints say what to run or add by hand. One exception: the
+# old hook-based tool's hooks in ~/.claude/settings.json (claude-mem-hook-pull,
+# claude-mem-hook-push, ...) are disabled, because on a membridge secondary
+# they fail and leave database-sized temporary files in the mount; the file
+# as it was is kept beside it (settings.json.before-membridge-<utc>) and the
+# removed commands are printed (--keep-old-hooks leaves them).
 #
 # Options:
 #   --dry-run          print every action, change nothing
@@ -31,6 +36,9 @@
 #   --mount-dir DIR    the directory to mount (default: NAME's ~/.claude-mem)
 #   --project NAME     CLAUDE_PROJECT_ID for the mount unit (default: from the
 #                      config file)
+#   --keep-old-hooks   leave the old tool's Claude hooks in place
+#   --claude-settings FILE  the Claude settings to look for them in (default:
+#                      NAME's ~/.claude/settings.json)
 set -eu
 
 prog=install.sh
@@ -51,6 +59,8 @@ units=1
 user=$(id -un)
 mount_dir=
 project=membridge
+keep_old_hooks=
+claude_settings=
 
 need_arg() {
     if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value"; fi
@@ -73,6 +83,9 @@ while [ $# -gt 0 ]; do
         --mount-dir=*) mount_dir=${1#*=}; shift ;;
         --project) need_arg "$@"; project=$2; shift 2 ;;
         --project=*) project=${1#*=}; shift ;;
+        --keep-old-hooks) keep_old_hooks=1; shift ;;
+        --claude-settings) need_arg "$@"; claude_settings=$2; shift 2 ;;
+        --claude-settings=*) claude_settings=${1#*=}; shift ;;
         -h | --help) sed -n '2,/^set -eu/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument $1 (try --help)" ;;
     esac
@@ -92,6 +105,7 @@ if [ ! -f "$bin" ] || [ ! -x "$bin" ]; then die "--bin $bin: not an executable f
 user_home=$(getent passwd "$user" 2>/dev/null | cut -d: -f6) || user_home=
 [ -n "$user_home" ] || die "--user $user: no such user"
 [ -n "$mount_dir" ] || mount_dir=$user_home/.claude-mem
+[ -n "$claude_settings" ] || claude_settings=$user_home/.claude/settings.json
 case $mount_dir in /*) ;; *) die "--mount-dir must be absolute: $mount_dir" ;; esac
 mount_dir=${mount_dir%/}
 
@@ -192,6 +206,49 @@ s|root's ~/.claude-mem|$(sed_quote "$mount_dir")|"
     fi
 fi
 
+# The old tool's hooks: every hook whose command runs one of its scripts.
+old_hooks='claude-mem-hook-pull|claude-mem-hook-push|claude-mem-pull|claude-mem-push|sqlite_minio_sync|cm-pull|cm-push'
+if [ -z "$keep_old_hooks" ] && [ -f "$claude_settings" ] && grep -Eq "$old_hooks" "$claude_settings"; then
+    command -v python3 >/dev/null 2>&1 ||
+        die "$claude_settings runs the old tool's hooks and python3 (to edit it) is missing: remove them by hand, or pass --keep-old-hooks"
+    backup=$claude_settings.before-membridge-$(date -u +%Y%m%dT%H%M%SZ)
+    say "disable the old tool's hooks in $claude_settings (the file as it was kept as $backup)"
+    if [ -z "$dry_run" ]; then
+        cp -p "$claude_settings" "$backup"
+        python3 - "$claude_settings" "$old_hooks" <<'PY' || die "could not edit $claude_settings (unchanged; the copy is $backup)"
+import json, os, re, sys
+path, pattern = sys.argv[1], re.compile(sys.argv[2])
+with open(path) as f:
+    settings = json.load(f)
+removed = []
+hooks = settings.get("hooks") or {}
+for event in list(hooks):
+    groups = []
+    for group in hooks[event]:
+        kept = []
+        for h in group.get("hooks", []):
+            if pattern.search(str(h.get("command", ""))):
+                removed.append(f"{event}: {h.get('command')}")
+            else:
+                kept.append(h)
+        if kept:
+            groups.append(dict(group, hooks=kept))
+    if groups:
+        hooks[event] = groups
+    else:
+        del hooks[event]
+tmp = path + ".membridge-tmp"
+with open(tmp, "w") as f:
+    json.dump(settings, f, indent=2)
+    f.write("\n")
+os.replace(tmp, path)
+for r in removed:
+    print(f"install.sh: disabled the old tool's hook {r}")
+PY
+        echo "$prog: the settings as they were: $backup"
+    fi
+fi
+
 if [ -n "$dry_run" ]; then
     echo "$prog: dry run done; nothing was changed"
     exit 0
@@ -211,5 +268,5 @@ fi
 cat <<EOF
 Claude CLI: put $wrapper_dir first in PATH (the wrapper runs the next claude in
 PATH), and/or merge $share/claude-settings.json into
-~/.claude/settings.json (install.sh does not edit it).
+~/.claude/settings.json (install.sh adds nothing to it).
 EOF

@@ -154,6 +154,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "10000",
     ),
     (
+        "MEMBRIDGE_LEGACY_REFRESH_S",
+        "while the old tool's sqlite/ copy is kept, the primary refreshes it at most this many seconds after a change (default 60)",
+        "60",
+    ),
+    (
         "MEMBRIDGE_RETENTION_DAYS",
         "keep segments/snapshots this long (default 7)",
         "7",
@@ -421,6 +426,9 @@ pub struct Config {
     pub cache_bytes: usize,
     pub retention: Duration,
     pub snapshot_txns: u64,
+    /// How stale the old tool's `sqlite/` copy may get on the primary
+    /// (`crate::coexist::LegacyWatch`).
+    pub legacy_refresh: Duration,
     /// Where the mount daemon serves `/metrics` (none: not served).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The status page's token; set, it opens the page to non-loopback clients.
@@ -501,6 +509,9 @@ impl Config {
             (1..=100_000_000).contains(v)
         })?;
         let retention_days: u64 = l.parsed("MEMBRIDGE_RETENTION_DAYS", 7, |v| *v <= 3650)?;
+        let legacy_refresh_s: u64 = l.parsed("MEMBRIDGE_LEGACY_REFRESH_S", 60, |v| {
+            (1..=86_400).contains(v)
+        })?;
         let classes = ClassGlobs {
             databases: globs(l, "MEMBRIDGE_REPLICATE", &["claude-mem.db"])?,
             files: replicate_files(l)?,
@@ -538,6 +549,7 @@ impl Config {
             cache_bytes: cache_mb << 20,
             retention: Duration::from_secs(retention_days * 86_400),
             snapshot_txns,
+            legacy_refresh: Duration::from_secs(legacy_refresh_s),
             metrics_addr,
             status_token_file: l
                 .get("MEMBRIDGE_STATUS_TOKEN_FILE")

@@ -709,6 +709,23 @@ fn start_replication(
     set_aside_divergent(cfg, &rt, store.as_ref(), &journal, status);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     rt.spawn(uploader.run(rx));
+    let primary_now = node.clone();
+    rt.spawn(
+        crate::coexist::LegacyWatch {
+            store: store.clone(),
+            layout: Layout::for_config(cfg),
+            project_id: cfg.project_id.clone(),
+            canonical_id: cfg.canonical_id.clone(),
+            node_id: cfg.node_id.clone(),
+            journal: journal.clone(),
+            base_dir: cfg.state_dir.join("base"),
+            state_dir: cfg.state_dir.clone(),
+            status: status.clone(),
+            is_primary: Box::new(move || primary_now.role() == Role::Primary),
+            refresh: cfg.legacy_refresh,
+        }
+        .run(),
+    );
     let keeper = Arc::new(rt.block_on(async {
         LeaseKeeper::spawn(
             LeaseClient::new(cfg, store.clone()),

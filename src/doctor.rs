@@ -232,6 +232,17 @@ pub async fn run_full(cfg: &Config, local: &Local, out: &mut dyn Write) -> Docto
     if let Some(doc) = &doc {
         check_replication(doc, &mut report, out);
     }
+    if let Some(doc) = &doc {
+        // The lease line says it already, from the bucket itself.
+        for c in doc
+            .coexistence
+            .iter()
+            .filter(|c| !c.starts_with("the lease"))
+        {
+            report.record(out, Status::Warn, "old tool", c.as_str());
+        }
+    }
+    check_legacy(cfg, &store, doc.as_ref(), &mut report, out).await;
     check_set_aside(cfg, &mut report, out);
     check_installed(local.home.as_deref(), &mut report, out);
     report.finish(out);
@@ -644,7 +655,9 @@ fn check_installed(home: Option<&Path>, report: &mut DoctorReport, out: &mut dyn
             format!("no SessionStart hook in {shown} mentions membridge (see mount-scripts/)")
         },
     );
-    const OLD_HOOKS: [&str; 5] = [
+    const OLD_HOOKS: [&str; 7] = [
+        "claude-mem-hook-pull",
+        "claude-mem-hook-push",
         "claude-mem-pull",
         "claude-mem-push",
         "sqlite_minio_sync",
@@ -899,11 +912,127 @@ async fn check_lease(
     } else {
         ""
     };
+    // An old-tool holder never publishes membridge history: following it
+    // looks healthy (lag 0) while nothing moves (docs/ARCHITECTURE.md,
+    // "Living beside the old tool").
+    let now = Utc::now();
+    let old_tool = crate::coexist::old_tool_holder(store, layout, &lease, now)
+        .await
+        .unwrap_or(false);
+    let (status, why) = if old_tool && secs >= 0 {
+        (
+            Status::Warn,
+            format!(
+                "; {}",
+                crate::coexist::describe_old_holder(&lease, now, &cfg.node_id)
+            ),
+        )
+    } else if old_tool {
+        (
+            Status::Ok,
+            format!(
+                "; {}",
+                crate::coexist::describe_old_holder(&lease, now, &cfg.node_id)
+            ),
+        )
+    } else {
+        (Status::Ok, String::new())
+    };
     report.record(
         out,
-        Status::Ok,
+        status,
         "lease",
-        format!("primary {primary}{mine}, epoch {epoch}, {expiry}"),
+        format!("primary {primary}{mine}, epoch {epoch}, {expiry}{why}"),
     );
     Some(lease)
+}
+
+/// The old tool's copy (`sqlite/`), if kept: who wrote it, how old it is,
+/// and whether the old tool wrote it after membridge took the project over
+/// (an old-tool push beside membridge, or a rollback: then membridge's head
+/// is not the newest data, and a mount would serve the older copy).
+async fn check_legacy(
+    cfg: &Config,
+    store: &dyn ObjectStore,
+    doc: Option<&crate::status::StatusDoc>,
+    report: &mut DoctorReport,
+    out: &mut dyn Write,
+) {
+    use crate::coexist;
+    let layout = Layout::for_config(cfg);
+    let seen = match coexist::read_legacy(store, &layout).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            report.record(out, Status::Warn, "legacy copy", e.to_string());
+            return;
+        }
+    };
+    let f = &seen.fields;
+    let manifest = crate::replica::manifest::load(store, &layout, &cfg.canonical_id)
+        .await
+        .ok()
+        .flatten()
+        .map(|v| v.manifest);
+    let who = format!(
+        "{} written by {} at {}",
+        layout.legacy_db(),
+        f.source_host.as_deref().unwrap_or("?"),
+        f.timestamp.as_deref().unwrap_or("?")
+    );
+    let Some(m) = manifest else {
+        report.record(
+            out,
+            Status::Info,
+            "legacy copy",
+            format!("{who}: the old tool's; not migrated yet (membridge migrate)"),
+        );
+        return;
+    };
+    let adopted = m.adopted.as_ref().map(|a| a.sha256.as_str());
+    if coexist::is_foreign(f, adopted) {
+        let newer = coexist::newer_than_head(f, &m.updated_at);
+        let detail = if newer {
+            format!(
+                "{who} by the old tool, NEWER than membridge's head (manifest updated by {} at {}):                  the project was rolled back to the old tool, or an old-tool node pushes beside                  membridge; the rows written there are not in membridge's history, and a mount                  serves the older copy. After a rollback, do not mount: to come back, delete                  manifest.json and db/ and run `membridge migrate` again (docs/MIGRATION.md);                  otherwise a mounted node keeps the copy aside for `membridge merge`",
+                m.updated_by, m.updated_at
+            )
+        } else {
+            format!(
+                "{who} by the old tool, not by membridge: an old-tool node pushes beside membridge                  (LEADERSHIP_ENABLED=0 or ALLOW_SECONDARY_PUSH=1 there); a mounted node keeps the                  copy aside for `membridge merge` before the primary replaces it"
+            )
+        };
+        report.record(out, Status::Warn, "legacy copy", detail);
+        return;
+    }
+    let txid = f
+        .membridge_txid
+        .map(|t| format!(", txid {t}"))
+        .unwrap_or_else(|| " (the snapshot migrate adopted)".into());
+    let age = f
+        .timestamp
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| {
+            format!(
+                ", {} s old",
+                (Utc::now() - t.with_timezone(&Utc)).num_seconds()
+            )
+        })
+        .unwrap_or_default();
+    let mut status = Status::Ok;
+    let mut detail = format!("{who}{txid}{age}");
+    if let Some(l) = doc.and_then(|d| d.legacy.as_ref()) {
+        if let Some(behind) = l.age_seconds {
+            detail += &format!(
+                "; behind the head for {behind:.0} s (refreshed within {} s of a change)",
+                l.refresh_seconds
+            );
+            if behind > (l.refresh_seconds + 30) as f64 {
+                status = Status::Warn;
+                detail += ": overdue, see the daemon's log";
+            }
+        }
+    }
+    report.record(out, status, "legacy copy", detail);
 }

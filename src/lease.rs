@@ -96,6 +96,9 @@ pub const SESSION_FIELD: &str = "membridge_session";
 /// Set by a release: who released the lease, and when (Unix seconds).
 pub const RELEASED_BY_FIELD: &str = "released_by";
 pub const RELEASED_AT_FIELD: &str = "released_at";
+/// Set by `migrate --rollback` on the lease it writes for the old tool: no
+/// membridge node adopts it (the old tool drops it at its first renewal).
+pub const ROLLBACK_FIELD: &str = "membridge_rollback";
 
 /// How many times an operation re-reads and retries after losing a race on the
 /// lease (a conditional write that failed because someone else wrote first).
@@ -559,7 +562,12 @@ impl LeaseClient {
         let issued_at = DateTime::from_timestamp(issued, 0).unwrap_or(now);
         let secs = self.lease_seconds();
         let mut extra = base.map(|b| b.extra.clone()).unwrap_or_default();
-        for k in [SESSION_FIELD, RELEASED_BY_FIELD, RELEASED_AT_FIELD] {
+        for k in [
+            SESSION_FIELD,
+            RELEASED_BY_FIELD,
+            RELEASED_AT_FIELD,
+            ROLLBACK_FIELD,
+        ] {
             extra.remove(k);
         }
         if let Some(s) = session {
@@ -626,6 +634,12 @@ impl LeaseClient {
                     }
                     let mine = l.session() == Some(self.session.as_str());
                     let how = match l.session() {
+                        // Written by `migrate --rollback` for the old tool
+                        // on this machine: a stray mount must not take the
+                        // project back from it (docs/MIGRATION.md).
+                        None if l.extra.contains_key(ROLLBACK_FIELD) => {
+                            return Ok(Acquire::HeldBy(v.clone()))
+                        }
                         None => How::Adopted,
                         Some(_) if mine || at_start => How::Reclaimed,
                         Some(_) => return Ok(Acquire::HeldBy(v.clone())),
@@ -906,6 +920,117 @@ impl LeaseClient {
         .into())
     }
 
+    /// `leadership select TARGET --force`: like [`LeaseClient::select`], but
+    /// a valid lease held by an old-tool node (see
+    /// [`crate::coexist::old_tool_holder`]: it can neither hand over nor be
+    /// waited for, its lease lasts an hour) is replaced at `epoch + 1` by
+    /// compare-and-swap on the ETag it was read with, and audited as
+    /// `select-force`. A lease held by a membridge node is never forced: that
+    /// node may be writing (use `select`, which asks it to hand over).
+    pub async fn select_force(&self, target: &str) -> Result<Select, LeaseError> {
+        self.may_hold(target)?;
+        for _ in 0..RACE_ROUNDS {
+            let v = match self.select(target).await? {
+                Select::NeedsHandover(v) => v,
+                done => return Ok(done),
+            };
+            let now = Utc::now();
+            let old_tool =
+                crate::coexist::old_tool_holder(self.store.as_ref(), &self.layout, &v.lease, now)
+                    .await?;
+            if !old_tool {
+                return Err(LeaseError::NotAllowed(format!(
+                    "--force replaces only a lease held by an old-tool node; {} holds it as a membridge node (its lease carries a membridge session or it publishes a heartbeat): run `membridge leadership select {target}` without --force, which asks it to hand over",
+                    v.lease.describe()
+                )));
+            }
+            let next = self.fresh(target, v.lease.epoch + 1, Some(&v.lease), None);
+            match self.put(&next, PutMode::IfMatch(v.etag.clone())).await {
+                Ok(etag) => {
+                    let reason = format!(
+                        "forced by {}: replaced a lease held by {}, an old-tool node that publishes no membridge history ({} s left of {} s)",
+                        self.node_id,
+                        v.lease.primary_node_id,
+                        v.lease.remaining(now).num_seconds(),
+                        v.lease.lease_seconds
+                    );
+                    self.audit("select-force", Some(&v.lease), &next, &reason)
+                        .await;
+                    return Ok(Select::Changed(Versioned { lease: next, etag }));
+                }
+                // Changed since it was read (the old tool renewed, a node
+                // took it): look again.
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::PreconditionFailed {
+            key: self.layout.lease(),
+        }
+        .into())
+    }
+
+    /// `migrate --rollback`: a lease the old tool accepts as its own, naming
+    /// `target` for `seconds` (its policy, no membridge session), at
+    /// `epoch + 1`, by compare-and-swap; audited as `rollback`. Refused while
+    /// a membridge node holds a valid lease (it must unmount first: it would
+    /// keep writing).
+    pub async fn hand_to_old_tool(
+        &self,
+        target: &str,
+        seconds: u64,
+    ) -> Result<Versioned, LeaseError> {
+        validate_node_id(target).map_err(LeaseError::NotAllowed)?;
+        for _ in 0..RACE_ROUNDS {
+            let now = Utc::now();
+            let current = self.read().await?;
+            if let Some(v) = &current {
+                let membridge_holder = self.seen_held(&v.lease, now)
+                    && !crate::coexist::old_tool_holder(
+                        self.store.as_ref(),
+                        &self.layout,
+                        &v.lease,
+                        now,
+                    )
+                    .await?;
+                if membridge_holder {
+                    return Err(LeaseError::NotAllowed(format!(
+                        "{} holds the lease as a membridge primary: unmount it first (membridge unmount, or run the rollback there)",
+                        v.lease.describe()
+                    )));
+                }
+            }
+            let epoch = current.as_ref().map_or(1, |v| v.lease.epoch + 1);
+            let mut next = self.fresh(target, epoch, current.as_ref().map(|v| &v.lease), None);
+            next.policy = crate::coexist::OLD_TOOL_POLICY.to_string();
+            next.extra.insert(ROLLBACK_FIELD.into(), Value::Bool(true));
+            next.lease_seconds = seconds;
+            next.expires_at = next.issued_at + chrono::Duration::seconds(seconds as i64);
+            let mode = match &current {
+                Some(v) => PutMode::IfMatch(v.etag.clone()),
+                None => PutMode::CreateOnly,
+            };
+            match self.put(&next, mode).await {
+                Ok(etag) => {
+                    self.audit(
+                        "rollback",
+                        current.as_ref().map(|v| &v.lease),
+                        &next,
+                        "migrate --rollback: the project goes back to the old tool",
+                    )
+                    .await;
+                    return Ok(Versioned { lease: next, etag });
+                }
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::PreconditionFailed {
+            key: self.layout.lease(),
+        }
+        .into())
+    }
+
     /// The primary's side of a graceful hand-over, once it has flushed and
     /// published: writes the lease for `target` at `epoch + 1` if it still
     /// holds `held`, and withdraws `handover.json`. The target adopts it with
@@ -1036,6 +1161,22 @@ impl LeaseClient {
             }
             Select::NeedsHandover(v) => v,
         };
+        // An old-tool node never reads handover.json: waiting would only
+        // time out (docs/MIGRATION.md, "Old-tool nodes and the lease").
+        if crate::coexist::old_tool_holder(
+            self.store.as_ref(),
+            &self.layout,
+            &current.lease,
+            Utc::now(),
+        )
+        .await?
+        {
+            return Err(LeaseError::NotAllowed(format!(
+                "{} is an old-tool node ({} s left of its lease): it cannot hand over; fix its settings (docs/MIGRATION.md), then `membridge leadership select {target} --force`",
+                current.lease.describe(),
+                current.lease.remaining(Utc::now()).num_seconds()
+            )));
+        }
         let request = Handover::new(target, &self.node_id, current.lease.epoch);
         self.ask(request, &current.lease, wait, progress).await
     }

@@ -11,6 +11,8 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+/// Living beside the old hook-based tool: its lease, its `sqlite/` copy.
+pub mod coexist;
 pub mod config;
 pub mod daemon;
 /// `membridge doctor`: bucket, lease, mount, databases, replication; a STATUS verdict.

@@ -138,6 +138,14 @@ enum Cmd {
         /// Take the bucket's copy even if the local database differs (it is backed up first)
         #[arg(long)]
         replace_local: bool,
+        /// Go back to the old tool: publish the head as its sqlite/ copy,
+        /// unmount DIR, write a lease it accepts naming --to, and print
+        /// the old tool's settings for every machine
+        #[arg(long, conflicts_with_all = ["dry_run", "replace_local"])]
+        rollback: bool,
+        /// With --rollback: the old tool's primary (default: this node)
+        #[arg(long, requires = "rollback")]
+        to: Option<String>,
     },
     /// Import the rows of another claude-mem database (a copy this node set
     /// aside, a divergent tail, another machine's history) that the
@@ -160,7 +168,13 @@ enum LeadershipCmd {
     Info,
     /// Make NODE the primary: at once if nobody holds the lease, else the
     /// primary is asked to flush and hand over; returns once NODE takes writes
-    Select { node: String },
+    Select {
+        node: String,
+        /// Replace a lease held by an old-tool node (which cannot hand over)
+        /// at once, by compare-and-swap on its ETag; audited
+        #[arg(long)]
+        force: bool,
+    },
     /// Policy follow: make this node the primary if the primary has been idle
     /// (no write for MEMBRIDGE_FOLLOW_IDLE_S); a busy primary keeps the lease
     /// (exit 3). Run by the Claude SessionStart hook and the `claude` wrapper
@@ -315,8 +329,21 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Migrate {
             dir,
+            rollback: true,
+            to,
+            ..
+        } => {
+            let cfg = load(&cli)?;
+            let dir = dir.clone().unwrap_or_else(default_dir);
+            let dir = dir.canonicalize().unwrap_or(dir);
+            let to = to.clone().unwrap_or_else(|| cfg.node_id.clone());
+            migrate_rollback(&cfg, &dir, &to)
+        }
+        Cmd::Migrate {
+            dir,
             dry_run,
             replace_local,
+            ..
         } => {
             let cfg = load(&cli)?;
             let opts = membridge::migrate::Options {
@@ -360,14 +387,32 @@ fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
             );
             Ok(())
         }
-        LeadershipCmd::Select { node } => {
+        LeadershipCmd::Select { node, force } => {
             let mut say = |line: &str| println!("membridge: {line}");
             if *node == cfg.node_id {
                 // This node's daemon takes the lease up the moment it comes.
                 let _ = daemon::request(cfg, "expect-lease");
             }
             block_on(async {
-                let v = c.request_handover(node, c.select_wait(), &mut say).await?;
+                let v = if *force {
+                    match c.select_force(node).await? {
+                        membridge::lease::Select::Changed(v) => {
+                            say(&format!(
+                                "{node} is primary now (epoch {}); the lease it replaced is in the audit log",
+                                v.lease.epoch
+                            ));
+                            v
+                        }
+                        membridge::lease::Select::Unchanged(v) => {
+                            say(&format!("{node} is primary already (epoch {})", v.lease.epoch));
+                            v
+                        }
+                        // select_force refuses rather than ask for a hand-over.
+                        membridge::lease::Select::NeedsHandover(v) => v,
+                    }
+                } else {
+                    c.request_handover(node, c.select_wait(), &mut say).await?
+                };
                 if let Some(why) = c.no_fresh_heartbeat(node).await {
                     say(&format!(
                         "{node} takes writes once its daemon runs and has caught up ({why})"
@@ -524,6 +569,61 @@ fn migrate(cfg: &Config, opts: &membridge::migrate::Options) -> Result<(), Strin
         ))
         .map(|_| ())
         .map_err(|e| format!("migrate: {e}"))
+}
+
+/// `membridge migrate --rollback [--to NODE] [DIR]` (docs/MIGRATION.md,
+/// "Rollback"): publish and unmount here if mounted, then the bucket's part
+/// ([`membridge::coexist::rollback_bucket`]), then each machine's settings.
+fn migrate_rollback(cfg: &Config, dir: &std::path::Path, to: &str) -> Result<(), String> {
+    use membridge::fs::mount::{state, MountState};
+    let say = |line: &str| println!("migrate: {line}");
+    let mut local_is_head = false;
+    match state(dir) {
+        MountState::Live => {
+            let doc = daemon::read_status(dir).map_err(|e| format!("{e:#}"))?;
+            if doc.role == "primary" {
+                let msg = daemon::request(cfg, "push")
+                    .map_err(|e| format!("publishing before the rollback: {e:#}"))?;
+                say(&format!("published: {msg}"));
+                local_is_head = to == cfg.node_id;
+            }
+            daemon::unmount(dir, false)
+                .map_err(|e| format!("unmounting {}: {e:#}", dir.display()))?;
+            say(&format!("unmounted {}", dir.display()));
+        }
+        MountState::Stale => {
+            return Err(format!(
+                "{} is a stale mount: membridge unmount {} first",
+                dir.display(),
+                dir.display()
+            ))
+        }
+        MountState::NotMounted | MountState::Foreign => say(&format!(
+            "{} is not mounted by membridge here",
+            dir.display()
+        )),
+    }
+    let store: std::sync::Arc<dyn membridge::remote::ObjectStore> = std::sync::Arc::new(
+        membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive()),
+    );
+    let r = runtime()?
+        .block_on(membridge::coexist::rollback_bucket(cfg, store, to))
+        .map_err(|e| format!("rollback: {e}"))?;
+    say(&format!(
+        "the old tool's copy sqlite/claude-mem.db is membridge's head (txid {}, sha256 {}…)",
+        r.txid,
+        &r.sha256[..12]
+    ));
+    say(&format!(
+        "lease: {} for the old tool ({} s, epoch {}); the old tool renews it on {to} once PRIMARY_NODE_ID={to} is set there",
+        to, r.lease.lease_seconds, r.lease.epoch
+    ));
+    say("now, machine by machine:");
+    for line in membridge::coexist::rollback_settings(to, &r.others, local_is_head).lines() {
+        say(&format!("  {line}"));
+    }
+    say("membridge's own objects (manifest.json, db/, nodes/) stay; the old tool ignores them");
+    Ok(())
 }
 
 /// `membridge merge --dismiss FILE`: a set-aside copy is acknowledged and

@@ -404,6 +404,8 @@ mod tests {
             replaced: vec![],
             last_error: None,
             role_history: vec![],
+            legacy: None,
+            coexistence: vec![],
         }
     }
 

@@ -46,7 +46,7 @@ use crate::sqlite::header::DbHeader;
 pub const DB: &str = LEGACY_DB_NAME;
 /// An adopted history starts like a first capture: generation 1 at txid 0.
 const SEED_GENERATION: u64 = 1;
-const SEED_TXID: u64 = 0;
+pub const SEED_TXID: u64 = 0;
 const CHUNK: u64 = 8 << 20;
 
 pub struct Options {
@@ -246,6 +246,25 @@ pub async fn run(
     if let Some(v) = &b.manifest {
         let m = &v.manifest;
         let head = m.databases.get(DB);
+        if let Some(lm) = b
+            .legacy_manifest
+            .as_ref()
+            .filter(|lm| crate::coexist::newer_than_head(lm, &m.updated_at))
+            .filter(|lm| {
+                crate::coexist::is_foreign(lm, m.adopted.as_ref().map(|a| a.sha256.as_str()))
+            })
+        {
+            say.info(format!(
+                "WARNING: {} was pushed by the old tool ({} at {}) after membridge's head (manifest updated by {} at {}): the old tool has newer data than membridge (a rollback?); mounting serves membridge's older copy. To bring the old tool's data back into membridge, delete {} and {} and migrate again (docs/MIGRATION.md, \"Coming back after a rollback\")",
+                layout.legacy_db(),
+                lm.source_host.as_deref().unwrap_or("?"),
+                lm.timestamp.as_deref().unwrap_or("?"),
+                m.updated_by,
+                m.updated_at,
+                layout.manifest(),
+                layout.db_prefix(DB)
+            ));
+        }
         let Some(a) = &m.adopted else {
             return Err(MigrateError::Conflict(format!(
                 "{} already holds a membridge manifest with different content (epoch {}, {}, updated by {} at {}), not written by migrate: this project is on membridge already; nothing adopted (just mount)",
@@ -324,20 +343,36 @@ pub async fn run(
     match &b.lease {
         Some(l) => {
             let mine = l.primary_node_id == cfg.node_id;
+            let now = chrono::Utc::now();
+            let left = l.remaining(now).num_seconds();
+            // An expired (or released) lease is nobody's: the first node to
+            // mount takes it, so "follows" would be wrong (docs/MIGRATION.md).
+            let note = if left < 0 || l.is_released() {
+                format!(
+                    "; it {}: the first membridge node to mount takes it at epoch {}",
+                    if l.is_released() {
+                        "was released".to_string()
+                    } else {
+                        format!("expired {} s ago", -left)
+                    },
+                    l.epoch + 1
+                )
+            } else if mine {
+                String::new()
+            } else if crate::coexist::written_by_old_tool(l) {
+                format!(
+                    "; note: {} holds it with the old tool for {left} s more; this node ({}) stays read-only until then or until `membridge leadership select {} --force` (migrate on {} instead to keep writing there; `doctor` says DEGRADED meanwhile)",
+                    l.primary_node_id, cfg.node_id, cfg.node_id, l.primary_node_id
+                )
+            } else {
+                format!(
+                    "; note: this node ({}) is not that primary, so after mounting it follows {} (migrate on the primary to keep writing there)",
+                    cfg.node_id, l.primary_node_id
+                )
+            };
             say.info(format!(
-                "lease: primary {} at epoch {} ({}); kept as is, the manifest starts at epoch {}{}",
-                l.primary_node_id,
-                l.epoch,
-                l.policy,
-                l.epoch,
-                if mine {
-                    String::new()
-                } else {
-                    format!(
-                        "; note: this node ({}) is not that primary, so after mounting it follows {} (migrate on the primary to keep writing there)",
-                        cfg.node_id, l.primary_node_id
-                    )
-                }
+                "lease: primary {} at epoch {} ({}); kept as is, the manifest starts at epoch {}{note}",
+                l.primary_node_id, l.epoch, l.policy, l.epoch,
             ));
         }
         None => say.info(

@@ -91,6 +91,32 @@ pub struct StatusDoc {
     /// The last role changes, oldest first (at most [`ROLE_HISTORY`]).
     #[serde(default)]
     pub role_history: Vec<RoleChange>,
+    /// The old tool's copy (`sqlite/`) as this node last saw or wrote it,
+    /// while the legacy layout is kept (docs/ARCHITECTURE.md, "Living beside
+    /// the old tool").
+    #[serde(default)]
+    pub legacy: Option<LegacyStatus>,
+    /// What the old tool is doing to this project that needs the operator:
+    /// a lease held by an old-tool node, a legacy copy it overwrote. Each a
+    /// sentence with what to do; `doctor` says DEGRADED while any is listed.
+    #[serde(default)]
+    pub coexistence: Vec<String>,
+}
+
+/// `sqlite/claude-mem.db` as last seen by this node.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct LegacyStatus {
+    /// When the copy in the bucket was written (its manifest's `timestamp`).
+    pub written_at: Option<String>,
+    /// Who wrote it (`source_host`), and whether that was membridge.
+    pub written_by: Option<String>,
+    pub by_membridge: bool,
+    /// The txid of `claude-mem.db` it holds, when membridge wrote it.
+    pub txid: Option<u64>,
+    /// Seconds the copy is behind this node's head (0: current), when known.
+    pub age_seconds: Option<f64>,
+    /// The bound on that age: refreshed this long after a change at most.
+    pub refresh_seconds: u64,
 }
 
 /// How many role changes `status.json` keeps.
@@ -163,6 +189,8 @@ impl Status {
             replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
+            legacy: None,
+            coexistence: Vec::new(),
         })
     }
 
@@ -194,6 +222,8 @@ impl Status {
             replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
+            legacy: None,
+            coexistence: Vec::new(),
         })
     }
 
@@ -302,6 +332,28 @@ pub fn render_text(d: &StatusDoc) -> String {
     }
     if let Some(e) = &d.last_error {
         s += &format!("last error: {e}\n");
+    }
+    if let Some(l) = &d.legacy {
+        s += &format!(
+            "legacy:    sqlite/claude-mem.db written by {}{} at {}{}{}\n",
+            l.written_by.as_deref().unwrap_or("?"),
+            if l.by_membridge {
+                ""
+            } else {
+                " (the old tool)"
+            },
+            l.written_at.as_deref().unwrap_or("?"),
+            l.txid.map(|t| format!(", txid {t}")).unwrap_or_default(),
+            l.age_seconds
+                .map(|a| format!(
+                    ", {a:.0}s behind (refreshed within {} s of a change)",
+                    l.refresh_seconds
+                ))
+                .unwrap_or_default(),
+        );
+    }
+    for c in &d.coexistence {
+        s += &format!("old tool:  {c}\n");
     }
     for r in &d.divergent {
         s += &format!("divergent: {r} (never uploaded; see membridge doctor)\n");

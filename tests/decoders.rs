@@ -862,6 +862,7 @@ fn legacy_json(seed: u64) -> Vec<u8> {
         user_prompts: None,
         tables: rng.gen_range(0..40),
         table_names: vec!["observations".into()],
+        membridge_txid: rng.gen::<bool>().then(|| rng.gen()),
     };
     serde_json::to_vec_pretty(&m).unwrap()
 }

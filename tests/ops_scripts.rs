@@ -502,6 +502,8 @@ fn install_dry_run_changes_nothing_and_never_touches_user_data() {
             .args(["--bin", stub, "--user", "root"])
             .arg("--mount-dir")
             .arg(home.join(".claude-mem"))
+            .arg("--claude-settings")
+            .arg(home.join(".claude/settings.json"))
             .args(extra)
             .env("HOME", &home)
             .output()
@@ -584,6 +586,91 @@ fn install_dry_run_changes_nothing_and_never_touches_user_data() {
         );
         assert_eq!(snapshot(t), before);
     }
+}
+
+/// Issue 15, item 8: the old tool's Claude hooks (which fail on a membridge
+/// secondary and leave temporary files in the mount) are disabled, the
+/// other hooks kept, the file as it was kept beside it and named.
+#[test]
+fn install_disables_the_old_tools_hooks_and_keeps_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let settings = t.join("claude/settings.json");
+    std::fs::create_dir_all(settings.parent().unwrap()).unwrap();
+    let before = serde_json::json!({
+        "hooks": {
+            "SessionStart": [{"hooks": [
+                {"type": "command", "command": "$HOME/.claude-mem-minio/bin/claude-mem-hook-pull"},
+                {"type": "command", "command": "/usr/local/bin/membridge-session-start"}
+            ]}],
+            "Stop": [{"hooks": [
+                {"type": "command", "command": "$HOME/.claude-mem-minio/bin/claude-mem-hook-push"}
+            ]}]
+        },
+        "model": "opus"
+    });
+    let before_text = serde_json::to_string_pretty(&before).unwrap();
+    std::fs::write(&settings, &before_text).unwrap();
+    let stub = t.join("membridge-stub");
+    std::fs::write(&stub, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let install = |extra: &[&str]| {
+        Command::new("sh")
+            .arg(script("install.sh"))
+            .arg("--prefix")
+            .arg(t.join("usr"))
+            .arg("--sbin-dir")
+            .arg(t.join("sbin"))
+            .args(["--no-units", "--user", "root", "--bin"])
+            .arg(&stub)
+            .arg("--mount-dir")
+            .arg(t.join("mnt"))
+            .arg("--claude-settings")
+            .arg(&settings)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = install(&["--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("would: disable the old tool's hooks"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&settings).unwrap(), before_text);
+    let out = install(&["--keep-old-hooks"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&settings).unwrap(), before_text);
+
+    let out = install(&[]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let after = read_json(&settings);
+    assert_eq!(
+        after,
+        serde_json::json!({
+            "hooks": {"SessionStart": [{"hooks": [
+                {"type": "command", "command": "/usr/local/bin/membridge-session-start"}
+            ]}]},
+            "model": "opus"
+        })
+    );
+    assert!(
+        said.contains(
+            "disabled the old tool's hook Stop: $HOME/.claude-mem-minio/bin/claude-mem-hook-push"
+        ),
+        "{said}"
+    );
+    let copies: Vec<_> = std::fs::read_dir(settings.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("before-membridge-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{said}");
+    assert_eq!(std::fs::read_to_string(&copies[0]).unwrap(), before_text);
+    assert!(said.contains(copies[0].to_str().unwrap()), "{said}");
 }
 
 /// A stand-in for the Claude CLI: records when it ran, its arguments, and

@@ -38,6 +38,14 @@ impl PathClass {
     }
 }
 
+/// The old tool's temporary files next to the database: its pull's
+/// download (`tempfile.mkstemp(suffix=".db.tmp")`) and its push's snapshot
+/// (`suffix=".snap.db"`), both `tmp` plus random characters.
+pub fn is_old_tool_temp(name: &std::ffi::OsStr) -> bool {
+    let n = name.to_string_lossy();
+    n.starts_with("tmp") && (n.ends_with(".db.tmp") || n.ends_with(".snap.db"))
+}
+
 const OPTS: MatchOptions = MatchOptions {
     case_sensitive: true,
     require_literal_separator: true,

@@ -1041,6 +1041,16 @@ impl Filesystem for PassthroughFs {
                 flags &= !libc::O_TRUNC;
             }
         }
+        if parent.0 == ROOT && class::is_old_tool_temp(name) {
+            // An old tool's pull hook left on this machine would download a
+            // whole database here only to fail replacing it on a secondary:
+            // refused before the download (docs/ARCHITECTURE.md, "Living
+            // beside the old tool").
+            let db = PathClass::Database(crate::remote::keys::LEGACY_DB_NAME.into());
+            if let Err(e) = self.repl.check_write(&db, req.pid()) {
+                return reply.error(err(e));
+            }
+        }
         let file = match sys::create_at(p.fd(), &c, flags, mode & !umask) {
             Ok(f) => f,
             Err(e) => return reply.error(err(e)),

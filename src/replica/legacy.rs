@@ -51,6 +51,10 @@ pub struct LegacyManifest {
     /// Their names, in `sqlite_master` order (membridge's addition).
     #[serde(default)]
     pub table_names: Vec<String>,
+    /// The txid of the database this copy holds (membridge's addition, and
+    /// its mark: a manifest without it was written by the old tool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membridge_txid: Option<u64>,
 }
 
 /// The only database the old tool knew.
@@ -80,6 +84,9 @@ pub enum LegacyError {
     },
     #[error("{key}: not the old tool's manifest: {why}")]
     Malformed { key: String, why: String },
+    /// The copy there was not written by membridge: left to the legacy watch.
+    #[error("{key} was written by the old tool: left for the legacy watch, which keeps it aside before replacing it")]
+    NotOurs { key: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -93,6 +100,10 @@ pub struct LegacyManifestFields {
     pub source_host: Option<String>,
     pub timestamp: Option<String>,
     pub sha256: Option<String>,
+    /// Written by membridge (it has `table_names` or `membridge_txid`, which
+    /// the old tool never writes), not by the old tool.
+    pub by_membridge: bool,
+    pub membridge_txid: Option<u64>,
 }
 
 /// Reads `sqlite/manifest.json` (`body`, fetched from `key`). Refused, with
@@ -121,6 +132,10 @@ pub fn read_manifest(key: &str, body: &[u8]) -> Result<LegacyManifestFields, Leg
         source_host: field("source_host")?,
         timestamp: field("timestamp")?,
         sha256: field("sha256")?,
+        by_membridge: obj.contains_key("table_names") || obj.contains_key("membridge_txid"),
+        membridge_txid: obj
+            .get("membridge_txid")
+            .and_then(serde_json::Value::as_u64),
     })
 }
 
@@ -147,6 +162,28 @@ pub async fn publish_legacy(
     node_id: &str,
     db_image_path: &Path,
 ) -> Result<LegacyPublished, LegacyError> {
+    publish_legacy_at(
+        store,
+        layout,
+        project_id,
+        canonical_id,
+        node_id,
+        db_image_path,
+        None,
+    )
+    .await
+}
+
+/// [`publish_legacy`] of the image at `txid` (recorded as `membridge_txid`).
+pub async fn publish_legacy_at(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    project_id: &str,
+    canonical_id: &str,
+    node_id: &str,
+    db_image_path: &Path,
+    txid: Option<u64>,
+) -> Result<LegacyPublished, LegacyError> {
     let path = db_image_path.to_path_buf();
     let (body, sha256, stats) = tokio::task::spawn_blocking(move || read_image(&path))
         .await
@@ -167,6 +204,7 @@ pub async fn publish_legacy(
         user_prompts: stats.user_prompts,
         tables: stats.table_names.len() as u64,
         table_names: stats.table_names,
+        membridge_txid: txid,
     };
     let db_key = layout.legacy_db();
     let sha256_key = layout.legacy_sha256();
@@ -188,7 +226,11 @@ pub async fn publish_legacy(
     })
 }
 
-/// [`publish_legacy`] under the name the uploader calls it by.
+/// [`publish_legacy`] under the name the uploader calls it by (`txid`: the
+/// image's, recorded in the manifest so that `status` can show its age).
+/// A copy membridge did not write (the old tool's) is left for
+/// `coexist::LegacyWatch`, which keeps it aside before replacing it
+/// (docs/ARCHITECTURE.md, "Living beside the old tool").
 pub async fn publish(
     store: &dyn ObjectStore,
     layout: &Layout,
@@ -196,8 +238,28 @@ pub async fn publish(
     canonical_id: &str,
     node_id: &str,
     image: &Path,
+    txid: Option<u64>,
 ) -> Result<LegacyPublished, LegacyError> {
-    publish_legacy(store, layout, project_id, canonical_id, node_id, image).await
+    let key = layout.legacy_manifest();
+    match store.get(&key).await {
+        Ok(got) => {
+            if !read_manifest(&key, &got.body).is_ok_and(|m| m.by_membridge) {
+                return Err(LegacyError::NotOurs { key });
+            }
+        }
+        Err(StoreError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    publish_legacy_at(
+        store,
+        layout,
+        project_id,
+        canonical_id,
+        node_id,
+        image,
+        txid,
+    )
+    .await
 }
 
 /// Row counts of the tables the old tool's manifest reports, and the table
@@ -369,6 +431,7 @@ mod tests {
             user_prompts: None,
             tables: 1,
             table_names: vec!["observations".into()],
+            membridge_txid: None,
         };
         let v: serde_json::Value = serde_json::to_value(&m).unwrap();
         assert_eq!(v["observations"], 3);

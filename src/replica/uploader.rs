@@ -1010,6 +1010,7 @@ impl Uploader {
                 &self.canonical_id,
                 &self.node_id,
                 &path,
+                Some(txid),
             )
             .await
             {

@@ -22,6 +22,7 @@
 pub mod claude_mem;
 pub mod gate;
 pub mod mount;
+pub mod old_tool;
 
 use std::collections::BTreeMap;
 use std::future::Future;
