@@ -8,7 +8,9 @@
 //! - `primary`: mount over the seeded database; peak RSS of the daemon once the
 //!   first snapshot and the old tool's `sqlite/` copy are in the bucket.
 //! - `secondary`: mount an empty directory on the same bucket; peak RSS of its
-//!   daemon once it has applied the head and its copy is whole (hydrated).
+//!   daemon once it has applied the head and its copy is whole and verified
+//!   (a fresh secondary serves from the snapshot at once and hydrates behind;
+//!   the read-through cache is `MEMBRIDGE_CACHE_MB`, default 64).
 //! - `restore`: `membridge restore` of the head to a file; the command's
 //!   `ru_maxrss`.
 //!
@@ -114,8 +116,11 @@ fn main() {
         eprintln!("memory: seeded {} in {:?}", support::mb(size), t.elapsed());
         mount(&a);
         let head = wait_drained(&a, LIMIT);
+        // The old tool's copy is uploaded last (or given up on: logged).
+        let mut legacy = true;
         wait_for("the old tool's copy", LIMIT, || {
-            has_key(&store, "sqlite/manifest.json")
+            legacy = !a.log_tail(50).contains("legacy snapshot not published");
+            !legacy || has_key(&store, "sqlite/manifest.json")
         });
         let primary = proc_stats(a.pid()).2;
         eprintln!("memory: primary done at {:?}", t.elapsed());
@@ -123,10 +128,13 @@ fn main() {
         let b = Mount::prepared(node_env(&s3, &bucket, &project, "mem-b"), &[]);
         mount(&b);
         wait_applied(&b, head, LIMIT);
-        wait_for("the secondary's copy to be whole", LIMIT, || {
-            let h = &db_status(&b)["hydration"];
-            h.is_null() || h["verified"].as_bool() == Some(true)
-        });
+        // A fresh secondary serves from the snapshot at once and hydrates in
+        // the background; it is done when the whole file was verified.
+        wait_for(
+            "the secondary's copy to be whole and verified",
+            LIMIT,
+            || db_status(&b)["hydration"]["verified"].as_bool() == Some(true),
+        );
         let secondary = proc_stats(b.pid()).2;
         eprintln!("memory: secondary done at {:?}", t.elapsed());
 
@@ -141,7 +149,7 @@ fn main() {
         let line = format!(
             "{:>9} {:>10} {:>10} {:>10} {:>10.0}",
             support::mb(size),
-            kib(primary),
+            kib(primary) + if legacy { "" } else { "*" },
             kib(secondary),
             kib(restore),
             t.elapsed().as_secs_f64()
@@ -153,6 +161,7 @@ fn main() {
         cleanup(&s3, &bucket);
     }
     lines.push("peak RSS (VmHWM of the daemon; ru_maxrss of `membridge restore`)".into());
+    lines.push("* the old tool's sqlite/ copy was not uploaded (see the daemon's log)".into());
     report("memory", &lines);
 }
 

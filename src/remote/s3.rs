@@ -119,6 +119,9 @@ enum Body<'a> {
     File(&'a Path),
 }
 
+/// The slowest upload rate (bytes/s) a streamed put is given time for.
+const SLOWEST_UPLOAD: u64 = 1 << 20;
+
 /// Read size of a file body: large enough for few system calls, small
 /// enough that memory does not depend on the file.
 const FILE_CHUNK: usize = 256 << 10;
@@ -427,15 +430,21 @@ impl S3Store {
         body: &Body<'_>,
         mode: &PutMode,
     ) -> std::result::Result<String, Fail> {
-        let stream = match body {
-            Body::Bytes(b) => ByteStream::from(b.clone()),
+        let (stream, attempt_timeout) = match body {
+            Body::Bytes(b) => (ByteStream::from(b.clone()), None),
             // Re-opened for every attempt: a retry sends the file from its start.
-            Body::File(path) => ByteStream::read_from()
-                .path(path)
-                .buffer_size(FILE_CHUNK)
-                .build()
-                .await
-                .map_err(|e| Fail::Fatal(local_io("put", key, path, std::io::Error::other(e))))?,
+            Body::File(path) => {
+                let stream = ByteStream::read_from()
+                    .path(path)
+                    .buffer_size(FILE_CHUNK)
+                    .build()
+                    .await
+                    .map_err(|e| {
+                        Fail::Fatal(local_io("put", key, path, std::io::Error::other(e)))
+                    })?;
+                let len = stream.size_hint().1.unwrap_or(0);
+                (stream, Some(self.upload_timeout(len)))
+            }
         };
         let req = self
             .client
@@ -449,7 +458,23 @@ impl S3Store {
             PutMode::CreateOnly => req.if_none_match("*"),
             PutMode::IfMatch(etag) => req.if_match(etag),
         };
-        let out = req.send().await.map_err(|e| {
+        let sent = match attempt_timeout {
+            Some(t) => {
+                let timeouts = TimeoutConfig::builder()
+                    .connect_timeout(self.opts.connect_timeout)
+                    .read_timeout(self.opts.request_timeout)
+                    .operation_attempt_timeout(t)
+                    .build();
+                req.customize()
+                    .config_override(
+                        aws_sdk_s3::config::Builder::default().timeout_config(timeouts),
+                    )
+                    .send()
+                    .await
+            }
+            None => req.send().await,
+        };
+        let out = sent.map_err(|e| {
             let conditional = mode.is_conditional();
             let status = e.raw_response().map(|r| r.status().as_u16());
             match self.classify("put", key, Target::Object, e) {
@@ -501,6 +526,13 @@ impl S3Store {
                 }
             }
         }
+    }
+
+    /// One attempt's limit for a body of `len` bytes: the request timeout,
+    /// plus the time to send it at [`SLOWEST_UPLOAD`] bytes/s, so a large
+    /// snapshot on a slow link is not cut off and retried forever.
+    fn upload_timeout(&self, len: u64) -> Duration {
+        self.opts.request_timeout + Duration::from_secs(len / SLOWEST_UPLOAD)
     }
 
     /// After an ambiguous conditional put: the write is ours if the object now
