@@ -1089,7 +1089,10 @@ fn advance_base(journal: &Journal, base_dir: &Path, h: &DbHead, to: u64) -> Resu
         other => UploadError::Conflict(other.to_string()),
     })?;
     journal.set_base(&h.name, to)?;
-    let _ = std::fs::remove_file(base_path(base_dir, &h.name, h.base_txid));
+    let old = base_path(base_dir, &h.name, h.base_txid);
+    let _ = std::fs::remove_file(&old);
+    // A snapshot body a crash left behind mid-upload.
+    let _ = std::fs::remove_file(old.with_extension("snapshot.tmp"));
     Ok(())
 }
 
