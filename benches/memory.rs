@@ -7,6 +7,9 @@
 //! fresh bucket:
 //! - `primary`: mount over the seeded database; peak RSS of the daemon once the
 //!   first snapshot and the old tool's `sqlite/` copy are in the bucket.
+//! - `push`: one more transaction, then `membridge push` (the base image
+//!   advances and a new snapshot and old-tool copy go up); the primary
+//!   daemon's peak RSS since it started.
 //! - `secondary`: mount an empty directory on the same bucket; peak RSS of its
 //!   daemon once it has applied the head and its copy is whole and verified
 //!   (a fresh secondary serves from the snapshot at once and hydrates behind;
@@ -108,8 +111,8 @@ fn main() {
     eprintln!("memory: sizes {sizes:?} MB, binary {}", bin());
     let s3 = SeaweedFs::start();
     let mut lines = vec![format!(
-        "{:>9} {:>10} {:>10} {:>10} {:>10}",
-        "db", "primary", "secondary", "restore", "seconds"
+        "{:>9} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "db", "primary", "push", "secondary", "restore", "seconds"
     )];
     for mb in sizes {
         let t = Instant::now();
@@ -121,7 +124,7 @@ fn main() {
         let size = std::fs::metadata(a.dir.join(DB)).unwrap().len();
         eprintln!("memory: seeded {} in {:?}", support::mb(size), t.elapsed());
         mount(&a);
-        let head = wait_drained(&a, LIMIT);
+        wait_drained(&a, LIMIT);
         // The old tool's copy is uploaded last (or given up on: logged).
         let mut legacy = true;
         wait_for("the old tool's copy", LIMIT, || {
@@ -130,6 +133,20 @@ fn main() {
         });
         let primary = proc_stats(a.pid()).2;
         eprintln!("memory: primary done at {:?}", t.elapsed());
+        // `membridge push` over one more transaction: the base image moves to
+        // it and a new snapshot (and old-tool copy) is published.
+        open(&a.dir.join(DB))
+            .execute("INSERT INTO w(v) VALUES ('push')", [])
+            .unwrap();
+        let head = wait_drained(&a, LIMIT);
+        let out = cmd(&a, &["push"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "push: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let push = proc_stats(a.pid()).2;
+        eprintln!("memory: push done at {:?}", t.elapsed());
 
         let b = Mount::prepared(node_env(&s3, &bucket, &project, "mem-b"), &[]);
         mount(&b);
@@ -153,9 +170,10 @@ fn main() {
         assert_eq!(std::fs::metadata(&out).unwrap().len(), size);
         let _ = std::fs::remove_file(&out);
         let line = format!(
-            "{:>9} {:>10} {:>10} {:>10} {:>10.0}",
+            "{:>9} {:>10} {:>10} {:>10} {:>10} {:>10.0}",
             support::mb(size),
             kib(primary) + if legacy { "" } else { "*" },
+            kib(push),
             kib(secondary),
             kib(restore),
             t.elapsed().as_secs_f64()
@@ -166,7 +184,10 @@ fn main() {
         drop(a);
         cleanup(&s3, &bucket);
     }
-    lines.push("peak RSS (VmHWM of the daemon; ru_maxrss of `membridge restore`)".into());
+    lines.push(
+        "peak RSS: VmHWM of the daemon (push: the primary's, after `membridge push`); ru_maxrss of `membridge restore`"
+            .into(),
+    );
     lines.push("* the old tool's sqlite/ copy was not uploaded (see the daemon's log)".into());
     report("memory", &lines);
 }
