@@ -10,6 +10,6 @@ rm -f "$out"/*.txt
 cargo bench "$@"
 echo
 echo "=== summary (load at end: $(cut -d' ' -f1-3 /proc/loadavg)) ==="
-for f in io lag upload first_query daemon hooks handover-1mb; do
+for f in io lag upload first_query daemon hooks handover-1mb memory; do
   if [ -f "$out/$f.txt" ]; then cat "$out/$f.txt"; fi
 done

@@ -24,7 +24,6 @@ use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
@@ -531,13 +530,12 @@ pub async fn run(
                 hex64(seed.checksum)
             ));
             if !opts.dry_run {
-                let body = encode(&image, meta.clone(), opts.progress)?;
-                let len = body.len();
+                let body = image.with_extension("snapshot");
+                let len = encode(&image, meta.clone(), &body, opts.progress)?;
                 let bar = spinner(opts.progress, format!("uploading {len} bytes"));
-                let put = store
-                    .put(&snap_key, Bytes::from(body), PutMode::CreateOnly)
-                    .await;
+                let put = store.put_file(&snap_key, &body, PutMode::CreateOnly).await;
                 bar.finish_and_clear();
+                let _ = std::fs::remove_file(&body);
                 match put {
                     Ok(_) | Err(StoreError::PreconditionFailed { .. }) => {}
                     Err(e) => return Err(e.into()),
@@ -913,12 +911,15 @@ async fn download(
     Ok(hex::encode(h.finalize()))
 }
 
-/// The snapshot object, streamed page by page from the image.
-fn encode(image: &Path, meta: SnapshotMeta, progress: bool) -> Result<Vec<u8>> {
+/// The snapshot object, streamed page by page from the image to the file
+/// `out` (memory does not grow with the database); returns its length.
+fn encode(image: &Path, meta: SnapshotMeta, out: &Path, progress: bool) -> Result<u64> {
     let what = || image.display().to_string();
     let ps = meta.page_size as usize;
     let total = meta.page_count as u64 * ps as u64;
-    let mut w = SnapshotWriter::new(Vec::new(), meta)
+    let dst = File::create(out).map_err(io(out.display().to_string()))?;
+    let dst = std::io::BufWriter::with_capacity(1 << 20, dst);
+    let mut w = SnapshotWriter::new(dst, meta)
         .map_err(|e| MigrateError::Other(format!("snapshot: {e}")))?;
     let mut f = std::io::BufReader::new(File::open(image).map_err(io(what()))?);
     let bar = crate::progress::Progress::new(progress, total, "snapshot");
@@ -930,8 +931,15 @@ fn encode(image: &Path, meta: SnapshotMeta, progress: bool) -> Result<Vec<u8>> {
         bar.inc(ps as u64);
     }
     bar.finish();
-    w.finish()
-        .map_err(|e| MigrateError::Other(format!("snapshot: {e}")))
+    let dst = w
+        .finish()
+        .map_err(|e| MigrateError::Other(format!("snapshot: {e}")))?;
+    let f = dst
+        .into_inner()
+        .map_err(|e| io(out.display().to_string())(e.into_error()))?;
+    f.metadata()
+        .map(|m| m.len())
+        .map_err(io(out.display().to_string()))
 }
 
 fn spinner(enabled: bool, msg: String) -> indicatif::ProgressBar {

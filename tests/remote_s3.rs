@@ -647,6 +647,90 @@ async fn lost_response_to_a_conditional_put_is_not_a_lost_race() {
         "{mine:?}"
     );
     assert_eq!(other.get("seg2").await.unwrap().body, b("theirs"));
+
+    // The same with a body streamed from a file: the retry compares the
+    // object with the file, chunk by chunk.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("body");
+    std::fs::write(&f, patterned(700_000)).unwrap();
+    proxy.arm();
+    let etag = store
+        .put_file("snap", &f, PutMode::CreateOnly)
+        .await
+        .unwrap();
+    assert_eq!(proxy.cut(), 4);
+    assert_eq!(other.head("snap").await.unwrap().etag, etag);
+    other
+        .put(
+            "snap2",
+            Bytes::from(patterned(699_999)),
+            PutMode::CreateOnly,
+        )
+        .await
+        .unwrap();
+    proxy.arm();
+    let mine = store.put_file("snap2", &f, PutMode::CreateOnly).await;
+    assert!(
+        matches!(mine, Err(StoreError::PreconditionFailed { .. })),
+        "{mine:?}"
+    );
+}
+
+/// `len` bytes that do not repeat within a chunk.
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// Streamed puts and gets (snapshots, the old tool's copy) keep the
+/// conditions of in-memory ones, for a body several times the buffers.
+#[tokio::test]
+async fn streamed_put_and_get_keep_the_conditions() {
+    let s3 = SeaweedFs::shared();
+    streamed_put_and_get_keep_the_conditions_on(&s3.store(&s3.new_bucket("streamed"))).await;
+}
+
+async fn streamed_put_and_get_keep_the_conditions_on(store: &dyn ObjectStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two, back) = (
+        dir.path().join("one"),
+        dir.path().join("two"),
+        dir.path().join("back"),
+    );
+    std::fs::write(&one, patterned(3 << 20)).unwrap();
+    std::fs::write(&two, patterned((3 << 20) + 1)).unwrap();
+    let key = "projects/x/db/claude-mem.db/snap/0000000000000001.snap";
+    let e1 = store
+        .put_file(key, &one, PutMode::CreateOnly)
+        .await
+        .unwrap();
+    let again = store.put_file(key, &two, PutMode::CreateOnly).await;
+    assert!(
+        matches!(&again, Err(StoreError::PreconditionFailed { .. })),
+        "{again:?}"
+    );
+    let meta = store.get_to_file(key, &back).await.unwrap();
+    assert_eq!((meta.size, &meta.etag), (3 << 20, &e1));
+    assert!(std::fs::read(&back).unwrap() == patterned(3 << 20));
+    let e2 = store
+        .put_file(key, &two, PutMode::IfMatch(e1.clone()))
+        .await
+        .unwrap();
+    let stale = store.put_file(key, &one, PutMode::IfMatch(e1)).await;
+    assert!(
+        matches!(&stale, Err(StoreError::PreconditionFailed { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(store.head(key).await.unwrap().etag, e2);
+    assert_eq!(
+        store.get_to_file(key, &back).await.unwrap().size,
+        (3 << 20) + 1
+    );
+    assert!(std::fs::read(&back).unwrap() == patterned((3 << 20) + 1));
+    let missing = store.get_to_file("projects/x/none", &back).await;
+    assert!(
+        matches!(&missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
 }
 
 /// The same contract, on the in-memory store the model-based tests use: it
@@ -693,6 +777,11 @@ mod memory {
     #[tokio::test]
     async fn get_if_none_match_is_a_cheap_poll() {
         super::get_if_none_match_is_a_cheap_poll_on(&store()).await;
+    }
+
+    #[tokio::test]
+    async fn streamed_put_and_get_keep_the_conditions() {
+        super::streamed_put_and_get_keep_the_conditions_on(&store()).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

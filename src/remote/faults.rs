@@ -17,6 +17,7 @@
 //! assert_eq!(lost.fired(), 1);
 //! ```
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,11 +35,26 @@ pub enum Op {
     GetRange,
     Head,
     Put,
+    /// A put streamed from a file ([`ObjectStore::put_file`]).
+    PutFile,
+    /// A get streamed to a file ([`ObjectStore::get_to_file`]).
+    GetToFile,
     List,
     Delete,
 }
 
 impl Op {
+    /// A rule for puts (gets) also takes the streamed ones, so the faults
+    /// scripted for an object hold however its bytes travel; a rule for
+    /// [`Op::PutFile`] ([`Op::GetToFile`]) takes only those.
+    fn covers(self, call: Op) -> bool {
+        self == call
+            || matches!(
+                (self, call),
+                (Op::Put, Op::PutFile) | (Op::Get, Op::GetToFile)
+            )
+    }
+
     fn name(self) -> &'static str {
         match self {
             Op::CheckBucket => "check bucket",
@@ -46,7 +62,8 @@ impl Op {
             Op::GetIfNoneMatch => "get",
             Op::GetRange => "get range",
             Op::Head => "head",
-            Op::Put => "put",
+            Op::Put | Op::PutFile => "put",
+            Op::GetToFile => "get",
             Op::List => "list",
             Op::Delete => "delete",
         }
@@ -147,7 +164,7 @@ impl Rule {
     }
 
     fn matches(&self, op: Op, key: &str) -> bool {
-        self.op.is_none_or(|o| o == op) && self.pattern.matches(key)
+        self.op.is_none_or(|o| o.covers(op)) && self.pattern.matches(key)
     }
 }
 
@@ -299,6 +316,25 @@ impl ObjectStore for FaultyStore {
         mode: PutMode,
     ) -> BoxFuture<'a, Result<String>> {
         Box::pin(self.run(Op::Put, key, move || self.inner.put(key, body, mode)))
+    }
+
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a Path,
+        mode: PutMode,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(self.run(Op::PutFile, key, move || {
+            self.inner.put_file(key, path, mode)
+        }))
+    }
+
+    fn get_to_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(self.run(Op::GetToFile, key, || self.inner.get_to_file(key, path)))
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {

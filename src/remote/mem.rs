@@ -14,6 +14,7 @@
 //!   range starting at or past the end is `InvalidRange`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -41,6 +42,15 @@ pub struct MemStore {
 pub fn etag_of(body: &[u8]) -> String {
     let digest = Sha256::digest(body);
     format!("\"{}\"", hex::encode(&digest[..16]))
+}
+
+/// A local file a streaming put or get could not read or write.
+pub(crate) fn local_io(op: &'static str, key: &str, path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Other {
+        op,
+        key: key.to_string(),
+        detail: format!("{}: {e}", path.display()),
+    }
 }
 
 impl MemStore {
@@ -178,6 +188,39 @@ impl ObjectStore for MemStore {
         mode: PutMode,
     ) -> BoxFuture<'a, Result<String>> {
         Box::pin(async move { self.put_now(key, body, &mode) })
+    }
+
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a Path,
+        mode: PutMode,
+    ) -> BoxFuture<'a, Result<String>> {
+        // The bucket is memory: the body ends up here whole anyway.
+        Box::pin(async move {
+            let body = tokio::fs::read(path)
+                .await
+                .map_err(|e| local_io("put", key, path, e))?;
+            self.put_now(key, Bytes::from(body), &mode)
+        })
+    }
+
+    fn get_to_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(async move {
+            let meta = {
+                let objects = self.objects.lock().unwrap();
+                let o = objects.get(key).ok_or_else(|| Self::not_found(key))?;
+                (Self::meta(key, o), o.body.clone())
+            };
+            tokio::fs::write(path, &meta.1)
+                .await
+                .map_err(|e| local_io("get", key, path, e))?;
+            Ok(meta.0)
+        })
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {

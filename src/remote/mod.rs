@@ -10,6 +10,7 @@
 //! - [`faults`]: a wrapper that injects errors, hangs and lost answers.
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -178,6 +179,23 @@ pub trait ObjectStore: Send + Sync {
     /// Stores `body` under `key` and returns the new ETag.
     fn put<'a>(&'a self, key: &'a str, body: Bytes, mode: PutMode)
         -> BoxFuture<'a, Result<String>>;
+
+    /// Stores the file at `path` under `key`, read as it is sent, with the same
+    /// conditions and guarantees as [`ObjectStore::put`]. Snapshots and the old
+    /// tool's copy are as large as the database: they go through here so the
+    /// daemon's memory does not grow with it (docs/ARCHITECTURE.md, "Memory").
+    /// The file must not change until the call returns.
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a Path,
+        mode: PutMode,
+    ) -> BoxFuture<'a, Result<String>>;
+
+    /// Writes the whole object to `path` (created or truncated) as it arrives,
+    /// with bounded buffers, and returns what a HEAD would have said of it.
+    fn get_to_file<'a>(&'a self, key: &'a str, path: &'a Path)
+        -> BoxFuture<'a, Result<ObjectMeta>>;
 
     /// Every object whose key starts with `prefix`, in key order, all pages.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>>;

@@ -23,6 +23,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -36,6 +37,7 @@ use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
+use super::mem::local_io;
 use super::retry::{Retrier, RetryPolicy};
 use super::{BoxFuture, GetResult, ObjectMeta, ObjectStore, PutMode, Result, StoreError};
 use crate::config::S3Settings;
@@ -109,6 +111,20 @@ enum Fail {
     /// Connect error, timeout, 5xx, throttling: worth another attempt.
     Transient(String),
 }
+
+/// What a put sends: bytes held in memory, or a file read as it is sent (one
+/// PUT takes up to 5 GB, so a snapshot needs no multipart upload).
+enum Body<'a> {
+    Bytes(Bytes),
+    File(&'a Path),
+}
+
+/// The slowest upload rate (bytes/s) a streamed put is given time for.
+const SLOWEST_UPLOAD: u64 = 1 << 20;
+
+/// Read size of a file body: large enough for few system calls, small
+/// enough that memory does not depend on the file.
+const FILE_CHUNK: usize = 256 << 10;
 
 /// What a request addressed, to name the right "not found".
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -411,22 +427,54 @@ impl S3Store {
     async fn put_once(
         &self,
         key: &str,
-        body: Bytes,
+        body: &Body<'_>,
         mode: &PutMode,
     ) -> std::result::Result<String, Fail> {
+        let (stream, attempt_timeout) = match body {
+            Body::Bytes(b) => (ByteStream::from(b.clone()), None),
+            // Re-opened for every attempt: a retry sends the file from its start.
+            Body::File(path) => {
+                let stream = ByteStream::read_from()
+                    .path(path)
+                    .buffer_size(FILE_CHUNK)
+                    .build()
+                    .await
+                    .map_err(|e| {
+                        Fail::Fatal(local_io("put", key, path, std::io::Error::other(e)))
+                    })?;
+                let len = stream.size_hint().1.unwrap_or(0);
+                (stream, Some(self.upload_timeout(len)))
+            }
+        };
         let req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_type("application/octet-stream")
-            .body(ByteStream::from(body));
+            .body(stream);
         let req = match mode {
             PutMode::Overwrite => req,
             PutMode::CreateOnly => req.if_none_match("*"),
             PutMode::IfMatch(etag) => req.if_match(etag),
         };
-        let out = req.send().await.map_err(|e| {
+        let sent = match attempt_timeout {
+            Some(t) => {
+                let timeouts = TimeoutConfig::builder()
+                    .connect_timeout(self.opts.connect_timeout)
+                    .read_timeout(self.opts.request_timeout)
+                    .operation_attempt_timeout(t)
+                    .build();
+                req.customize()
+                    .config_override(
+                        aws_sdk_s3::config::Builder::default().timeout_config(timeouts),
+                    )
+                    .send()
+                    .await
+            }
+            None => req.send().await,
+        };
+        let out = sent.map_err(|e| {
             let conditional = mode.is_conditional();
             let status = e.raw_response().map(|r| r.status().as_u16());
             match self.classify("put", key, Target::Object, e) {
@@ -454,13 +502,13 @@ impl S3Store {
         })
     }
 
-    async fn put_impl(&self, key: &str, body: Bytes, mode: PutMode) -> Result<String> {
+    async fn put_impl(&self, key: &str, body: Body<'_>, mode: PutMode) -> Result<String> {
         let mut r = Retrier::new(&self.opts.retry);
         // Set once an attempt failed in a way that may have reached the server
         // (timeout, lost response, 5xx): that attempt may have stored the object.
         let mut maybe_applied = false;
         loop {
-            match self.put_once(key, body.clone(), &mode).await {
+            match self.put_once(key, &body, &mode).await {
                 Ok(etag) => return Ok(etag),
                 // A conditional retry that fails its precondition may have been
                 // beaten by our own earlier attempt; don't report that as a lost race
@@ -480,16 +528,98 @@ impl S3Store {
         }
     }
 
+    /// One attempt's limit for a body of `len` bytes: the request timeout,
+    /// plus the time to send it at [`SLOWEST_UPLOAD`] bytes/s, so a large
+    /// snapshot on a slow link is not cut off and retried forever.
+    fn upload_timeout(&self, len: u64) -> Duration {
+        self.opts.request_timeout + Duration::from_secs(len / SLOWEST_UPLOAD)
+    }
+
     /// After an ambiguous conditional put: the write is ours if the object now
     /// holds exactly our bytes.
-    async fn confirm_own_write(&self, key: &str, body: &Bytes) -> Result<String> {
-        match self.get_impl(key, None).await {
-            Ok(Some(cur)) if cur.body == *body => Ok(cur.etag),
-            Ok(_) | Err(StoreError::NotFound { .. }) => Err(StoreError::PreconditionFailed {
+    async fn confirm_own_write(&self, key: &str, body: &Body<'_>) -> Result<String> {
+        let same = match body {
+            Body::Bytes(body) => match self.get_impl(key, None).await {
+                Ok(Some(cur)) if cur.body == *body => Ok(Some(cur.etag)),
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            },
+            Body::File(path) => self.holds_file(key, path).await,
+        };
+        match same {
+            Ok(Some(etag)) => Ok(etag),
+            Ok(None) | Err(StoreError::NotFound { .. }) => Err(StoreError::PreconditionFailed {
                 key: key.to_string(),
             }),
             Err(e) => Err(e),
         }
+    }
+
+    /// The object's ETag if it holds exactly the bytes of the file at `path`,
+    /// compared chunk by chunk as the body arrives.
+    async fn holds_file(&self, key: &str, path: &Path) -> Result<Option<String>> {
+        use tokio::io::AsyncReadExt;
+        self.retrying("get", key, || async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| self.classify("get", key, Target::Object, e))?;
+            let local = |e| Fail::Fatal(local_io("get", key, path, e));
+            let mut f = tokio::fs::File::open(path).await.map_err(local)?;
+            let mut body = out.body;
+            let mut mine = Vec::new();
+            while let Some(chunk) = body.try_next().await.map_err(|e| self.body_error(e))? {
+                mine.resize(chunk.len(), 0);
+                match f.read_exact(&mut mine).await {
+                    Ok(_) if mine[..] == chunk[..] => {}
+                    Ok(_) => return Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                    Err(e) => return Err(local(e)),
+                }
+            }
+            let at_end = f.read(&mut [0u8; 1]).await.map_err(local)? == 0;
+            Ok(at_end.then(|| out.e_tag.unwrap_or_default()))
+        })
+        .await
+    }
+
+    fn body_error(&self, e: impl fmt::Display) -> Fail {
+        Fail::Transient(self.scrub(format!("reading the response body: {e}")))
+    }
+
+    async fn get_to_file_impl(&self, key: &str, path: &Path) -> Result<ObjectMeta> {
+        use tokio::io::AsyncWriteExt;
+        self.retrying("get", key, || async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| self.classify("get", key, Target::Object, e))?;
+            let local = |e| Fail::Fatal(local_io("get", key, path, e));
+            // Truncated on every attempt: a retry writes the object from its start.
+            let mut f = tokio::fs::File::create(path).await.map_err(local)?;
+            let mut body = out.body;
+            let mut size = 0u64;
+            while let Some(chunk) = body.try_next().await.map_err(|e| self.body_error(e))? {
+                f.write_all(&chunk).await.map_err(local)?;
+                size += chunk.len() as u64;
+            }
+            f.flush().await.map_err(local)?;
+            Ok(ObjectMeta {
+                key: key.to_string(),
+                size,
+                etag: out.e_tag.unwrap_or_default(),
+                last_modified: out.last_modified.as_ref().and_then(to_chrono),
+            })
+        })
+        .await
     }
 
     async fn list_impl(&self, prefix: &str, max_total: Option<usize>) -> Result<Vec<ObjectMeta>> {
@@ -620,7 +750,24 @@ impl ObjectStore for S3Store {
         body: Bytes,
         mode: PutMode,
     ) -> BoxFuture<'a, Result<String>> {
-        Box::pin(self.put_impl(key, body, mode))
+        Box::pin(self.put_impl(key, Body::Bytes(body), mode))
+    }
+
+    fn put_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a Path,
+        mode: PutMode,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(self.put_impl(key, Body::File(path), mode))
+    }
+
+    fn get_to_file<'a>(
+        &'a self,
+        key: &'a str,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<ObjectMeta>> {
+        Box::pin(self.get_to_file_impl(key, path))
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>>> {

@@ -456,18 +456,17 @@ impl Follower {
             },
         )
         .await?;
-        let image = std::fs::read(&tmp).map_err(|e| FollowError::Other(e.to_string()))?;
-        let hashes = PageHashes::from_bytes(&image, report.page_size)
-            .map_err(|e| FollowError::Other(e.to_string()))?;
+        // Hashed and installed from the file a buffer at a time: memory does
+        // not grow with the database.
+        let other = |e: std::io::Error| FollowError::Other(e.to_string());
+        let hashes = PageHashes::from_file(&tmp, report.page_size).map_err(other)?;
         self.settle(db, false).await;
         self.keep_aside(db);
-        let len = image.len() as u64;
-        let (rt, name) = (self.read_through.clone(), db.to_string());
-        let whole = image.clone();
+        let (rt, name, src) = (self.read_through.clone(), db.to_string(), tmp.clone());
         let installed = self
             .locked_install(db, move |f| {
                 rt.remove(&name);
-                f.write_all_at(&whole, 0)?;
+                let len = copy_at(&src, f)?;
                 f.set_len(len)
             })
             .await;
@@ -477,7 +476,10 @@ impl Follower {
                 // Clients have it open: commit the image whole, as one WAL
                 // transaction they see atomically.
                 tracing::info!(db, %holder, "the database is open: applying the rebuilt copy as one transaction");
+                // That transaction holds every page: the one path here
+                // whose memory is the database's size (docs/ARCHITECTURE.md).
                 self.read_through.remove(db);
+                let image = std::fs::read(&tmp).map_err(other)?;
                 let ps = report.page_size as usize;
                 let pages = image
                     .chunks(ps)
@@ -684,5 +686,22 @@ fn lock_exclusive(path: &Path) -> Result<std::fs::File, FollowError> {
             return Err(FollowError::Busy(holder));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Copies the file at `src` over the start of `dst`, a buffer at a time;
+/// returns the bytes copied.
+fn copy_at(src: &Path, dst: &std::fs::File) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut r = std::fs::File::open(src)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(at);
+        }
+        dst.write_all_at(&buf[..n], at)?;
+        at += n as u64;
     }
 }

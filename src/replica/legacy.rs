@@ -185,7 +185,7 @@ pub async fn publish_legacy_at(
     txid: Option<u64>,
 ) -> Result<LegacyPublished, LegacyError> {
     let path = db_image_path.to_path_buf();
-    let (body, sha256, stats) = tokio::task::spawn_blocking(move || read_image(&path))
+    let (db_size, sha256, stats) = tokio::task::spawn_blocking(move || read_image(&path))
         .await
         .map_err(|e| LegacyError::Io {
             path: db_image_path.to_path_buf(),
@@ -197,7 +197,7 @@ pub async fn publish_legacy_at(
         canonical_id: canonical_id.to_string(),
         timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false),
         source_host: node_id.to_string(),
-        db_size: body.len() as u64,
+        db_size,
         sha256: sha256.clone(),
         observations: stats.observations,
         session_summaries: stats.session_summaries,
@@ -209,7 +209,10 @@ pub async fn publish_legacy_at(
     let db_key = layout.legacy_db();
     let sha256_key = layout.legacy_sha256();
     let manifest_key = layout.legacy_manifest();
-    store.put(&db_key, body, PutMode::Overwrite).await?;
+    // Streamed from the file: the old tool's copy is the whole database.
+    store
+        .put_file(&db_key, db_image_path, PutMode::Overwrite)
+        .await?;
     let digest_line = format!("{sha256}  {LEGACY_DB_NAME}\n");
     store
         .put(&sha256_key, Bytes::from(digest_line), PutMode::Overwrite)
@@ -291,7 +294,9 @@ impl ImageStats {
     }
 }
 
-fn read_image(path: &Path) -> Result<(Bytes, String, ImageStats), LegacyError> {
+/// The image's size, SHA-256 (hashed as it is read, a buffer at a time) and
+/// row counts.
+fn read_image(path: &Path) -> Result<(u64, String, ImageStats), LegacyError> {
     let io = |op| {
         move |source| LegacyError::Io {
             path: path.to_path_buf(),
@@ -300,14 +305,23 @@ fn read_image(path: &Path) -> Result<(Bytes, String, ImageStats), LegacyError> {
         }
     };
     let mut f = std::fs::File::open(path).map_err(io("open"))?;
-    let mut body = Vec::new();
-    f.read_to_end(&mut body).map_err(io("read"))?;
-    let sha256 = hex::encode(Sha256::digest(&body));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(io("read"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    let sha256 = hex::encode(h.finalize());
     let stats = image_stats(path).map_err(|source| LegacyError::Sqlite {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok((Bytes::from(body), sha256, stats))
+    Ok((size, sha256, stats))
 }
 
 /// A standalone image (nobody writes it), opened read-only with

@@ -902,20 +902,21 @@ impl Uploader {
             source,
         };
         // Hashing and compressing a large image takes seconds: off the
-        // runtime's workers, which also renew the lease.
+        // runtime's workers, which also renew the lease. Both stream from the
+        // file, and the object goes to a file the upload reads as it sends:
+        // memory does not grow with the database.
         let (db_name, node_id) = (h.name.clone(), self.node_id.clone());
         let (epoch, page_size) = (self.epoch.load(Ordering::Relaxed), h.page_size);
         let image_path = path.clone();
-        let (hashes, body) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let image = std::fs::read(&image_path).map_err(|source| UploadError::Io {
-                db: db_name.clone(),
-                source,
-            })?;
-            let hashes =
-                PageHashes::from_bytes(&image, page_size).map_err(|e| UploadError::Io {
+        let body = TempFile(path.with_extension("snapshot.tmp"));
+        let body_path = body.0.clone();
+        let (hashes, bytes) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let hashes = PageHashes::from_file(&image_path, page_size).map_err(|source| {
+                UploadError::Io {
                     db: db_name.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
+                    source,
+                }
+            })?;
             let meta = SnapshotMeta {
                 db_name,
                 node_id,
@@ -926,17 +927,18 @@ impl Uploader {
                 db_checksum: hashes.checksum(),
                 timestamp_ms: now_ms(),
             };
-            Ok((hashes, codec::encode_snapshot(meta, &image)?))
+            let len = codec::encode_snapshot_file(meta, &image_path, &body_path)?;
+            Ok((hashes, len))
         })
         .await
         .map_err(|e| io(std::io::Error::other(e.to_string())))??;
         let key = self.layout.snapshot(&h.name, txid);
-        let bytes = body.len() as u64;
-        match self
+        let put = self
             .store
-            .put(&key, Bytes::from(body), PutMode::CreateOnly)
-            .await
-        {
+            .put_file(&key, &body.0, PutMode::CreateOnly)
+            .await;
+        drop(body);
+        match put {
             Ok(_) => self
                 .status
                 .metrics()
@@ -1075,6 +1077,15 @@ impl Uploader {
     }
 }
 
+/// A file removed when dropped: a snapshot body lives only as long as its upload.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Advance the base image to `to` and drop the journal's covered transactions.
 fn advance_base(journal: &Journal, base_dir: &Path, h: &DbHead, to: u64) -> Result<()> {
     let to_path = base_path(base_dir, &h.name, to);
@@ -1083,7 +1094,10 @@ fn advance_base(journal: &Journal, base_dir: &Path, h: &DbHead, to: u64) -> Resu
         other => UploadError::Conflict(other.to_string()),
     })?;
     journal.set_base(&h.name, to)?;
-    let _ = std::fs::remove_file(base_path(base_dir, &h.name, h.base_txid));
+    let old = base_path(base_dir, &h.name, h.base_txid);
+    let _ = std::fs::remove_file(&old);
+    // A snapshot body a crash left behind mid-upload.
+    let _ = std::fs::remove_file(old.with_extension("snapshot.tmp"));
     Ok(())
 }
 
@@ -1253,6 +1267,72 @@ mod tests {
         assert_eq!(m.epoch, 1, "the epoch must not move on a stale decision");
         assert!(m.epochs.iter().all(|e| e.epoch != 2), "{:?}", m.epochs);
         assert_eq!(m.databases[DB].head_txid, 4);
+    }
+
+    /// Issue 12: a snapshot never sits whole in memory. The object goes up
+    /// through a streamed put from a file (a whole-buffer put does not fire the
+    /// rule), for an image several times the codec's and the upload's buffers,
+    /// and it holds the bytes the in-memory encoder makes of the image.
+    #[tokio::test]
+    async fn a_snapshot_is_uploaded_from_a_file_not_a_buffer() {
+        let mem = Arc::new(MemStore::new("bucket"));
+        let faulty = Arc::new(FaultyStore::new(mem.clone()));
+        let f = fixture(faulty.clone(), 0);
+        // 4 MiB that zstd cannot shrink (xorshift), so the object is as large.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let image: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let base_dir = f.up.base_dir.clone();
+        std::fs::write(base_path(&base_dir, DB, 0), &image).unwrap();
+        let tmp = base_path(&base_dir, DB, 0).with_extension("snapshot.tmp");
+        let streamed = faulty.inject(Rule::new(
+            Op::PutFile,
+            "*/snap/*",
+            Fault::before(move |_| {
+                let len = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+                assert!(
+                    len > 4 << 20,
+                    "the body is a file of the whole object ({len} bytes)"
+                );
+                async {}
+            }),
+        ));
+        let mut up = f.up;
+        up.round().await.unwrap();
+        assert_eq!(
+            streamed.fired(),
+            1,
+            "the snapshot was not streamed from a file"
+        );
+        let key = Layout::new("test").snapshot(DB, 0);
+        let got = mem.body(&key).expect("snapshot uploaded");
+        let (header, decoded) = codec::decode_snapshot(&got).unwrap();
+        assert_eq!(decoded, image);
+        let meta = SnapshotMeta {
+            db_name: DB.into(),
+            node_id: header.node_id.clone(),
+            txid: 0,
+            epoch: header.epoch,
+            page_size: PS,
+            page_count: header.page_count,
+            db_checksum: header.db_checksum,
+            timestamp_ms: header.timestamp_ms,
+        };
+        assert!(
+            got == codec::encode_snapshot(meta, &image).unwrap(),
+            "format changed"
+        );
+        let left: Vec<_> = std::fs::read_dir(&base_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "the body file is removed: {left:?}");
     }
 
     /// A concurrent change that leaves the head alone: the retry succeeds,
