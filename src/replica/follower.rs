@@ -122,6 +122,9 @@ impl Follower {
 
     fn publish_lag(&self, applied: &HashMap<String, Applied>) {
         let now = chrono::Utc::now().timestamp_millis();
+        for (db, a) in applied {
+            self.node.views().applied(db, a.txid);
+        }
         self.status.update(|s| {
             for (db, a) in applied {
                 let d = s.databases.entry(db.clone()).or_default();
@@ -156,6 +159,7 @@ impl Follower {
         let m = Manifest::parse(&key, &got.body, &self.canonical_id)
             .map_err(|e| FollowError::Other(e.to_string()))?;
         for (db, d) in &m.databases {
+            self.node.views().saw_head(db, d.head_txid);
             self.status.update(|s| {
                 s.databases.entry(db.clone()).or_default().head_txid = d.head_txid;
             });

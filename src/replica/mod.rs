@@ -15,4 +15,5 @@ pub mod manifest;
 mod model;
 pub mod node;
 pub mod restore;
+pub mod roles;
 pub mod uploader;

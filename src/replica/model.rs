@@ -17,7 +17,8 @@
 //! to the files and the bucket, without FUSE or timers):
 //! - the lease keeper and `drive_roles`: [`World::tick`] takes one keeper
 //!   step (renew, or acquire) and applies the role rules of
-//!   `node::drive_roles`; time passes only by [`Step::Expire`], which ages the
+//!   `roles::drive_roles` (its decisions are the real ones: `Node::lease_gone`,
+//!   `Node::fence_reported`); time passes only by [`Step::Expire`], which ages the
 //!   lease in the bucket and makes its holder's deadline pass;
 //! - the secondary's view: settling it (the applier's checkpoint that folds
 //!   the WAL into the main file) is a checkpoint by another connection, and
@@ -68,7 +69,7 @@ use super::divergent;
 use super::manifest::{self, parse_hex64};
 use super::node::{Node, Role};
 use super::restore::{self, RestoreOptions, Target};
-use super::uploader::{Policy, Uploader};
+use super::uploader::{Fenced, Outcome, Policy, UploadError, Uploader};
 use crate::config::Policy as LeasePolicy;
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::Replication;
@@ -349,8 +350,6 @@ struct Up {
     /// The epoch released on purpose (0: none), as `LeaseKeeper` keeps it.
     released: u64,
     conn: Option<Connection>,
-    /// What the follower publishes (the applied txid `take_over` reads).
-    status: Status,
 }
 
 /// One machine: files and state dir survive kill -9, `up` does not.
@@ -417,12 +416,6 @@ fn policy() -> Policy {
         snapshot_txns: 3,
         ..Policy::default()
     }
-}
-
-/// Whether `e` says the uploader found itself fenced (and fences the node in
-/// the background).
-fn fenced(e: &impl std::fmt::Display) -> bool {
-    e.to_string().starts_with("fenced")
 }
 
 impl<'r> World<'r> {
@@ -523,7 +516,6 @@ impl<'r> World<'r> {
         let epoch = Arc::new(AtomicU64::new(journal.last_epoch().unwrap()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let status = Status::for_tests(&sim.name);
-        let view_status = status.clone();
         let base_dir = sim.state.join("base");
         let fd = nix::fcntl::open(
             &sim.backing,
@@ -546,7 +538,12 @@ impl<'r> World<'r> {
         } else {
             Ok(())
         };
-        let node = Arc::new(Node::new(capture, Role::Secondary, status.clone()));
+        let node = Arc::new(Node::new(
+            &sim.name,
+            capture,
+            Role::Secondary,
+            status.clone(),
+        ));
         let store: Arc<dyn ObjectStore> = sim.store.clone();
         let uploader = Uploader::new(
             store.clone(),
@@ -656,7 +653,6 @@ impl<'r> World<'r> {
             backoff: false,
             released: 0,
             conn: None,
-            status: view_status,
         });
         self.tick(i)
     }
@@ -673,7 +669,7 @@ impl<'r> World<'r> {
 
     // ── lease keeper and roles (stand-in for LeaseKeeper + drive_roles) ─────
 
-    /// One keeper step, then the role rules of `node::drive_roles`.
+    /// One keeper step, then the role rules of `roles::drive_roles`.
     fn tick(&mut self, i: usize) -> Check {
         let rt = self.rt;
         let Some(up) = self.nodes[i].up.as_mut() else {
@@ -755,22 +751,9 @@ impl<'r> World<'r> {
         let node = up.node.clone();
         let was = node.role();
         let released = up.released != 0 && up.released == up.epoch.load(Ordering::Acquire);
-        if was == Role::HandingOver {
-            node.set_role(Role::Secondary);
-        } else if was == Role::Primary && released {
-            let unpublished = node.capture().unpublished();
-            if unpublished == 0 {
-                node.set_role_for(Role::Secondary, "lease released");
-            } else {
-                node.fence(&format!(
-                    "lease released with {unpublished} unpublished transaction(s)"
-                ));
-            }
-        } else if was == Role::Primary {
-            node.fence("lease lost");
+        node.lease_gone(released, "lease lost");
+        if was == Role::Primary && !released {
             *self.stats.entry("fenced on losing the lease").or_default() += 1;
-        } else if was != Role::Fenced {
-            node.set_role(Role::Secondary);
         }
         let now = node.role();
         if now != was {
@@ -848,9 +831,8 @@ impl<'r> World<'r> {
     /// applied txid `take_over` reads before settling the view.
     fn publish_applied(&self, i: usize, txid: u64) {
         if let Some(up) = &self.nodes[i].up {
-            up.status.update(|s| {
-                s.databases.entry(DB.to_string()).or_default().applied_txid = txid
-            });
+            up.node.views().saw_head(DB, txid);
+            up.node.views().applied(DB, txid);
         }
     }
 
@@ -932,7 +914,7 @@ impl<'r> World<'r> {
         self.not_held(i);
     }
 
-    /// `node::hand_over`: no new writes, push everything, pass the lease.
+    /// `roles::hand_over`: no new writes, push everything, pass the lease.
     fn hand_over(&mut self, to: usize) -> Check {
         let Some(i) = self.holder() else {
             return Ok(());
@@ -947,10 +929,9 @@ impl<'r> World<'r> {
         let pushed = rt.block_on(up.uploader.push());
         if let Err(e) = &pushed {
             up.uploader.forget_manifest();
-            let fenced_now = fenced(e);
             let msg = format!("  hand-over postponed: {e}");
-            if fenced_now {
-                self.wait_fenced(i)?;
+            if e.outcome() == Outcome::Fenced {
+                self.fenced_by_uploader(i, e);
             } else {
                 self.nodes[i]
                     .up
@@ -988,16 +969,19 @@ impl<'r> World<'r> {
     }
 
     /// The uploader fenced the node in the background: wait until it is done.
-    fn wait_fenced(&self, i: usize) -> Check {
+    /// The uploader reported this node deposed: what `roles::drive_roles`
+    /// does with the report.
+    fn fenced_by_uploader(&self, i: usize, e: &UploadError) {
         let up = self.nodes[i].up.as_ref().unwrap();
-        let start = std::time::Instant::now();
-        while up.node.role() != Role::Secondary {
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!("{}: fencing did not finish", self.nodes[i].name));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
+        let epoch = up.epoch.load(Ordering::Acquire);
+        let UploadError::Fenced(why) = e else {
+            return;
+        };
+        let report = Fenced {
+            epoch,
+            why: why.clone(),
+        };
+        up.node.fence_reported(&report, epoch);
     }
 
     // ── the primary's client ────────────────────────────────────────────────
@@ -1153,9 +1137,9 @@ impl<'r> World<'r> {
             up.uploader.forget_manifest();
             let msg = format!("  {}: upload failed: {e}", self.nodes[i].name);
             self.stat("upload rounds failed");
-            if fenced(e) {
+            if e.outcome() == Outcome::Fenced {
                 self.stat("fenced by the uploader");
-                self.wait_fenced(i)?;
+                self.fenced_by_uploader(i, e);
             }
             self.note(msg);
         }
