@@ -24,6 +24,7 @@ use super::hydrate::{ReadThrough, State};
 use super::manifest::{parse_hex64, DbManifest, Manifest};
 use super::node::{Node, Role};
 use super::restore::{self, RestoreOptions, Target};
+use super::verify::{Chain, VerifyError};
 use crate::fs::Invalidator;
 use crate::journal::codec;
 use crate::remote::{Layout, ObjectStore, StoreError};
@@ -67,6 +68,9 @@ enum FollowError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Restore(#[from] restore::RestoreError),
+    /// A transaction failed the shared checks (module verify).
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     /// Clients have the database open: it cannot be laid out underneath them.
     #[error("the database is open by {0}")]
     Busy(String),
@@ -251,17 +255,27 @@ impl Follower {
             .collect();
         segs.sort();
         let mut hashes = a.hashes.clone();
-        let mut running = a.checksum;
-        let mut txid = a.txid;
+        // The same checks as restore (module verify); pages are hashed
+        // unless the file is still hydrating.
+        let mut chain = Chain::new(a.txid, a.checksum);
         let mut txns: Vec<ViewTxn> = Vec::new();
         let mut last_ms = a.committed_ms;
-        'chain: while txid < d.head_txid {
-            for (_, key) in segs.iter().filter(|(from, _)| *from == txid + 1) {
+        'chain: while chain.at < d.head_txid {
+            for (_, key) in segs.iter().filter(|(from, _)| *from == chain.at + 1) {
                 let body = self.store.get(key).await?.body;
                 let Ok(seg) = codec::decode_segment(&body) else {
                     continue;
                 };
-                if seg.header.pre_checksum != running
+                let h = &seg.header;
+                let owner = m.epoch_of(db, h.txid_to);
+                let entered = chain.enters(
+                    key,
+                    (h.txid_from, h.txid_to),
+                    h.epoch,
+                    h.pre_checksum,
+                    owner,
+                );
+                if entered.is_err()
                     || seg
                         .txns
                         .iter()
@@ -270,42 +284,30 @@ impl Follower {
                     continue; // a deposed primary's tail
                 }
                 for t in seg.txns.iter().take_while(|t| t.txid <= d.head_txid) {
-                    if t.pre_checksum != running {
-                        return Err(FollowError::Other(format!(
-                            "{key}: txid {} does not continue the checksum chain",
-                            t.txid
-                        )));
-                    }
-                    let post = match hashes.as_mut() {
+                    chain.apply(key, t, m.epoch_of(db, t.txid), |t| match hashes.as_mut() {
                         Some(h) => h
                             .apply(
                                 t.pages.iter().map(|(n, p)| (*n, p.as_ref())),
                                 t.db_size_pages,
                             )
-                            .map_err(|e| FollowError::Other(format!("{key}: {e}")))?,
-                        None => t.post_checksum,
-                    };
-                    running = t.post_checksum;
-                    if post != t.post_checksum {
-                        return Err(FollowError::Other(format!(
-                            "{key}: txid {} does not produce its checksum",
-                            t.txid
-                        )));
-                    }
+                            .map(Some)
+                            .map_err(|e| FollowError::Other(format!("{key}: {e}"))),
+                        None => Ok(None),
+                    })?;
                     txns.push(ViewTxn {
                         pages: t.pages.iter().map(|(n, p)| (*n, p.clone())).collect(),
                         size_pages: t.db_size_pages,
                     });
-                    txid = t.txid;
                     last_ms = Some(t.timestamp_ms);
                 }
                 continue 'chain;
             }
             return Err(FollowError::Other(format!(
                 "no verifiable segment starts at txid {}",
-                txid + 1
+                chain.at + 1
             )));
         }
+        let (txid, running) = (chain.at, chain.running);
         if Some(running) != parse_hex64(&d.head_checksum) {
             return Err(FollowError::Other(format!(
                 "{db}: after txid {txid} the checksum is not the manifest's"

@@ -17,3 +17,4 @@ pub mod node;
 pub mod restore;
 pub mod roles;
 pub mod uploader;
+pub mod verify;
