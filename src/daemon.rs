@@ -336,6 +336,8 @@ impl Running {
             status: self.status.clone(),
             poll: cfg.poll_interval,
             read_through: self.read_through.clone(),
+            journal: self.journal.clone(),
+            node_id: cfg.node_id.clone(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rt.spawn(follower.run(tx));

@@ -10,7 +10,7 @@
 //! client has it open, or else committed whole through the applier; see
 //! docs/ARCHITECTURE.md, "The view on a secondary".
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,13 +20,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::apply::ViewTxn;
+use super::divergent;
 use super::hydrate::{ReadThrough, State};
 use super::manifest::{parse_hex64, DbManifest, Manifest};
 use super::node::{Node, Role};
 use super::restore::{self, RestoreOptions, Target};
 use super::verify::{Chain, VerifyError};
 use crate::fs::Invalidator;
-use crate::journal::codec;
+use crate::journal::{codec, Journal};
 use crate::remote::{Layout, ObjectStore, StoreError};
 use crate::sqlite::checksum::PageHashes;
 use crate::sqlite::header::PENDING_BYTE;
@@ -60,6 +61,61 @@ pub struct Follower {
     pub status: Status,
     pub poll: Duration,
     pub read_through: Arc<ReadThrough>,
+    /// This node's journal: a database it holds unpublished transactions
+    /// of is not followed over (see [`hold_unpublished`]).
+    pub journal: Arc<Journal>,
+    pub node_id: String,
+}
+
+/// Issue 11, item 2: a node whose journal holds transactions the bucket does
+/// not have (a restarting primary with a backlog, a compare-and-swap whose
+/// answer was lost) must never have that database replaced by the bucket's
+/// head, nor be promoted later on the replaced file. Judged each time the
+/// bucket moves, with the check a start runs ([`divergent::diverged`]): what
+/// the bucket's history went past is set aside as divergent (then the
+/// database is followed again); the rest is held, left as it is for the
+/// take-over to publish. Returns the databases held and a line per copy set
+/// aside. The model test (`replica::model`) runs this same function.
+pub async fn hold_unpublished(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    canonical_id: &str,
+    journal: &Journal,
+    state_dir: &Path,
+    node_id: &str,
+) -> Result<(BTreeSet<String>, Vec<String>), String> {
+    let backlog = |db: &str| journal.backlog(db).map_or(0, |b| b.0);
+    let pending = |journal: &Journal| -> Result<BTreeSet<String>, String> {
+        Ok(journal
+            .heads()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|h| backlog(&h.name) > 0)
+            .map(|h| h.name)
+            .collect())
+    };
+    if pending(journal)?.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut notes = Vec::new();
+    for (h, why, epoch) in divergent::diverged(store, layout, canonical_id, journal).await? {
+        divergent::set_aside(
+            journal,
+            &state_dir.join("base"),
+            &divergent::dir(state_dir),
+            &h,
+            node_id,
+            Some(epoch),
+            &why,
+        );
+        notes.push(format!(
+            "{}: txids {}..={} set aside: {why}",
+            h.name,
+            h.uploaded_txid + 1,
+            h.head_txid
+        ));
+    }
+    Ok((pending(journal)?, notes))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +218,28 @@ impl Follower {
         };
         let m = Manifest::parse(&key, &got.body, &self.canonical_id)
             .map_err(|e| FollowError::Other(e.to_string()))?;
+        let (held, notes) = hold_unpublished(
+            self.store.as_ref(),
+            &self.layout,
+            &self.canonical_id,
+            &self.journal,
+            &self.state_dir,
+            &self.node_id,
+        )
+        .await
+        .map_err(FollowError::Other)?;
+        for n in notes {
+            tracing::warn!("follower: {n}");
+        }
         for (db, d) in &m.databases {
             self.node.views().saw_head(db, d.head_txid);
+            if held.contains(db) {
+                tracing::info!(
+                    db,
+                    "not following: this node holds transactions the bucket does not have yet"
+                );
+                continue;
+            }
             self.status.update(|s| {
                 s.databases.entry(db.clone()).or_default().head_txid = d.head_txid;
             });

@@ -26,8 +26,9 @@
 //!   `Node::settle_view` does when the view was in use;
 //! - the follower: [`World::follow`] lays out the bucket's head, verified by
 //!   restore, when the local file is not at it, except over a history the
-//!   bucket does not have yet (issue 11, item 2), which is first judged by
-//!   the same divergent check a start runs.
+//!   bucket does not have yet (issue 11, item 2): whether to hold is the real
+//!   follower's decision ([`follower::hold_unpublished`]), which sets aside
+//!   what the bucket moved past with the same check a start runs.
 //!
 //! The invariants (see [`World::check`] and [`World::settle_all`]):
 //! - at most one node's history extends the bucket's (with unpublished
@@ -65,11 +66,11 @@ use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestError, TestRng
 use rusqlite::{Connection, OpenFlags};
 
 use super::capture::Capture;
-use super::divergent;
 use super::manifest::{self, parse_hex64};
 use super::node::{Node, Role};
 use super::restore::{self, RestoreOptions, Target};
 use super::uploader::{Fenced, Outcome, Policy, UploadError, Uploader};
+use super::{divergent, follower};
 use crate::config::Policy as LeasePolicy;
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::Replication;
@@ -1165,34 +1166,32 @@ impl<'r> World<'r> {
         // follower did when issue 11 was filed (item 2), to see the model
         // catch it.
         let guarded = std::env::var("MEMBRIDGE_MODEL_FOLLOWER").as_deref() != Ok("unguarded");
-        if guarded && journal.backlog(DB).unwrap().0 > 0 {
+        if guarded {
             // Issue 11, item 2: never follow over a history the bucket does
-            // not have. It is judged again each time the bucket moves (the
-            // check a start runs): set aside once the bucket moved past it.
-            let found = rt.block_on(divergent::diverged(
+            // not have; the real follower's own guard decides.
+            let state = self.nodes[i].state.clone();
+            let held = rt.block_on(follower::hold_unpublished(
                 store.as_ref(),
                 &self.layout,
                 CID,
                 &journal,
+                &state,
+                &name,
             ));
-            for (h, why, e) in found.unwrap_or_default() {
-                divergent::set_aside(
-                    &journal,
-                    &self.nodes[i].state.join("base"),
-                    &divergent::dir(&self.nodes[i].state),
-                    &h,
-                    &name,
-                    Some(e),
-                    &why,
-                );
-                self.note(format!(
-                    "  {name}: set aside txids {}..={}: {why}",
-                    h.uploaded_txid + 1,
-                    h.head_txid
-                ));
+            let (held, notes) = match held {
+                Ok(x) => x,
+                Err(e) => {
+                    self.note(format!(
+                        "  {name}: follower could not judge its backlog: {e}"
+                    ));
+                    return Ok(());
+                }
+            };
+            for n in notes {
+                self.note(format!("  {name}: {n}"));
                 self.stat("set aside by the follower");
             }
-            if journal.backlog(DB).unwrap().0 > 0 {
+            if held.contains(DB) {
                 self.note(format!(
                     "  {name}: not following over unpublished transactions"
                 ));
