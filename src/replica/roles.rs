@@ -491,3 +491,94 @@ async fn decline(keeper: &LeaseKeeper, h: &Handover, why: &str) {
         tracing::warn!(error = %e, "could not answer the hand-over request");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+    use crate::replica::capture::Capture;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// A node on an empty backing directory and journal.
+    fn node(dir: &std::path::Path, role: Role) -> Node {
+        let backing = dir.join("backing");
+        std::fs::create_dir_all(&backing).unwrap();
+        let journal = Arc::new(Journal::open(&dir.join("journal.db")).unwrap());
+        let fd = nix::fcntl::open(
+            &backing,
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        let status = Status::for_tests("n");
+        let capture = Arc::new(Capture::new(
+            root,
+            journal,
+            dir.join("base"),
+            Arc::new(AtomicU64::new(2)),
+            Arc::new(Notify::new()),
+            status.clone(),
+        ));
+        Node::new("n", capture, role, status)
+    }
+
+    fn path(n: &Node) -> Vec<(String, String, Option<String>)> {
+        n.lifecycle()
+            .history()
+            .into_iter()
+            .map(|c| (c.from, c.to, c.reason))
+            .collect()
+    }
+
+    /// The uploader's report fences only the tenure it was made in.
+    #[test]
+    fn a_fencing_report_from_another_epoch_or_role_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path(), Role::Primary);
+        let report = Fenced {
+            epoch: 1,
+            why: "the manifest moved to epoch 3".into(),
+        };
+        assert!(!n.fence_reported(&report, 2), "made under an earlier epoch");
+        assert_eq!(n.role(), Role::Primary);
+        n.set_role(Role::CatchingUp);
+        let now = Fenced { epoch: 2, ..report };
+        assert!(
+            !n.fence_reported(&now, 2),
+            "not publishing: nothing to fence"
+        );
+        n.set_role(Role::Primary);
+        assert!(n.fence_reported(&now, 2));
+        assert_eq!(n.role(), Role::Secondary);
+        let h = path(&n);
+        let fenced = &h[h.len() - 2];
+        assert_eq!(
+            (fenced.0.as_str(), fenced.1.as_str()),
+            ("primary", "fenced")
+        );
+        assert_eq!(fenced.2.as_deref(), Some("the manifest moved to epoch 3"));
+    }
+
+    /// A release with nothing unpublished is not a loss; a loss fences.
+    #[test]
+    fn a_release_is_not_a_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path(), Role::Primary);
+        n.lease_gone(true, "lease lost (Released)");
+        assert_eq!(
+            path(&n),
+            [(
+                "primary".into(),
+                "secondary".into(),
+                Some("lease released".into())
+            )]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path(), Role::Primary);
+        n.lease_gone(false, "lease lost (Lost)");
+        let to: Vec<String> = path(&n).into_iter().map(|c| c.1).collect();
+        assert_eq!(to, ["fenced", "secondary"]);
+    }
+}
