@@ -1061,8 +1061,23 @@ impl Ctx<'_> {
         }
     }
 
-    fn epoch_ok(&self, h: &SegmentHeader) -> bool {
-        self.epoch_owner(h.txid_to).is_none_or(|o| o == h.epoch)
+    /// Whether segment `s` (header `h`) can continue a chain at `at` with
+    /// checksum `here`: the shared check (module verify). `here` is not
+    /// looked at when `s` starts before `at + 1` (entered part-way).
+    fn enters(
+        &self,
+        s: &SegInfo,
+        h: &SegmentHeader,
+        at: u64,
+        here: u64,
+    ) -> Result<(), VerifyError> {
+        Chain::new(at, here).enters(
+            &s.key,
+            (s.from, s.to),
+            h.epoch,
+            h.pre_checksum,
+            self.epoch_owner(h.txid_to),
+        )
     }
 
     async fn settle_fork(
@@ -1084,22 +1099,8 @@ impl Ctx<'_> {
                     continue;
                 }
             };
-            if !self.epoch_ok(&h) {
-                first_err.get_or_insert(RestoreError::ForeignEpoch {
-                    key: c.key.clone(),
-                    epoch: h.epoch,
-                    txid: h.txid_to,
-                    owner: self.epoch_owner(h.txid_to).unwrap_or_default(),
-                });
-                continue;
-            }
-            if h.pre_checksum != here {
-                first_err.get_or_insert(RestoreError::ChecksumChain {
-                    key: c.key.clone(),
-                    txid: h.txid_from,
-                    expected: here,
-                    found: h.pre_checksum,
-                });
+            if let Err(e) = self.enters(c, &h, at, here) {
+                first_err.get_or_insert(e.into());
                 continue;
             }
             viable.push(((*c).clone(), h));
@@ -1145,7 +1146,8 @@ impl Ctx<'_> {
         let mut viable = Vec::new();
         for c in cands {
             if let Ok(h) = headers.get(self, c, downloaded).await {
-                if self.epoch_ok(&h) {
+                // Entered part-way: the epoch is what can be checked.
+                if self.enters(c, &h, at, 0).is_ok() {
                     viable.push(((*c).clone(), h));
                 }
             }
@@ -1195,7 +1197,7 @@ impl Ctx<'_> {
                 let Ok(nh) = headers.get(self, n, downloaded).await else {
                     continue;
                 };
-                if nh.pre_checksum == h.post_checksum && self.epoch_ok(&nh) {
+                if self.enters(n, &nh, s.to, h.post_checksum).is_ok() {
                     stack.push((n.clone(), nh));
                 }
             }
