@@ -67,6 +67,15 @@ pub struct Follower {
     pub node_id: String,
 }
 
+/// The page hashes of the (settled) file at `path` if it is exactly the
+/// bucket's head `d`: then it is followed from there, nothing is laid out.
+/// The model test (`replica::model`) runs this same check.
+pub fn at_head(path: &Path, d: &DbManifest) -> Option<PageHashes> {
+    let h = PageHashes::from_file(path, d.page_size).ok()?;
+    (Some(h.checksum()) == parse_hex64(&d.head_checksum) && h.page_count() == d.size_pages)
+        .then_some(h)
+}
+
 /// Issue 11, item 2: a node whose journal holds transactions the bucket does
 /// not have (a restarting primary with a backlog, a compare-and-swap whose
 /// answer was lost) must never have that database replaced by the bucket's
@@ -258,26 +267,23 @@ impl Follower {
         m: &Manifest,
         applied: &mut HashMap<String, Applied>,
     ) -> Result<(), FollowError> {
-        let head_sum = parse_hex64(&d.head_checksum);
         if !applied.contains_key(db) {
             // First sight: the local file (with whatever WAL is left, folded
             // in first) may already be at the head.
             self.settle(db, true).await;
-            if let Ok(h) = PageHashes::from_file(&self.backing.join(db), d.page_size) {
-                if Some(h.checksum()) == head_sum && h.page_count() == d.size_pages {
-                    applied.insert(
-                        db.to_string(),
-                        Applied {
-                            txid: d.head_txid,
-                            generation: d.generation,
-                            checksum: h.checksum(),
-                            page_size: d.page_size,
-                            hashes: Some(h),
-                            committed_ms: None,
-                        },
-                    );
-                    return Ok(());
-                }
+            if let Some(h) = at_head(&self.backing.join(db), d) {
+                applied.insert(
+                    db.to_string(),
+                    Applied {
+                        txid: d.head_txid,
+                        generation: d.generation,
+                        checksum: h.checksum(),
+                        page_size: d.page_size,
+                        hashes: Some(h),
+                        committed_ms: None,
+                    },
+                );
+                return Ok(());
             }
         }
         let fresh = match applied.get(db) {

@@ -1203,14 +1203,10 @@ impl<'r> World<'r> {
             return Ok(());
         };
         let path = self.db_path(i);
-        if let Ok(h) = PageHashes::from_file(&path, d.page_size) {
-            if Some(h.checksum()) == parse_hex64(&d.head_checksum) && h.page_count() == d.size_pages
-            {
-                // The real follower hashes its file at first sight and
-                // publishes the head as applied when it matches.
-                self.publish_applied(i, d.head_txid);
-                return Ok(());
-            }
+        if follower::at_head(&path, &d).is_some() {
+            // The real follower's check at first sight: the head is applied.
+            self.publish_applied(i, d.head_txid);
+            return Ok(());
         }
         let tmp = self.tmp_path("follow");
         let res = rt.block_on(restore::restore_with(
