@@ -29,7 +29,8 @@ use crate::replica::apply::Applier;
 use crate::replica::capture::Capture;
 use crate::replica::follower::Follower;
 use crate::replica::hydrate::ReadThrough;
-use crate::replica::node::{drive_roles, Node, Role};
+use crate::replica::node::{Node, Role};
+use crate::replica::roles::drive_roles;
 use crate::replica::uploader::{Command as UploaderCommand, Policy as UploadPolicy, Uploader};
 use crate::status::Status;
 
@@ -209,7 +210,13 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(10), first_poll).await });
     }
-    let aside = crate::replica::aside::Checker::start(&cfg.state_dir, &dir, &status);
+    let views = replication.capture.clone();
+    let aside = crate::replica::aside::Checker::start(
+        &cfg.state_dir,
+        &dir,
+        &status,
+        Box::new(move |db| views.view_at_head(db)),
+    );
     let paused = aside.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -232,6 +239,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
             }
         })?;
     status.update(|s| s.state = "ready".into());
+    aside.mounted();
     tracing::info!(dir = %dir.display(), node = %cfg.node_id, canonical_id = %cfg.canonical_id, "mounted");
     tell_parent(&format!("ready {}", dir.display()));
     serving
@@ -328,7 +336,8 @@ impl Running {
             status: self.status.clone(),
             poll: cfg.poll_interval,
             read_through: self.read_through.clone(),
-            ahead_noted: Default::default(),
+            journal: self.journal.clone(),
+            node_id: cfg.node_id.clone(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rt.spawn(follower.run(tx));
@@ -402,7 +411,7 @@ fn serve_control(
                             Err(_) => Err(shutting_down()),
                         }
                     }
-                    "pull" => pull(&node, &status, poll),
+                    "pull" => pull(&node, poll),
                     // `leadership select` / `follow` naming this node, run
                     // here: take the lease up the moment it is handed over.
                     "expect-lease" => {
@@ -472,7 +481,9 @@ impl ControlError {
 
 /// `membridge pull`: a secondary waits until its follower has applied the
 /// bucket's head (it polls on its own; this just waits for it, bounded).
-fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<String, ControlError> {
+/// It decides from the follower's own progress (`Node::views`), not from
+/// `status.json`.
+fn pull(node: &Node, poll: Duration) -> std::result::Result<String, ControlError> {
     if matches!(node.role(), Role::Primary | Role::HandingOver) {
         return Err(ControlError::Refused {
             on_primary: true,
@@ -483,16 +494,14 @@ fn pull(node: &Node, status: &Status, poll: Duration) -> std::result::Result<Str
     std::thread::sleep(poll + Duration::from_millis(200));
     let start = Instant::now();
     loop {
-        let s = status.snapshot();
-        let behind: Vec<String> = s
-            .databases
+        let views = node.views().all();
+        let behind: Vec<String> = views
             .iter()
             .filter(|(_, d)| d.applied_txid < d.head_txid)
             .map(|(n, d)| format!("{n} at {} of {}", d.applied_txid, d.head_txid))
             .collect();
         if behind.is_empty() {
-            let at: Vec<String> = s
-                .databases
+            let at: Vec<String> = views
                 .iter()
                 .map(|(n, d)| format!("{n} at txid {}", d.applied_txid))
                 .collect();
@@ -668,6 +677,7 @@ fn start_replication(
         );
     }
     let node = Arc::new(Node::new(
+        &cfg.node_id,
         capture.clone(),
         if disabled {
             Role::Primary
@@ -708,7 +718,8 @@ fn start_replication(
     node.set_read_through(read_through.clone());
     set_aside_divergent(cfg, &rt, store.as_ref(), &journal, status);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    rt.spawn(uploader.run(rx));
+    let (fenced_tx, fenced_rx) = tokio::sync::mpsc::unbounded_channel();
+    rt.spawn(uploader.run(rx, fenced_tx));
     let primary_now = node.clone();
     rt.spawn(
         crate::coexist::LegacyWatch {
@@ -753,7 +764,7 @@ fn start_replication(
         })
         .await;
     });
-    rt.spawn(crate::replica::node::follow_closely(
+    rt.spawn(crate::replica::roles::follow_closely(
         node.clone(),
         keeper.handover_pending(),
     ));
@@ -762,6 +773,7 @@ fn start_replication(
         keeper.clone(),
         epoch,
         tx,
+        fenced_rx,
         status.clone(),
     ));
     rt.block_on(async {

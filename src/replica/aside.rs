@@ -312,6 +312,10 @@ pub struct Checker {
     state_dir: PathBuf,
     mount_dir: PathBuf,
     status: Status,
+    /// Where a database's view stands (see [`ViewAt`]).
+    view_at: ViewAt,
+    /// The mount serves (copies are compared through it).
+    ready: AtomicBool,
     paused_until: Mutex<Option<Instant>>,
     stop: AtomicBool,
 }
@@ -324,12 +328,27 @@ struct Last {
     resolved: usize,
 }
 
+/// A token naming where a replicated database's view stands, that changes
+/// when it moves; `None` while it is not at a head worth comparing a copy
+/// against. The daemon answers it from the node's own state
+/// (`Node::view_at_head`), never from `status.json`.
+pub type ViewAt = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 impl Checker {
-    pub fn start(state_dir: &Path, mount_dir: &Path, status: &Status) -> Arc<Checker> {
+    /// `status` is only written (the list of copies); decisions come from
+    /// `view_at`.
+    pub fn start(
+        state_dir: &Path,
+        mount_dir: &Path,
+        status: &Status,
+        view_at: ViewAt,
+    ) -> Arc<Checker> {
         let c = Arc::new(Checker {
             state_dir: state_dir.to_path_buf(),
             mount_dir: mount_dir.to_path_buf(),
             status: status.clone(),
+            view_at,
+            ready: AtomicBool::new(false),
             paused_until: Mutex::new(None),
             stop: AtomicBool::new(false),
         });
@@ -346,6 +365,11 @@ impl Checker {
     /// No connection on the mount for a while (an unmount is coming).
     pub fn pause(&self, d: Duration) {
         *self.paused_until.lock().unwrap() = Some(Instant::now() + d);
+    }
+
+    /// The mount serves: copies may be compared through it from now on.
+    pub fn mounted(&self) {
+        self.ready.store(true, Ordering::Release);
     }
 
     pub fn stop(&self) {
@@ -372,7 +396,10 @@ impl Checker {
                 if self.paused() {
                     break;
                 }
-                let Some(view) = view_at_head(&self.status.snapshot(), &e.db) else {
+                if !self.ready.load(Ordering::Acquire) {
+                    break;
+                }
+                let Some(view) = (self.view_at)(&e.db) else {
                     continue;
                 };
                 let due = last.get(copy).is_none_or(|l| {
@@ -441,24 +468,6 @@ impl Checker {
             ),
             _ => {}
         }
-    }
-}
-
-/// A mark of the replicated database's state when the view can be compared
-/// with (ready, and a secondary at the head and whole locally).
-fn view_at_head(doc: &StatusDoc, db: &str) -> Option<String> {
-    if doc.state != "ready" {
-        return None;
-    }
-    let d = doc.databases.get(db);
-    match doc.role.as_str() {
-        "primary" => Some(format!("p{}", d.map_or(0, |d| d.head_txid))),
-        "secondary" => {
-            let d = d?;
-            let whole = d.hydration.as_ref().is_none_or(|h| h.done);
-            (whole && d.applied_txid == d.head_txid).then(|| format!("s{}", d.applied_txid))
-        }
-        _ => None,
     }
 }
 

@@ -359,23 +359,6 @@ impl Capture {
             .sum()
     }
 
-    /// `db`'s journal holds transactions past what the bucket has and that
-    /// were not set aside: the local file is this node's own history, which
-    /// no follower may lay the bucket's copy over (docs/ARCHITECTURE.md,
-    /// "Promotion").
-    pub fn ahead_of_bucket(&self, db: &str) -> bool {
-        let Ok(Some(h)) = self.journal.head(db) else {
-            return false;
-        };
-        let aside = self
-            .journal
-            .divergent_through(db)
-            .ok()
-            .flatten()
-            .unwrap_or(0);
-        h.head_txid > h.uploaded_txid.max(aside)
-    }
-
     /// Promotion: the local file holds exactly the bucket's head (the
     /// follower's verified copy). Make it the start of this node's history,
     /// with a base image for later snapshots. `Ok(false)` if it does not match.

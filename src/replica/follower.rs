@@ -10,7 +10,7 @@
 //! client has it open, or else committed whole through the applier; see
 //! docs/ARCHITECTURE.md, "The view on a secondary".
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,12 +20,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::apply::ViewTxn;
+use super::divergent;
 use super::hydrate::{ReadThrough, State};
 use super::manifest::{parse_hex64, DbManifest, Manifest};
 use super::node::{Node, Role};
 use super::restore::{self, RestoreOptions, Target};
+use super::verify::{Chain, VerifyError};
 use crate::fs::Invalidator;
-use crate::journal::codec;
+use crate::journal::{codec, Journal};
 use crate::remote::{Layout, ObjectStore, StoreError};
 use crate::sqlite::checksum::PageHashes;
 use crate::sqlite::header::PENDING_BYTE;
@@ -59,8 +61,75 @@ pub struct Follower {
     pub status: Status,
     pub poll: Duration,
     pub read_through: Arc<ReadThrough>,
-    /// Databases already logged as not followed over unpublished history.
-    pub ahead_noted: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// This node's journal: a database it holds unpublished transactions
+    /// of is not followed over (see [`hold_unpublished`]).
+    pub journal: Arc<Journal>,
+    pub node_id: String,
+}
+
+/// The page hashes of the (settled) file at `path` if it is exactly the
+/// bucket's head `d`: then it is followed from there, nothing is laid out.
+/// The model test (`replica::model`) runs this same check.
+pub fn at_head(path: &Path, d: &DbManifest) -> Option<PageHashes> {
+    let h = PageHashes::from_file(path, d.page_size).ok()?;
+    (Some(h.checksum()) == parse_hex64(&d.head_checksum) && h.page_count() == d.size_pages)
+        .then_some(h)
+}
+
+/// Issue 11, item 2: a node whose journal holds transactions the bucket does
+/// not have (a restarting primary with a backlog, a compare-and-swap whose
+/// answer was lost) must never have that database replaced by the bucket's
+/// head, nor be promoted later on the replaced file. Judged each time the
+/// bucket moves, with the check a start runs ([`divergent::diverged`]): what
+/// the bucket's history went past is set aside as divergent (then the
+/// database is followed again); the rest is held, left as it is for the
+/// take-over to publish. Returns the databases held and a line per copy set
+/// aside. The model test (`replica::model`) runs this same function.
+pub async fn hold_unpublished(
+    store: &dyn ObjectStore,
+    layout: &Layout,
+    canonical_id: &str,
+    journal: &Journal,
+    state_dir: &Path,
+    node_id: &str,
+) -> Result<(BTreeSet<String>, Vec<String>), String> {
+    // Past what was published or set aside: unpublished transactions, or a
+    // new generation whose snapshot is not up yet (its head has no txn row).
+    let ahead = |h: &crate::journal::DbHead| {
+        let aside = journal.divergent_through(&h.name).ok().flatten();
+        h.head_txid > h.uploaded_txid.max(aside.unwrap_or(0))
+    };
+    let pending = |journal: &Journal| -> Result<BTreeSet<String>, String> {
+        Ok(journal
+            .heads()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|h| ahead(h))
+            .map(|h| h.name)
+            .collect())
+    };
+    if pending(journal)?.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut notes = Vec::new();
+    for (h, why, epoch) in divergent::diverged(store, layout, canonical_id, journal).await? {
+        divergent::set_aside(
+            journal,
+            &state_dir.join("base"),
+            &divergent::dir(state_dir),
+            &h,
+            node_id,
+            Some(epoch),
+            &why,
+        );
+        notes.push(format!(
+            "{}: txids {}..={} set aside: {why}",
+            h.name,
+            h.uploaded_txid + 1,
+            h.head_txid
+        ));
+    }
+    Ok((pending(journal)?, notes))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +138,9 @@ enum FollowError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Restore(#[from] restore::RestoreError),
+    /// A transaction failed the shared checks (module verify).
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
     /// Clients have the database open: it cannot be laid out underneath them.
     #[error("the database is open by {0}")]
     Busy(String),
@@ -124,6 +196,9 @@ impl Follower {
 
     fn publish_lag(&self, applied: &HashMap<String, Applied>) {
         let now = chrono::Utc::now().timestamp_millis();
+        for (db, a) in applied {
+            self.node.views().applied(db, a.txid);
+        }
         self.status.update(|s| {
             for (db, a) in applied {
                 let d = s.databases.entry(db.clone()).or_default();
@@ -157,7 +232,28 @@ impl Follower {
         };
         let m = Manifest::parse(&key, &got.body, &self.canonical_id)
             .map_err(|e| FollowError::Other(e.to_string()))?;
+        let (held, notes) = hold_unpublished(
+            self.store.as_ref(),
+            &self.layout,
+            &self.canonical_id,
+            &self.journal,
+            &self.state_dir,
+            &self.node_id,
+        )
+        .await
+        .map_err(FollowError::Other)?;
+        for n in notes {
+            tracing::warn!("follower: {n}");
+        }
         for (db, d) in &m.databases {
+            self.node.views().saw_head(db, d.head_txid);
+            if held.contains(db) {
+                tracing::info!(
+                    db,
+                    "not following: this node holds transactions the bucket does not have yet"
+                );
+                continue;
+            }
             self.status.update(|s| {
                 s.databases.entry(db.clone()).or_default().head_txid = d.head_txid;
             });
@@ -176,46 +272,29 @@ impl Follower {
         m: &Manifest,
         applied: &mut HashMap<String, Applied>,
     ) -> Result<(), FollowError> {
-        let head_sum = parse_hex64(&d.head_checksum);
         if !applied.contains_key(db) {
             // First sight: the local file (with whatever WAL is left, folded
             // in first) may already be at the head.
             self.settle(db, true).await;
-            if let Ok(h) = PageHashes::from_file(&self.backing.join(db), d.page_size) {
-                if Some(h.checksum()) == head_sum && h.page_count() == d.size_pages {
-                    applied.insert(
-                        db.to_string(),
-                        Applied {
-                            txid: d.head_txid,
-                            generation: d.generation,
-                            checksum: h.checksum(),
-                            page_size: d.page_size,
-                            hashes: Some(h),
-                            committed_ms: None,
-                        },
-                    );
-                    return Ok(());
-                }
+            if let Some(h) = at_head(&self.backing.join(db), d) {
+                applied.insert(
+                    db.to_string(),
+                    Applied {
+                        txid: d.head_txid,
+                        generation: d.generation,
+                        checksum: h.checksum(),
+                        page_size: d.page_size,
+                        hashes: Some(h),
+                        committed_ms: None,
+                    },
+                );
+                return Ok(());
             }
         }
         let fresh = match applied.get(db) {
             Some(a) => a.generation != d.generation || a.txid > d.head_txid,
             None => true,
         };
-        if fresh && self.node.capture().ahead_of_bucket(db) {
-            // This node's unpublished history (a new generation after a
-            // change made while unmounted, say) waits for its take-over or
-            // for the divergent check; laying the bucket's copy over it
-            // would lose it from the live file.
-            if !self.ahead_noted.lock().unwrap().insert(db.to_string()) {
-                return Ok(());
-            }
-            tracing::info!(
-                db,
-                "not following the bucket over this node's unpublished transactions"
-            );
-            return Ok(());
-        }
         if fresh {
             let a = match self.bootstrap_lazy(db).await {
                 Ok(a) => a,
@@ -263,17 +342,27 @@ impl Follower {
             .collect();
         segs.sort();
         let mut hashes = a.hashes.clone();
-        let mut running = a.checksum;
-        let mut txid = a.txid;
+        // The same checks as restore (module verify); pages are hashed
+        // unless the file is still hydrating.
+        let mut chain = Chain::new(a.txid, a.checksum);
         let mut txns: Vec<ViewTxn> = Vec::new();
         let mut last_ms = a.committed_ms;
-        'chain: while txid < d.head_txid {
-            for (_, key) in segs.iter().filter(|(from, _)| *from == txid + 1) {
+        'chain: while chain.at < d.head_txid {
+            for (_, key) in segs.iter().filter(|(from, _)| *from == chain.at + 1) {
                 let body = self.store.get(key).await?.body;
                 let Ok(seg) = codec::decode_segment(&body) else {
                     continue;
                 };
-                if seg.header.pre_checksum != running
+                let h = &seg.header;
+                let owner = m.epoch_of(db, h.txid_to);
+                let entered = chain.enters(
+                    key,
+                    (h.txid_from, h.txid_to),
+                    h.epoch,
+                    h.pre_checksum,
+                    owner,
+                );
+                if entered.is_err()
                     || seg
                         .txns
                         .iter()
@@ -282,42 +371,30 @@ impl Follower {
                     continue; // a deposed primary's tail
                 }
                 for t in seg.txns.iter().take_while(|t| t.txid <= d.head_txid) {
-                    if t.pre_checksum != running {
-                        return Err(FollowError::Other(format!(
-                            "{key}: txid {} does not continue the checksum chain",
-                            t.txid
-                        )));
-                    }
-                    let post = match hashes.as_mut() {
+                    chain.apply(key, t, m.epoch_of(db, t.txid), |t| match hashes.as_mut() {
                         Some(h) => h
                             .apply(
                                 t.pages.iter().map(|(n, p)| (*n, p.as_ref())),
                                 t.db_size_pages,
                             )
-                            .map_err(|e| FollowError::Other(format!("{key}: {e}")))?,
-                        None => t.post_checksum,
-                    };
-                    running = t.post_checksum;
-                    if post != t.post_checksum {
-                        return Err(FollowError::Other(format!(
-                            "{key}: txid {} does not produce its checksum",
-                            t.txid
-                        )));
-                    }
+                            .map(Some)
+                            .map_err(|e| FollowError::Other(format!("{key}: {e}"))),
+                        None => Ok(None),
+                    })?;
                     txns.push(ViewTxn {
                         pages: t.pages.iter().map(|(n, p)| (*n, p.clone())).collect(),
                         size_pages: t.db_size_pages,
                     });
-                    txid = t.txid;
                     last_ms = Some(t.timestamp_ms);
                 }
                 continue 'chain;
             }
             return Err(FollowError::Other(format!(
                 "no verifiable segment starts at txid {}",
-                txid + 1
+                chain.at + 1
             )));
         }
+        let (txid, running) = (chain.at, chain.running);
         if Some(running) != parse_hex64(&d.head_checksum) {
             return Err(FollowError::Other(format!(
                 "{db}: after txid {txid} the checksum is not the manifest's"

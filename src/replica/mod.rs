@@ -15,4 +15,6 @@ pub mod manifest;
 mod model;
 pub mod node;
 pub mod restore;
+pub mod roles;
 pub mod uploader;
+pub mod verify;

@@ -17,7 +17,8 @@
 //! to the files and the bucket, without FUSE or timers):
 //! - the lease keeper and `drive_roles`: [`World::tick`] takes one keeper
 //!   step (renew, or acquire) and applies the role rules of
-//!   `node::drive_roles`; time passes only by [`Step::Expire`], which ages the
+//!   `roles::drive_roles` (its decisions are the real ones: `Node::lease_gone`,
+//!   `Node::fence_reported`); time passes only by [`Step::Expire`], which ages the
 //!   lease in the bucket and makes its holder's deadline pass;
 //! - the secondary's view: settling it (the applier's checkpoint that folds
 //!   the WAL into the main file) is a checkpoint by another connection, and
@@ -25,8 +26,9 @@
 //!   `Node::settle_view` does when the view was in use;
 //! - the follower: [`World::follow`] lays out the bucket's head, verified by
 //!   restore, when the local file is not at it, except over a history the
-//!   bucket does not have yet (issue 11, item 2), which is first judged by
-//!   the same divergent check a start runs.
+//!   bucket does not have yet (issue 11, item 2): whether to hold is the real
+//!   follower's decision ([`follower::hold_unpublished`]), which sets aside
+//!   what the bucket moved past with the same check a start runs.
 //!
 //! The invariants (see [`World::check`] and [`World::settle_all`]):
 //! - at most one node's history extends the bucket's (with unpublished
@@ -64,11 +66,11 @@ use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestError, TestRng
 use rusqlite::{Connection, OpenFlags};
 
 use super::capture::Capture;
-use super::divergent;
 use super::manifest::{self, parse_hex64};
 use super::node::{Node, Role};
 use super::restore::{self, RestoreOptions, Target};
-use super::uploader::{Policy, Uploader};
+use super::uploader::{Fenced, Outcome, Policy, UploadError, Uploader};
+use super::{divergent, follower};
 use crate::config::Policy as LeasePolicy;
 use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::Replication;
@@ -349,8 +351,6 @@ struct Up {
     /// The epoch released on purpose (0: none), as `LeaseKeeper` keeps it.
     released: u64,
     conn: Option<Connection>,
-    /// What the follower publishes (the applied txid `take_over` reads).
-    status: Status,
 }
 
 /// One machine: files and state dir survive kill -9, `up` does not.
@@ -417,12 +417,6 @@ fn policy() -> Policy {
         snapshot_txns: 3,
         ..Policy::default()
     }
-}
-
-/// Whether `e` says the uploader found itself fenced (and fences the node in
-/// the background).
-fn fenced(e: &impl std::fmt::Display) -> bool {
-    e.to_string().starts_with("fenced")
 }
 
 impl<'r> World<'r> {
@@ -523,7 +517,6 @@ impl<'r> World<'r> {
         let epoch = Arc::new(AtomicU64::new(journal.last_epoch().unwrap()));
         let wake = Arc::new(tokio::sync::Notify::new());
         let status = Status::for_tests(&sim.name);
-        let view_status = status.clone();
         let base_dir = sim.state.join("base");
         let fd = nix::fcntl::open(
             &sim.backing,
@@ -546,7 +539,12 @@ impl<'r> World<'r> {
         } else {
             Ok(())
         };
-        let node = Arc::new(Node::new(capture, Role::Secondary, status.clone()));
+        let node = Arc::new(Node::new(
+            &sim.name,
+            capture,
+            Role::Secondary,
+            status.clone(),
+        ));
         let store: Arc<dyn ObjectStore> = sim.store.clone();
         let uploader = Uploader::new(
             store.clone(),
@@ -656,7 +654,6 @@ impl<'r> World<'r> {
             backoff: false,
             released: 0,
             conn: None,
-            status: view_status,
         });
         self.tick(i)
     }
@@ -673,7 +670,7 @@ impl<'r> World<'r> {
 
     // ── lease keeper and roles (stand-in for LeaseKeeper + drive_roles) ─────
 
-    /// One keeper step, then the role rules of `node::drive_roles`.
+    /// One keeper step, then the role rules of `roles::drive_roles`.
     fn tick(&mut self, i: usize) -> Check {
         let rt = self.rt;
         let Some(up) = self.nodes[i].up.as_mut() else {
@@ -755,22 +752,9 @@ impl<'r> World<'r> {
         let node = up.node.clone();
         let was = node.role();
         let released = up.released != 0 && up.released == up.epoch.load(Ordering::Acquire);
-        if was == Role::HandingOver {
-            node.set_role(Role::Secondary);
-        } else if was == Role::Primary && released {
-            let unpublished = node.capture().unpublished();
-            if unpublished == 0 {
-                node.set_role_for(Role::Secondary, "lease released");
-            } else {
-                node.fence(&format!(
-                    "lease released with {unpublished} unpublished transaction(s)"
-                ));
-            }
-        } else if was == Role::Primary {
-            node.fence("lease lost");
+        node.lease_gone(released, "lease lost");
+        if was == Role::Primary && !released {
             *self.stats.entry("fenced on losing the lease").or_default() += 1;
-        } else if was != Role::Fenced {
-            node.set_role(Role::Secondary);
         }
         let now = node.role();
         if now != was {
@@ -842,17 +826,17 @@ impl<'r> World<'r> {
         Ok(())
     }
 
-    /// The secondary's view, settled: its WAL folded into the main file by
-    /// a checkpoint (the applier's), nothing reported to capture.
-    /// What the real follower publishes after applying or verifying: the
+    /// What the real follower records after applying or verifying: the
     /// applied txid `take_over` reads before settling the view.
     fn publish_applied(&self, i: usize, txid: u64) {
         if let Some(up) = &self.nodes[i].up {
-            up.status
-                .update(|s| s.databases.entry(DB.to_string()).or_default().applied_txid = txid);
+            up.node.views().saw_head(DB, txid);
+            up.node.views().applied(DB, txid);
         }
     }
 
+    /// The secondary's view, settled: its WAL folded into the main file by
+    /// a checkpoint (the applier's), nothing reported to capture.
     fn settle_view(&self, i: usize) {
         let path = self.db_path(i);
         if !path.exists() {
@@ -931,7 +915,7 @@ impl<'r> World<'r> {
         self.not_held(i);
     }
 
-    /// `node::hand_over`: no new writes, push everything, pass the lease.
+    /// `roles::hand_over`: no new writes, push everything, pass the lease.
     fn hand_over(&mut self, to: usize) -> Check {
         let Some(i) = self.holder() else {
             return Ok(());
@@ -946,10 +930,9 @@ impl<'r> World<'r> {
         let pushed = rt.block_on(up.uploader.push());
         if let Err(e) = &pushed {
             up.uploader.forget_manifest();
-            let fenced_now = fenced(e);
             let msg = format!("  hand-over postponed: {e}");
-            if fenced_now {
-                self.wait_fenced(i)?;
+            if e.outcome() == Outcome::Fenced {
+                self.fenced_by_uploader(i, e);
             } else {
                 self.nodes[i]
                     .up
@@ -987,16 +970,19 @@ impl<'r> World<'r> {
     }
 
     /// The uploader fenced the node in the background: wait until it is done.
-    fn wait_fenced(&self, i: usize) -> Check {
+    /// The uploader reported this node deposed: what `roles::drive_roles`
+    /// does with the report.
+    fn fenced_by_uploader(&self, i: usize, e: &UploadError) {
         let up = self.nodes[i].up.as_ref().unwrap();
-        let start = std::time::Instant::now();
-        while up.node.role() != Role::Secondary {
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!("{}: fencing did not finish", self.nodes[i].name));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
+        let epoch = up.epoch.load(Ordering::Acquire);
+        let UploadError::Fenced(why) = e else {
+            return;
+        };
+        let report = Fenced {
+            epoch,
+            why: why.clone(),
+        };
+        up.node.fence_reported(&report, epoch);
     }
 
     // ── the primary's client ────────────────────────────────────────────────
@@ -1152,9 +1138,9 @@ impl<'r> World<'r> {
             up.uploader.forget_manifest();
             let msg = format!("  {}: upload failed: {e}", self.nodes[i].name);
             self.stat("upload rounds failed");
-            if fenced(e) {
+            if e.outcome() == Outcome::Fenced {
                 self.stat("fenced by the uploader");
-                self.wait_fenced(i)?;
+                self.fenced_by_uploader(i, e);
             }
             self.note(msg);
         }
@@ -1180,34 +1166,32 @@ impl<'r> World<'r> {
         // follower did when issue 11 was filed (item 2), to see the model
         // catch it.
         let guarded = std::env::var("MEMBRIDGE_MODEL_FOLLOWER").as_deref() != Ok("unguarded");
-        if guarded && journal.backlog(DB).unwrap().0 > 0 {
+        if guarded {
             // Issue 11, item 2: never follow over a history the bucket does
-            // not have. It is judged again each time the bucket moves (the
-            // check a start runs): set aside once the bucket moved past it.
-            let found = rt.block_on(divergent::diverged(
+            // not have; the real follower's own guard decides.
+            let state = self.nodes[i].state.clone();
+            let held = rt.block_on(follower::hold_unpublished(
                 store.as_ref(),
                 &self.layout,
                 CID,
                 &journal,
+                &state,
+                &name,
             ));
-            for (h, why, e) in found.unwrap_or_default() {
-                divergent::set_aside(
-                    &journal,
-                    &self.nodes[i].state.join("base"),
-                    &divergent::dir(&self.nodes[i].state),
-                    &h,
-                    &name,
-                    Some(e),
-                    &why,
-                );
-                self.note(format!(
-                    "  {name}: set aside txids {}..={}: {why}",
-                    h.uploaded_txid + 1,
-                    h.head_txid
-                ));
+            let (held, notes) = match held {
+                Ok(x) => x,
+                Err(e) => {
+                    self.note(format!(
+                        "  {name}: follower could not judge its backlog: {e}"
+                    ));
+                    return Ok(());
+                }
+            };
+            for n in notes {
+                self.note(format!("  {name}: {n}"));
                 self.stat("set aside by the follower");
             }
-            if journal.backlog(DB).unwrap().0 > 0 {
+            if held.contains(DB) {
                 self.note(format!(
                     "  {name}: not following over unpublished transactions"
                 ));
@@ -1219,14 +1203,10 @@ impl<'r> World<'r> {
             return Ok(());
         };
         let path = self.db_path(i);
-        if let Ok(h) = PageHashes::from_file(&path, d.page_size) {
-            if Some(h.checksum()) == parse_hex64(&d.head_checksum) && h.page_count() == d.size_pages
-            {
-                // The real follower hashes its file at first sight and
-                // publishes the head as applied when it matches.
-                self.publish_applied(i, d.head_txid);
-                return Ok(());
-            }
+        if follower::at_head(&path, &d).is_some() {
+            // The real follower's check at first sight: the head is applied.
+            self.publish_applied(i, d.head_txid);
+            return Ok(());
         }
         let tmp = self.tmp_path("follow");
         let res = rt.block_on(restore::restore_with(

@@ -14,8 +14,8 @@
 //! instead, which SQLite reports as "attempt to write a readonly database".
 //! Each refusal is logged once per transaction with the primary's name.
 
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -28,50 +28,65 @@ use crate::status::Status;
 use super::apply::Applier;
 use super::capture::Capture;
 use super::hydrate::ReadThrough;
-use super::uploader::NotYet;
+use super::roles::Lifecycle;
+pub use super::roles::Role;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Role {
-    /// Holds the lease (or leadership is disabled): writes are captured.
-    Primary = 0,
-    /// Took the lease; catching up with the bucket before accepting writes.
-    CatchingUp = 1,
-    /// Reads the primary's published state.
-    Secondary = 2,
-    /// Was primary and lost the lease: refuses writes, keeps its tail aside.
-    Fenced = 3,
-    /// Primary passing the lease on: no new writes, publishing the backlog.
-    HandingOver = 4,
+/// Where the follower stands on one database: the bucket's head it last saw
+/// and the txid its view is at (applied or verified).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct View {
+    pub head_txid: u64,
+    pub applied_txid: u64,
 }
 
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::CatchingUp => "catching-up",
-            Role::Secondary => "secondary",
-            Role::Fenced => "fenced",
-            Role::HandingOver => "handing-over",
-        }
+/// The follower's progress, per database it has seen in the manifest. Owned
+/// by the node: the take-over and the set-aside checker decide from it;
+/// `status.json` only shows it.
+#[derive(Default)]
+pub struct Views {
+    dbs: Mutex<BTreeMap<String, View>>,
+}
+
+impl Views {
+    /// The follower read `db`'s head in the manifest.
+    pub fn saw_head(&self, db: &str, head_txid: u64) {
+        self.dbs
+            .lock()
+            .unwrap()
+            .entry(db.to_string())
+            .or_default()
+            .head_txid = head_txid;
     }
 
-    fn from_u8(v: u8) -> Role {
-        match v {
-            0 => Role::Primary,
-            1 => Role::CatchingUp,
-            3 => Role::Fenced,
-            4 => Role::HandingOver,
-            _ => Role::Secondary,
-        }
+    /// The follower's view of `db` is at `txid`.
+    pub fn applied(&self, db: &str, txid: u64) {
+        self.dbs
+            .lock()
+            .unwrap()
+            .entry(db.to_string())
+            .or_default()
+            .applied_txid = txid;
+    }
+
+    /// Every database the follower has seen, by name.
+    pub fn all(&self) -> Vec<(String, View)> {
+        let dbs = self.dbs.lock().unwrap();
+        dbs.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Where the follower stands on `db`, if it has seen it at all.
+    pub fn get(&self, db: &str) -> Option<View> {
+        self.dbs.lock().unwrap().get(db).copied()
     }
 }
 
 pub struct Node {
     capture: Arc<Capture>,
-    role: AtomicU8,
+    /// The role and its history: decided in `super::roles`.
+    life: Lifecycle,
+    /// The follower's progress (what the take-over waits for).
+    views: Views,
     status: Status,
-    fencing: std::sync::atomic::AtomicBool,
     /// Pages of a secondary's databases not local yet come from here.
     read_through: std::sync::OnceLock<Arc<ReadThrough>>,
     /// Drops the kernel's cached pages of files changed behind its back.
@@ -81,32 +96,30 @@ pub struct Node {
     /// Wakes the follower before its next poll is due (a promotion waits on
     /// the old primary's last transactions).
     poke: Notify,
-    /// Notified at every role change: the heartbeat says so at once.
-    changed: Arc<Notify>,
-    /// When this tenure as primary began (ms since the epoch; 0: not primary).
-    primary_since_ms: AtomicI64,
 }
 
 impl Node {
-    pub fn new(capture: Arc<Capture>, role: Role, status: Status) -> Node {
-        let node = Node {
+    pub fn new(node_id: &str, capture: Arc<Capture>, role: Role, status: Status) -> Node {
+        Node {
             capture,
-            role: AtomicU8::new(role as u8),
+            life: Lifecycle::new(node_id, role, status.clone()),
+            views: Views::default(),
             status,
-            fencing: std::sync::atomic::AtomicBool::new(false),
             read_through: std::sync::OnceLock::new(),
             invalidator: std::sync::OnceLock::new(),
             applier: std::sync::OnceLock::new(),
             poke: Notify::new(),
-            changed: Arc::new(Notify::new()),
-            primary_since_ms: AtomicI64::new(if role == Role::Primary {
-                Utc::now().timestamp_millis()
-            } else {
-                0
-            }),
-        };
-        node.publish(role);
-        node
+        }
+    }
+
+    /// The lifecycle state (role, tenure, history, lease holder).
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.life
+    }
+
+    /// The follower's progress per database.
+    pub fn views(&self) -> &Views {
+        &self.views
     }
 
     /// Asks the follower to look at the bucket now rather than at its next poll.
@@ -121,7 +134,7 @@ impl Node {
 
     /// Notified at every role change.
     pub fn role_changes(&self) -> Arc<Notify> {
-        self.changed.clone()
+        self.life.changes()
     }
 
     /// The last transaction captured in this run of the daemon.
@@ -131,10 +144,7 @@ impl Node {
 
     /// When this node became primary, while it is.
     pub fn primary_since(&self) -> Option<DateTime<Utc>> {
-        match self.primary_since_ms.load(Ordering::Acquire) {
-            0 => None,
-            ms => DateTime::from_timestamp_millis(ms),
-        }
+        self.life.primary_since()
     }
 
     /// Why this primary is not idle for `idle` (policy `follow`), if it is not.
@@ -143,51 +153,17 @@ impl Node {
     }
 
     pub fn role(&self) -> Role {
-        Role::from_u8(self.role.load(Ordering::Acquire))
+        self.life.role()
     }
 
     pub fn set_role(&self, role: Role) {
-        self.set_role_for(role, "");
+        self.life.set(role, "");
     }
 
     /// Changes the role; `reason` goes to the log and to the role history in
     /// `status.json` (a release and a loss of the lease must read differently).
     pub fn set_role_for(&self, role: Role, reason: &str) {
-        let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
-        if old != role {
-            if reason.is_empty() {
-                tracing::info!(from = old.name(), to = role.name(), "role changed");
-            } else {
-                tracing::info!(from = old.name(), to = role.name(), reason, "role changed");
-            }
-            // A hand-over given up continues the tenure it interrupted.
-            match role {
-                Role::Primary if old != Role::HandingOver => self
-                    .primary_since_ms
-                    .store(Utc::now().timestamp_millis(), Ordering::Release),
-                Role::Primary | Role::HandingOver => {}
-                _ => self.primary_since_ms.store(0, Ordering::Release),
-            }
-            self.publish(role);
-            self.changed.notify_one();
-            self.status.update(|s| {
-                s.role_history.push(crate::status::RoleChange {
-                    at: chrono::Utc::now().to_rfc3339(),
-                    from: old.name().into(),
-                    to: role.name().into(),
-                    reason: (!reason.is_empty()).then(|| reason.to_string()),
-                });
-                let extra = s
-                    .role_history
-                    .len()
-                    .saturating_sub(crate::status::ROLE_HISTORY);
-                s.role_history.drain(..extra);
-            });
-        }
-    }
-
-    fn publish(&self, role: Role) {
-        self.status.update(|s| s.role = role.name().into());
+        self.life.set(role, reason);
     }
 
     fn primary(&self) -> bool {
@@ -198,7 +174,7 @@ impl Node {
     /// while it hands over (a write let through just before the gate closed
     /// is still its to publish; no new one gets through).
     fn captures(&self) -> bool {
-        matches!(self.role(), Role::Primary | Role::HandingOver)
+        self.role().publishes()
     }
 
     fn refuse(&self, class: &PathClass) -> i32 {
@@ -212,11 +188,7 @@ impl Node {
         }
         // One line per refused transaction: SQLite gives up at the journal.
         if let PathClass::Sidecar(db, Sidecar::Journal | Sidecar::Wal) = class {
-            let primary = self
-                .status
-                .snapshot()
-                .primary
-                .unwrap_or_else(|| "unknown".into());
+            let primary = self.life.holder().unwrap_or_else(|| "unknown".into());
             tracing::info!(
                 db = %db,
                 role = self.role().name(),
@@ -271,6 +243,31 @@ impl Node {
         res
     }
 
+    /// A token naming where `db`'s view stands when a set-aside copy may be
+    /// compared with it (`super::aside::ViewAt`): on the primary, its last
+    /// capture; on a secondary, the head once the follower applied it and
+    /// the file is whole locally. None in between (catching up, fenced,
+    /// handing over, behind, hydrating).
+    pub fn view_at_head(&self, db: &str) -> Option<String> {
+        match self.role() {
+            Role::Primary => Some(format!(
+                "p{}",
+                self.last_write().map_or(0, |t| t.timestamp_micros())
+            )),
+            Role::Secondary => {
+                let v = self.views.get(db)?;
+                let whole = self.read_through.get().is_none_or(|r| {
+                    matches!(
+                        r.state(db),
+                        super::hydrate::State::None | super::hydrate::State::Complete
+                    )
+                });
+                (whole && v.applied_txid == v.head_txid).then(|| format!("s{}", v.applied_txid))
+            }
+            _ => None,
+        }
+    }
+
     pub fn set_read_through(&self, rt: Arc<ReadThrough>) {
         let _ = self.read_through.set(rt);
     }
@@ -279,37 +276,6 @@ impl Node {
     /// cannot become primary: its file is not the bucket's head yet).
     pub fn all_local(&self) -> bool {
         self.read_through.get().is_none_or(|r| r.all_local())
-    }
-
-    /// This node may no longer write: stop writes at once, keep what was not
-    /// published aside, then follow the bucket as a secondary. Blocking I/O.
-    pub fn fence(&self, reason: &str) {
-        if self.fencing.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.set_role_for(Role::Fenced, reason);
-        tracing::info!(reason, "fenced: keeping unpublished transactions aside");
-        let doc = self.status.snapshot();
-        let reports = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.capture.set_aside(&doc.node_id, reason)
-        })) {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::error!("setting the divergent copy aside failed");
-                Vec::new()
-            }
-        };
-        self.status.update(|s| {
-            for p in &reports {
-                let p = p.display().to_string();
-                if !s.divergent.contains(&p) {
-                    s.divergent.push(p);
-                }
-            }
-            s.last_error = Some(format!("fenced: {reason}"));
-        });
-        self.set_role(Role::Secondary);
-        self.fencing.store(false, Ordering::Release);
     }
 }
 
@@ -396,260 +362,5 @@ impl Replication for Node {
             (PathClass::Database(db), Some(rt)) => rt.ensure(db, offset, len),
             _ => Ok(()),
         }
-    }
-}
-
-/// Follow the lease and drive the node's role: a new lease goes through
-/// catching-up (the bucket's head must be this node's head, and the manifest
-/// epoch is bumped) before writes are accepted; a lost lease fences the node.
-pub async fn drive_roles(
-    node: Arc<Node>,
-    keeper: Arc<crate::lease::LeaseKeeper>,
-    epoch: Arc<std::sync::atomic::AtomicU64>,
-    uploader: tokio::sync::mpsc::Sender<super::uploader::Command>,
-    status: Status,
-) {
-    use crate::lease::LeaseState;
-    let mut states = keeper.subscribe();
-    let mut handovers = keeper.handover_requests();
-    // While catching up with the lease in hand: how soon to try again.
-    let mut retry_in = CATCH_UP_RETRY_MIN;
-    let mut tries = 0;
-    let mut last_why: Option<String> = None;
-    loop {
-        let state = states.borrow_and_update().clone();
-        let was = node.role();
-        match &state {
-            LeaseState::Held { epoch: e, .. } => {
-                // Before the role: the heartbeat written at the role change
-                // names the epoch too.
-                status.update(|s| {
-                    s.epoch = Some(*e);
-                    s.primary = Some(s.node_id.clone());
-                });
-                if was != Role::Primary || epoch.load(Ordering::Acquire) != *e {
-                    if was != Role::CatchingUp {
-                        retry_in = CATCH_UP_RETRY_MIN;
-                        tries = 0;
-                    }
-                    node.set_role(Role::CatchingUp);
-                    epoch.store(*e, Ordering::Release);
-                    // The old primary's last transactions were published a
-                    // moment ago: fetch them now, not at the next poll.
-                    node.poll_now();
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let stopped = || NotYet::Wait("uploader stopped".into());
-                    let ready = match uploader
-                        .send(super::uploader::Command::TakeOver(*e, tx))
-                        .await
-                    {
-                        Ok(()) => rx.await.unwrap_or_else(|_| Err(stopped())),
-                        Err(_) => Err(stopped()),
-                    };
-                    match ready {
-                        Ok(()) => {
-                            node.set_role(Role::Primary);
-                            status.update(|s| s.last_error = None);
-                            last_why = None;
-                        }
-                        Err(NotYet::EpochBehind { manifest, lease }) => {
-                            // Retrying at this epoch would loop for ever.
-                            tracing::warn!(
-                                manifest,
-                                lease,
-                                "the lease's epoch is below the manifest's: taking it again above both"
-                            );
-                            if let Err(err) = keeper.raise_epoch_above(manifest).await {
-                                let why = format!("cannot raise the lease's epoch above the manifest's {manifest}: {err}");
-                                tracing::warn!("{why}");
-                                status.update(|s| s.last_error = Some(why));
-                            }
-                        }
-                        Err(NotYet::Wait(why)) => {
-                            // Said once per reason, not at every retry.
-                            if last_why.as_deref() != Some(why.as_str()) {
-                                tracing::info!(%why, "holding the lease; catching up before taking writes");
-                            }
-                            status.update(|s| s.last_error = Some(why.clone()));
-                            last_why = Some(why);
-                        }
-                    }
-                }
-            }
-            LeaseState::Disabled => node.set_role(Role::Primary),
-            other => {
-                let released = keeper.released_on_purpose(epoch.load(Ordering::Acquire));
-                if was == Role::HandingOver {
-                    // A graceful hand-over published everything first.
-                    node.set_role(Role::Secondary);
-                } else if was == Role::Primary && released {
-                    // Given up on purpose (unmount, `leadership release`): not
-                    // a loss. Only what the bucket lacks is kept aside.
-                    let unpublished = node.capture().unpublished();
-                    if unpublished == 0 {
-                        node.set_role_for(Role::Secondary, "lease released");
-                    } else {
-                        tracing::warn!(
-                            transactions = unpublished,
-                            "lease released before everything was published"
-                        );
-                        let (n, why) = (
-                            node.clone(),
-                            format!("lease released with {unpublished} unpublished transaction(s)"),
-                        );
-                        let _ = tokio::task::spawn_blocking(move || n.fence(&why)).await;
-                    }
-                } else if was == Role::Primary {
-                    tracing::warn!(state = ?other, "lease lost: no more writes on this node");
-                    let (n, why) = (node.clone(), format!("lease lost ({other:?})"));
-                    let _ = tokio::task::spawn_blocking(move || n.fence(&why)).await;
-                } else if was != Role::Fenced {
-                    node.set_role(Role::Secondary);
-                }
-                status.update(|s| match other {
-                    LeaseState::HeldBy {
-                        node: p, epoch: e, ..
-                    } => {
-                        s.primary = Some(p.clone());
-                        s.epoch = Some(*e);
-                    }
-                    LeaseState::Unusable { reason } | LeaseState::Lost { reason } => {
-                        s.last_error = Some(reason.clone());
-                        s.primary = None;
-                    }
-                    LeaseState::Released { .. } => {
-                        s.last_error = None;
-                        s.primary = None;
-                    }
-                    _ => s.primary = None,
-                });
-            }
-        }
-        // Still catching up with the lease in hand: try again shortly (the
-        // follower keeps applying meanwhile), soon at first, then every second.
-        let retry = node.role() == Role::CatchingUp && state.is_held();
-        let wait = retry_in;
-        if retry {
-            tries += 1;
-            if tries >= CATCH_UP_QUICK_TRIES {
-                retry_in = CATCH_UP_RETRY_MAX;
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(wait), if retry => {}
-            changed = states.changed() => if changed.is_err() { return },
-            changed = handovers.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let request = handovers.borrow_and_update().clone();
-                if let (Some(h), Role::Primary) = (request, node.role()) {
-                    hand_over(&node, &keeper, &uploader, &h).await;
-                }
-            }
-        }
-    }
-}
-
-/// While a hand-over to this node is pending, keep the view at the bucket's
-/// head (the follower looks every [`crate::lease::HANDOVER_POLL`] instead of
-/// every poll interval): the lease then finds it caught up.
-pub async fn follow_closely(node: Arc<Node>, mut pending: tokio::sync::watch::Receiver<bool>) {
-    loop {
-        if *pending.borrow_and_update() {
-            node.poll_now();
-            tokio::select! {
-                _ = tokio::time::sleep(crate::lease::HANDOVER_POLL) => {}
-                r = pending.changed() => if r.is_err() { return },
-            }
-        } else if pending.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// While catching up with the lease in hand, the first retries come this
-/// soon (a hand-over: the last segment is a poll away)...
-const CATCH_UP_RETRY_MIN: Duration = Duration::from_millis(100);
-const CATCH_UP_QUICK_TRIES: u32 = 20;
-/// ...and later ones (a long catch-up, hydration) every second.
-const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// Graceful hand-over: stop writes, publish everything, then pass the lease.
-/// A follow request (policy `follow`) is declined while this node is busy,
-/// judged once more after writes have stopped: a write that got in first
-/// keeps the lease here.
-async fn hand_over(
-    node: &Node,
-    keeper: &crate::lease::LeaseKeeper,
-    uploader: &tokio::sync::mpsc::Sender<super::uploader::Command>,
-    h: &crate::lease::Handover,
-) {
-    let to = h.to.as_str();
-    let idle = h.follow_idle_s.map(Duration::from_secs);
-    if let Some(why) = idle.and_then(|i| node.busy(i)) {
-        decline(keeper, h, &why).await;
-        return;
-    }
-    let reason = match idle {
-        Some(i) => format!("{to} follows the user ({} s idle here)", i.as_secs()),
-        None => format!("requested by {}", h.requested_by),
-    };
-    tracing::info!(to, %reason, "handing the lease over: flushing first");
-    // Publish the backlog while still taking writes, so that writes stop
-    // only for the last few transactions (and the target can fetch most of
-    // them meanwhile).
-    let _ = flush(uploader).await;
-    node.set_role_for(Role::HandingOver, &format!("hand-over to {to}"));
-    // A write let through just before the gate closed lands now: it is
-    // captured (and published below) or, for a follow request, keeps the
-    // lease here.
-    tokio::time::sleep(DRAIN).await;
-    if let Some(why) = idle.and_then(|i| node.busy(i)) {
-        node.set_role(Role::Primary);
-        decline(keeper, h, &why).await;
-        return;
-    }
-    let mut flushed = false;
-    for _ in 0..3 {
-        if !flush(uploader).await {
-            break;
-        }
-        if node.capture().unpublished() == 0 {
-            flushed = true;
-            break;
-        }
-    }
-    if !flushed {
-        tracing::warn!(
-            to,
-            "hand-over postponed: the backlog could not be published"
-        );
-        node.set_role(Role::Primary);
-        return;
-    }
-    if let Err(e) = keeper.hand_over_for(to, &reason).await {
-        tracing::warn!(to, error = %e, "hand-over failed; still primary");
-        node.set_role(Role::Primary);
-    }
-}
-
-/// Publishes the backlog now; whether it worked.
-async fn flush(uploader: &tokio::sync::mpsc::Sender<super::uploader::Command>) -> bool {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    uploader
-        .send(super::uploader::Command::Flush(tx))
-        .await
-        .is_ok()
-        && matches!(rx.await, Ok(Ok(())))
-}
-
-/// How long a hand-over lets writes already past the role gate land.
-const DRAIN: Duration = Duration::from_millis(20);
-
-async fn decline(keeper: &crate::lease::LeaseKeeper, h: &crate::lease::Handover, why: &str) {
-    tracing::info!(to = %h.to, why, "declined to hand over: this node is busy");
-    if let Err(e) = keeper.client().refuse_handover(h, why).await {
-        tracing::warn!(error = %e, "could not answer the hand-over request");
     }
 }

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::manifest::{self, parse_hex64, DbManifest, Manifest, ManifestError, SnapshotRef};
+use super::verify::{Chain, VerifyError};
 use crate::journal::codec::{
     self, CodecError, SegmentHeader, SegmentReader, SnapshotHeader, SnapshotReader,
     SEGMENT_MAX_HEADER_LEN, SNAPSHOT_MAX_HEADER_LEN,
@@ -209,6 +210,48 @@ pub enum RestoreError {
 }
 
 /// How a codec rejection reads in a sentence.
+/// The shared checks' errors, as restore has always named them.
+impl From<VerifyError> for RestoreError {
+    fn from(e: VerifyError) -> Self {
+        match e {
+            VerifyError::Gap { key, from, at } => RestoreError::ChainGap { key, from, at },
+            VerifyError::ForeignEpoch {
+                key,
+                epoch,
+                txid,
+                owner,
+            } => RestoreError::ForeignEpoch {
+                key,
+                epoch,
+                txid,
+                owner,
+            },
+            VerifyError::ChecksumChain {
+                key,
+                txid,
+                expected,
+                found,
+            } => RestoreError::ChecksumChain {
+                key,
+                txid,
+                expected,
+                found,
+            },
+            VerifyError::PostChecksum {
+                key,
+                txid,
+                stored,
+                computed,
+            } => RestoreError::PostChecksum {
+                key,
+                txid,
+                stored,
+                computed,
+            },
+        }
+    }
+}
+
 fn classify(e: &CodecError) -> &'static str {
     match e {
         CodecError::Truncated { .. } => "truncated",
@@ -534,8 +577,8 @@ pub async fn open_lazy(
             &mut downloaded,
         )
         .await?;
-    let mut at = snap.header.txid;
-    let mut running = snap.header.db_checksum;
+    // Lazily served: pages are hashed when hydration ends (module verify).
+    let mut chain = Chain::new(snap.header.txid, snap.header.db_checksum);
     let mut size = snap.header.page_count;
     let mut overlay = std::collections::BTreeMap::new();
     let mut commit_ms = None;
@@ -549,43 +592,21 @@ pub async fn open_lazy(
         let decoded = codec::decode_segment(&body).map_err(bad)?;
         check_segment_key(seg, &decoded.header, db, head.page_size)?;
         for t in decoded.txns {
-            if t.txid <= at {
+            if t.txid <= chain.at {
                 continue; // already in the snapshot this segment is entered from
             }
-            if t.txid != at + 1 {
-                return Err(RestoreError::ChainGap {
-                    key: seg.key.clone(),
-                    from: t.txid,
-                    at,
-                });
-            }
-            if let Some(owner) = m.epoch_of(db, t.txid).filter(|o| *o != t.epoch) {
-                return Err(RestoreError::ForeignEpoch {
-                    key: seg.key.clone(),
-                    epoch: t.epoch,
-                    txid: t.txid,
-                    owner,
-                });
-            }
-            if t.pre_checksum != running {
-                return Err(RestoreError::ChecksumChain {
-                    key: seg.key.clone(),
-                    txid: t.txid,
-                    expected: running,
-                    found: t.pre_checksum,
-                });
-            }
+            let owner = m.epoch_of(db, t.txid);
+            chain.apply(&seg.key, &t, owner, |_| Ok::<_, RestoreError>(None))?;
             size = t.db_size_pages;
             overlay.retain(|p, _| *p <= size);
             overlay.extend(t.pages);
-            running = t.post_checksum;
-            at = t.txid;
             commit_ms = Some(t.timestamp_ms);
-            if at == head.txid {
+            if chain.at == head.txid {
                 break;
             }
         }
     }
+    let (at, running) = (chain.at, chain.running);
     if at != head.txid || running != head.checksum || size != head.size_pages {
         return Err(RestoreError::HeadMismatch {
             key: mkey,
@@ -1040,8 +1061,23 @@ impl Ctx<'_> {
         }
     }
 
-    fn epoch_ok(&self, h: &SegmentHeader) -> bool {
-        self.epoch_owner(h.txid_to).is_none_or(|o| o == h.epoch)
+    /// Whether segment `s` (header `h`) can continue a chain at `at` with
+    /// checksum `here`: the shared check (module verify). `here` is not
+    /// looked at when `s` starts before `at + 1` (entered part-way).
+    fn enters(
+        &self,
+        s: &SegInfo,
+        h: &SegmentHeader,
+        at: u64,
+        here: u64,
+    ) -> Result<(), VerifyError> {
+        Chain::new(at, here).enters(
+            &s.key,
+            (s.from, s.to),
+            h.epoch,
+            h.pre_checksum,
+            self.epoch_owner(h.txid_to),
+        )
     }
 
     async fn settle_fork(
@@ -1063,22 +1099,8 @@ impl Ctx<'_> {
                     continue;
                 }
             };
-            if !self.epoch_ok(&h) {
-                first_err.get_or_insert(RestoreError::ForeignEpoch {
-                    key: c.key.clone(),
-                    epoch: h.epoch,
-                    txid: h.txid_to,
-                    owner: self.epoch_owner(h.txid_to).unwrap_or_default(),
-                });
-                continue;
-            }
-            if h.pre_checksum != here {
-                first_err.get_or_insert(RestoreError::ChecksumChain {
-                    key: c.key.clone(),
-                    txid: h.txid_from,
-                    expected: here,
-                    found: h.pre_checksum,
-                });
+            if let Err(e) = self.enters(c, &h, at, here) {
+                first_err.get_or_insert(e.into());
                 continue;
             }
             viable.push(((*c).clone(), h));
@@ -1124,7 +1146,8 @@ impl Ctx<'_> {
         let mut viable = Vec::new();
         for c in cands {
             if let Ok(h) = headers.get(self, c, downloaded).await {
-                if self.epoch_ok(&h) {
+                // Entered part-way: the epoch is what can be checked.
+                if self.enters(c, &h, at, 0).is_ok() {
                     viable.push(((*c).clone(), h));
                 }
             }
@@ -1174,7 +1197,7 @@ impl Ctx<'_> {
                 let Ok(nh) = headers.get(self, n, downloaded).await else {
                     continue;
                 };
-                if nh.pre_checksum == h.post_checksum && self.epoch_ok(&nh) {
+                if self.enters(n, &nh, s.to, h.post_checksum).is_ok() {
                     stack.push((n.clone(), nh));
                 }
             }
@@ -1667,32 +1690,14 @@ impl SegmentJob {
             size: bytes.len() as u64,
         };
         check_segment_key(&info, &h, &self.db, self.page_size)?;
-        if h.txid_from > self.at + 1 || h.txid_to <= self.at {
-            return Err(RestoreError::ChainGap {
-                key: self.key.clone(),
-                from: h.txid_from,
-                at: self.at,
-            });
-        }
-        if let Some(owner) = self.epoch_owner {
-            if h.epoch != owner {
-                return Err(RestoreError::ForeignEpoch {
-                    key: self.key.clone(),
-                    epoch: h.epoch,
-                    txid: h.txid_to,
-                    owner,
-                });
-            }
-        }
-        let running = out.hashes.checksum();
-        if h.txid_from == self.at + 1 && h.pre_checksum != running {
-            return Err(RestoreError::ChecksumChain {
-                key: self.key.clone(),
-                txid: h.txid_from,
-                expected: running,
-                found: h.pre_checksum,
-            });
-        }
+        let mut chain = Chain::new(self.at, out.hashes.checksum());
+        chain.enters(
+            &self.key,
+            (h.txid_from, h.txid_to),
+            h.epoch,
+            h.pre_checksum,
+            self.epoch_owner,
+        )?;
         let mut done = SegmentDone {
             applied: 0,
             last_txid: self.at,
@@ -1712,24 +1717,8 @@ impl SegmentJob {
                     break;
                 }
             }
-            let running = out.hashes.checksum();
-            if t.pre_checksum != running {
-                return Err(RestoreError::ChecksumChain {
-                    key: self.key.clone(),
-                    txid: t.txid,
-                    expected: running,
-                    found: t.pre_checksum,
-                });
-            }
-            let computed = out.apply_txn(&t)?;
-            if computed != t.post_checksum {
-                return Err(RestoreError::PostChecksum {
-                    key: self.key.clone(),
-                    txid: t.txid,
-                    stored: t.post_checksum,
-                    computed,
-                });
-            }
+            // The segment's epoch was checked on entry.
+            chain.apply(&self.key, &t, None, |t| out.apply_txn(t).map(Some))?;
             done.applied += 1;
             done.last_txid = t.txid;
             done.last_ms = t.timestamp_ms;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::manifest::{self, hex64, DbManifest, EpochStart, Manifest, SnapshotRef, Versioned};
-use super::node::{Node, Role};
+use super::node::Node;
 use crate::journal::base::{base_path, materialize, BaseError};
 use crate::journal::codec::{self, SegmentMeta, SnapshotMeta};
 use crate::journal::{DbHead, Journal};
@@ -31,7 +31,7 @@ pub enum Command {
     Push(tokio::sync::oneshot::Sender<std::result::Result<String, String>>),
     /// Publish the backlog now, without a snapshot (a hand-over: the next
     /// primary continues this history, it needs no new starting point).
-    Flush(tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
+    Flush(tokio::sync::oneshot::Sender<std::result::Result<(), (Outcome, String)>>),
     /// This node took the lease at this epoch: check that the bucket's history
     /// is this node's, and bump the manifest's epoch before writes resume.
     TakeOver(
@@ -51,6 +51,27 @@ pub enum NotYet {
     /// Catching up, hydrating, the bucket: trying again later may succeed.
     #[error("{0}")]
     Wait(String),
+}
+
+/// What kind of failure stopped an upload: what the caller does next
+/// depends on it, never on the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The bucket belongs to a newer epoch: this node was deposed. The roles
+    /// module fences it (`super::roles`); the uploader only reports it.
+    Fenced,
+    /// The bucket disagrees with this node (another writer, a race lost too
+    /// often, a request this role may not make): retrying as is will not help.
+    Conflict,
+    /// The bucket could not be reached, or a local step failed: retried.
+    Transient,
+}
+
+/// The uploader found this node deposed while it wrote under `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub epoch: u64,
+    pub why: String,
 }
 
 /// Knobs; the defaults suit claude-mem's write rate.
@@ -95,6 +116,9 @@ pub enum UploadError {
     Files(#[from] super::files::FilesError),
     #[error("{0}")]
     Conflict(String),
+    /// The bucket is at a newer epoch than the one this node wrote under.
+    #[error("fenced: {0}")]
+    Fenced(String),
     #[error(transparent)]
     EpochBehind(NotYet),
     /// Not this node's job in its current role (exit code 3 on the CLI).
@@ -103,6 +127,17 @@ pub enum UploadError {
 }
 
 impl UploadError {
+    /// The kind of failure (see [`Outcome`]).
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            UploadError::Fenced(_) => Outcome::Fenced,
+            UploadError::Conflict(_) | UploadError::EpochBehind(_) | UploadError::Refused(_) => {
+                Outcome::Conflict
+            }
+            _ => Outcome::Transient,
+        }
+    }
+
     /// The bucket could not be reached (as opposed to refusing or conflicting).
     pub fn is_unreachable(&self) -> bool {
         match self {
@@ -178,7 +213,22 @@ impl Uploader {
 
     /// Run until the process ends. Failures are reported in status and retried
     /// with backoff; nothing captured is dropped.
-    pub async fn run(mut self, mut commands: tokio::sync::mpsc::Receiver<Command>) {
+    /// A failure whose [`Outcome`] is `Fenced` is reported on `fenced` (the
+    /// roles module decides what follows).
+    pub async fn run(
+        mut self,
+        mut commands: tokio::sync::mpsc::Receiver<Command>,
+        fenced: tokio::sync::mpsc::UnboundedSender<Fenced>,
+    ) {
+        let epoch = self.epoch.clone();
+        let report = |e: &UploadError| {
+            if let UploadError::Fenced(why) = e {
+                let _ = fenced.send(Fenced {
+                    epoch: epoch.load(Ordering::Acquire),
+                    why: why.clone(),
+                });
+            }
+        };
         let mut backoff = Duration::from_millis(500);
         let mut outage_since: Option<chrono::DateTime<chrono::Utc>> = None;
         loop {
@@ -202,6 +252,7 @@ impl Uploader {
                         let res = self.push().await.map_err(|e| match e {
                             UploadError::Refused(why) => format!("refused {why}"),
                             e => {
+                                report(&e);
                                 self.status.metrics().upload_failure(e.is_unreachable());
                                 e.to_string()
                             }
@@ -210,7 +261,10 @@ impl Uploader {
                     }
                     Command::Flush(reply) => {
                         self.manifest = None;
-                        let res = self.round().await.map_err(|e| e.to_string());
+                        let res = self.round().await.map_err(|e| {
+                            report(&e);
+                            (e.outcome(), e.to_string())
+                        });
                         let _ = reply.send(res);
                     }
                     Command::TakeOver(epoch, reply) => {
@@ -243,6 +297,7 @@ impl Uploader {
                     }
                 }
                 Err(e) => {
+                    report(&e);
                     let unreachable = e.is_unreachable();
                     self.status.metrics().upload_failure(unreachable);
                     tracing::warn!(error = %e, "upload failed; will retry (writes go on locally)");
@@ -290,7 +345,7 @@ impl Uploader {
     /// Publish everything the journal holds beyond the manifest. Only a
     /// primary publishes (or one finishing its work before a hand-over).
     pub async fn round(&mut self) -> Result<()> {
-        if !matches!(self.node.role(), Role::Primary | Role::HandingOver) {
+        if !self.node.role().publishes() {
             self.drop_files();
             return Ok(());
         }
@@ -419,12 +474,7 @@ impl Uploader {
             // The follower says it has not applied the head yet: settling
             // and hashing now would be wasted (and slow it down); it was
             // asked to look now and this is tried again shortly.
-            let applied = self
-                .status
-                .snapshot()
-                .databases
-                .get(db)
-                .map(|s| s.applied_txid);
+            let applied = self.node.views().get(db).map(|v| v.applied_txid);
             let journaled = self.journal.head(db)?;
             let parent = self.journal.parent(db)?;
             // A new local generation on top of exactly the bucket's head is
@@ -567,13 +617,8 @@ impl Uploader {
             let v = self.current().await?;
             let ours = self.epoch.load(Ordering::Acquire);
             if v.manifest.epoch > ours {
-                let (node, why) = (
-                    self.node.clone(),
-                    format!("the manifest moved to epoch {}", v.manifest.epoch),
-                );
-                tokio::task::spawn_blocking(move || node.fence(&why));
-                return Err(UploadError::Conflict(format!(
-                    "fenced: the manifest is at epoch {}, this node wrote under epoch {ours}",
+                return Err(UploadError::Fenced(format!(
+                    "the manifest moved to epoch {}, this node wrote under epoch {ours}",
                     v.manifest.epoch
                 )));
             }
@@ -820,13 +865,9 @@ impl Uploader {
             self.store.put(key, body, PutMode::Overwrite).await?;
             Ok(())
         } else if h.epoch > ours {
-            let (node, why) = (
-                self.node.clone(),
-                format!("{key} was written under epoch {} by {}", h.epoch, h.node_id),
-            );
-            tokio::task::spawn_blocking(move || node.fence(&why));
-            Err(UploadError::Conflict(format!(
-                "fenced: {key} belongs to a newer primary"
+            Err(UploadError::Fenced(format!(
+                "{key} was written under epoch {} by {}, a newer primary",
+                h.epoch, h.node_id
             )))
         } else {
             Err(UploadError::Conflict(format!(
@@ -839,7 +880,7 @@ impl Uploader {
     /// `membridge push`: publish the backlog, then a snapshot of every database.
     pub async fn push(&mut self) -> Result<String> {
         let role = self.node.role();
-        if !matches!(role, Role::Primary | Role::HandingOver) {
+        if !role.publishes() {
             return Err(UploadError::Refused(format!(
                 "this node is {} — only the primary publishes",
                 role.name()
@@ -1175,7 +1216,12 @@ mod tests {
             wake.clone(),
             status.clone(),
         ));
-        let node = Arc::new(Node::new(capture, Role::Primary, status.clone()));
+        let node = Arc::new(Node::new(
+            "b",
+            capture,
+            crate::replica::node::Role::Primary,
+            status.clone(),
+        ));
         let up = Uploader::new(
             store,
             Layout::new("test"),
