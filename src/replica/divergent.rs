@@ -95,7 +95,15 @@ pub fn judge(
     unpublished: &[(u64, u64, i64)],
     local: Local,
 ) -> Option<String> {
-    let (first, _, _) = unpublished.first()?;
+    // A new generation not uploaded yet has no transaction rows: its head is
+    // its snapshot (the file as this node found it, changes made outside
+    // membridge included), judged by the generation rule below.
+    let new_generation = unpublished.is_empty() && h.head_txid > h.uploaded_txid;
+    let first = match unpublished.first() {
+        Some((t, _, _)) => *t,
+        None if new_generation => h.head_txid,
+        None => return None,
+    };
     let Some(d) = m.databases.get(&h.name) else {
         // The bucket has no history of it. Publishable still, unless another
         // primary's epoch began since this node's last: that node holds the
