@@ -404,6 +404,7 @@ mod tests {
             replaced: vec![],
             last_error: None,
             role_history: vec![],
+            io: Default::default(),
         }
     }
 

@@ -91,6 +91,10 @@ pub struct StatusDoc {
     /// The last role changes, oldest first (at most [`ROLE_HISTORY`]).
     #[serde(default)]
     pub role_history: Vec<RoleChange>,
+    /// Kernel passthrough and the I/O the daemon served (filled in when
+    /// the document is read: the counters live in the filesystem).
+    #[serde(default)]
+    pub io: crate::fs::iomode::IoDoc,
 }
 
 /// How many role changes `status.json` keeps.
@@ -134,6 +138,7 @@ impl From<&ClassGlobs> for ClassGlobsDoc {
 pub struct Status {
     doc: Arc<RwLock<StatusDoc>>,
     metrics: Arc<Metrics>,
+    io: Arc<crate::fs::iomode::IoStats>,
 }
 
 impl Status {
@@ -163,6 +168,7 @@ impl Status {
             replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
+            io: Default::default(),
         })
     }
 
@@ -194,6 +200,7 @@ impl Status {
             replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
+            io: Default::default(),
         })
     }
 
@@ -201,6 +208,7 @@ impl Status {
         Status {
             doc: Arc::new(RwLock::new(doc)),
             metrics: Arc::new(Metrics::default()),
+            io: Arc::default(),
         }
     }
 
@@ -209,7 +217,14 @@ impl Status {
     }
 
     pub fn snapshot(&self) -> StatusDoc {
-        self.doc.read().unwrap().clone()
+        let mut doc = self.doc.read().unwrap().clone();
+        doc.io = self.io.doc();
+        doc
+    }
+
+    /// The filesystem's passthrough state and I/O counters.
+    pub fn io(&self) -> &Arc<crate::fs::iomode::IoStats> {
+        &self.io
     }
 
     /// The daemon's Prometheus counters (see [`crate::metrics`]).
@@ -224,10 +239,10 @@ impl VirtualFiles for Status {
     }
 
     fn content(&self, name: &str) -> Option<Vec<u8>> {
-        let doc = self.doc.read().unwrap();
+        let doc = self.snapshot();
         match name {
             "status.json" => {
-                let mut v = serde_json::to_vec_pretty(&*doc).ok()?;
+                let mut v = serde_json::to_vec_pretty(&doc).ok()?;
                 v.push(b'\n');
                 Some(v)
             }
