@@ -848,9 +848,8 @@ impl<'r> World<'r> {
     /// applied txid `take_over` reads before settling the view.
     fn publish_applied(&self, i: usize, txid: u64) {
         if let Some(up) = &self.nodes[i].up {
-            up.status.update(|s| {
-                s.databases.entry(DB.to_string()).or_default().applied_txid = txid
-            });
+            up.status
+                .update(|s| s.databases.entry(DB.to_string()).or_default().applied_txid = txid);
         }
     }
 
