@@ -4,8 +4,10 @@
 //! - `write_tx`: single-row insert transactions (WAL, `synchronous=NORMAL`) on
 //!   the bare directory and through the primary's mount.
 //!   `write_tx/primary_local` writes a copy of the database at a local (not
-//!   replicated) path of the same mount: FUSE passthrough without capture,
-//!   which separates the cost of the FUSE round trips from that of capture.
+//!   replicated) path of the same mount: kernel passthrough where available
+//!   (docs/ARCHITECTURE.md, "Passthrough"). `write_tx/local_daemon` does the
+//!   same on a mount with `MEMBRIDGE_PASSTHROUGH=off`: every write a FUSE
+//!   round trip through the daemon, without capture.
 //! - `point_query` and `full_scan`: hot reads of a 50 MB database on the bare
 //!   directory, through the primary's mount and through a hydrated secondary.
 //!
@@ -42,6 +44,8 @@ struct Setup {
     bare: tempfile::TempDir,
     primary: Mount,
     secondary: Mount,
+    /// A primary of its own bucket with passthrough off, for `local_daemon`.
+    no_passthrough: Mount,
     rows: i64,
 }
 
@@ -65,6 +69,24 @@ impl Setup {
         let secondary = node(&s3, &bucket, "bench-io", "bench-secondary", &[]);
         assert_eq!(secondary.status()["role"], "secondary");
         wait_applied(&secondary, head, Duration::from_secs(300));
+        let mut env = node_env(
+            &s3,
+            &s3.new_bucket("bench-io-off"),
+            "bench-io-off",
+            "bench-off",
+        );
+        env.push(("MEMBRIDGE_PASSTHROUGH".into(), "off".into()));
+        let no_passthrough = Mount::with_files(env, &[(LOCAL_DB, &bytes)]);
+        for (m, want) in [
+            (&primary, "on"),
+            (&secondary, "on"),
+            (&no_passthrough, "off"),
+        ] {
+            let io = m.status()["io"].clone();
+            if io["passthrough"] != want {
+                eprintln!("io: passthrough is not {want} on {}: {io}", m.dir.display());
+            }
+        }
         // For profiling a run: `perf record -g -p PID`.
         eprintln!(
             "io: primary daemon pid {}, secondary daemon pid {}, bench pid {}",
@@ -77,6 +99,7 @@ impl Setup {
             bare,
             primary,
             secondary,
+            no_passthrough,
             rows,
         }
     }
@@ -86,6 +109,7 @@ impl Setup {
             "bare" => self.bare.path().join(DB),
             "primary" => self.primary.dir.join(DB),
             "primary_local" => self.primary.dir.join(LOCAL_DB),
+            "local_daemon" => self.no_passthrough.dir.join(LOCAL_DB),
             "secondary" => self.secondary.dir.join(DB),
             _ => unreachable!(),
         }
@@ -102,10 +126,11 @@ impl Setup {
 /// `group/function` of each benchmark that ran (the others keep old estimates).
 type Ran = RefCell<Vec<String>>;
 
-const IDS: [&str; 9] = [
+const IDS: [&str; 10] = [
     "write_tx/bare",
     "write_tx/primary",
     "write_tx/primary_local",
+    "write_tx/local_daemon",
     "point_query/bare",
     "point_query/primary",
     "point_query/secondary",
@@ -118,7 +143,7 @@ fn write_tx(c: &mut Criterion, s: &Setup, ran: &Ran) {
     const GROUP: &str = "write_tx";
     let mut g = c.benchmark_group(GROUP);
     g.throughput(Throughput::Elements(1));
-    for place in ["bare", "primary", "primary_local"] {
+    for place in ["bare", "primary", "primary_local", "local_daemon"] {
         let conn = open(&s.db(place));
         conn.execute_batch("PRAGMA synchronous=NORMAL").unwrap();
         let mode: String = conn
@@ -188,9 +213,10 @@ fn ratios(dir: &Path, ran: &[String]) -> Vec<String> {
         "{:<12} {:<14} {:>12} {:>12}   ratio to bare (target)",
         "bench", "where", "median", "bare median"
     )];
-    let rows: [(&str, &str, f64); 6] = [
+    let rows: [(&str, &str, f64); 7] = [
         ("write_tx", "primary", 0.7),
         ("write_tx", "primary_local", 0.7),
+        ("write_tx", "local_daemon", 0.7),
         ("point_query", "primary", 0.9),
         ("point_query", "secondary", 0.9),
         ("full_scan", "primary", 0.9),
@@ -208,7 +234,9 @@ fn ratios(dir: &Path, ran: &[String]) -> Vec<String> {
         // Throughput ratio: bare time / mount time.
         let ratio = b / m;
         let verdict = if place == "primary_local" {
-            "FUSE alone, no capture: for diagnosis".to_string()
+            "local path, kernel passthrough".to_string()
+        } else if place == "local_daemon" {
+            "local path, passthrough off: FUSE alone, for diagnosis".to_string()
         } else if ratio >= target {
             format!(">= {target}x: ok")
         } else {
@@ -273,8 +301,9 @@ fn main() {
     let ran = ran.into_inner();
     if !ran.is_empty() {
         let mut lines = vec![format!(
-            "{} rows in a {READ_MB} MB database; primary and secondary on membridge mounts, SeaweedFS on loopback",
-            s.rows
+            "{} rows in a {READ_MB} MB database; primary and secondary on membridge mounts (passthrough {}), SeaweedFS on loopback",
+            s.rows,
+            s.primary.status()["io"]["passthrough"]
         )];
         lines.extend(ratios(&dir, &ran));
         report("io", &lines);

@@ -40,6 +40,8 @@ pub struct MountArgs {
     pub dir: PathBuf,
     pub foreground: bool,
     pub threads: usize,
+    /// Kernel passthrough where available (`MEMBRIDGE_PASSTHROUGH=off`: never).
+    pub passthrough: bool,
 }
 
 pub fn log_file(cfg: &Config) -> PathBuf {
@@ -180,12 +182,17 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         classifier,
         Arc::new(status.clone()),
         replication.capture.clone(),
+        args.passthrough,
+        status.io().clone(),
     )?;
     let invalidator = fs.invalidator();
     replication.capture.set_invalidator(invalidator.clone());
     let mut session = mount::mount(fs, &dir, args.threads)
         .with_context(|| format!("mounting {}", dir.display()))?;
     invalidator.attach(session.notifier());
+    // Chosen at mount: passthrough where the kernel and our privileges allow
+    // it, today's path otherwise (docs/ARCHITECTURE.md, "Passthrough").
+    crate::fs::iomode::probe(&session, status.io());
     let mut unmounter = session.unmount_callable();
     // Serve from now on: the view applier and the follower's first poll go
     // through the mount.

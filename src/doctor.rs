@@ -317,6 +317,7 @@ fn check_mount(
                         doc.version, doc.pid, doc.state, doc.started_at
                     ),
                 );
+                check_passthrough(&doc.io, report, out);
                 Some(doc)
             }
             Err(e) => {
@@ -330,6 +331,28 @@ fn check_mount(
             }
         },
     }
+}
+
+/// Kernel passthrough (docs/ARCHITECTURE.md, "Passthrough"): off is not
+/// an error, only slower; the reason says what to change.
+fn check_passthrough(
+    io: &crate::fs::iomode::IoDoc,
+    report: &mut DoctorReport,
+    out: &mut dyn Write,
+) {
+    let detail = match io.passthrough.as_str() {
+        "on" => format!(
+            "on: the kernel serves local paths from the backing files ({} opens so far)",
+            io.kernel_opens
+        ),
+        other => format!(
+            "{other}: every read and write goes through the daemon ({})",
+            io.passthrough_off_reason
+                .as_deref()
+                .unwrap_or("no reason given")
+        ),
+    };
+    report.record(out, Status::Info, "passthrough", detail);
 }
 
 fn check_role(

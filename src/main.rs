@@ -75,6 +75,10 @@ enum Cmd {
         /// FUSE worker threads
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Kernel passthrough for paths the daemon need not see: `auto`
+        /// (where the kernel and privileges allow) or `off`
+        #[arg(long, env = "MEMBRIDGE_PASSTHROUGH", default_value = "auto", value_parser = ["auto", "off"])]
+        passthrough: String,
     },
     /// Unmount DIR and wait for the daemon to finish
     Unmount {
@@ -258,6 +262,7 @@ fn run(cli: Cli) -> Result<(), String> {
             dir,
             foreground,
             threads,
+            passthrough,
         } => {
             let cfg = load(&cli)?;
             init_logging(cli.log_format);
@@ -265,6 +270,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 dir: dir.clone().unwrap_or_else(default_dir),
                 foreground: *foreground,
                 threads: *threads,
+                passthrough: passthrough != "off",
             };
             daemon::mount(&cfg, &args).map_err(|e| format!("{e:#}"))
         }

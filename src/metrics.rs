@@ -406,6 +406,7 @@ mod tests {
             role_history: vec![],
             legacy: None,
             coexistence: vec![],
+            io: Default::default(),
         }
     }
 

@@ -91,6 +91,10 @@ pub struct StatusDoc {
     /// The last role changes, oldest first (at most [`ROLE_HISTORY`]).
     #[serde(default)]
     pub role_history: Vec<RoleChange>,
+    /// Kernel passthrough and the I/O the daemon served (filled in when
+    /// the document is read: the counters live in the filesystem).
+    #[serde(default)]
+    pub io: crate::fs::iomode::IoDoc,
     /// The old tool's copy (`sqlite/`) as this node last saw or wrote it,
     /// while the legacy layout is kept (docs/ARCHITECTURE.md, "Living beside
     /// the old tool").
@@ -160,6 +164,7 @@ impl From<&ClassGlobs> for ClassGlobsDoc {
 pub struct Status {
     doc: Arc<RwLock<StatusDoc>>,
     metrics: Arc<Metrics>,
+    io: Arc<crate::fs::iomode::IoStats>,
 }
 
 impl Status {
@@ -189,6 +194,7 @@ impl Status {
             replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
+            io: Default::default(),
             legacy: None,
             coexistence: Vec::new(),
         })
@@ -222,6 +228,7 @@ impl Status {
             replaced: Vec::new(),
             last_error: None,
             role_history: Vec::new(),
+            io: Default::default(),
             legacy: None,
             coexistence: Vec::new(),
         })
@@ -231,6 +238,7 @@ impl Status {
         Status {
             doc: Arc::new(RwLock::new(doc)),
             metrics: Arc::new(Metrics::default()),
+            io: Arc::default(),
         }
     }
 
@@ -239,7 +247,14 @@ impl Status {
     }
 
     pub fn snapshot(&self) -> StatusDoc {
-        self.doc.read().unwrap().clone()
+        let mut doc = self.doc.read().unwrap().clone();
+        doc.io = self.io.doc();
+        doc
+    }
+
+    /// The filesystem's passthrough state and I/O counters.
+    pub fn io(&self) -> &Arc<crate::fs::iomode::IoStats> {
+        &self.io
     }
 
     /// The daemon's Prometheus counters (see [`crate::metrics`]).
@@ -254,10 +269,10 @@ impl VirtualFiles for Status {
     }
 
     fn content(&self, name: &str) -> Option<Vec<u8>> {
-        let doc = self.doc.read().unwrap();
+        let doc = self.snapshot();
         match name {
             "status.json" => {
-                let mut v = serde_json::to_vec_pretty(&*doc).ok()?;
+                let mut v = serde_json::to_vec_pretty(&doc).ok()?;
                 v.push(b'\n');
                 Some(v)
             }

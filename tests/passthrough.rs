@@ -661,3 +661,102 @@ fn created_modes_follow_the_callers_umask_as_on_the_bare_dir() {
         assert_eq!(mode, 0o666 & !ours, "a base image under umask {ours:o}");
     }
 }
+
+/// Reads `chroma/pre.bin` (in the directory before the mount, so not in the
+/// kernel's cache), writes `n` blocks to a local path with one write(2)
+/// each and reads them back; returns the daemon's READ/WRITE counts for
+/// local paths meanwhile.
+fn local_io_through_daemon(m: &Mount, n: usize) -> (u64, u64) {
+    let before = m.status()["io"].clone();
+    assert_eq!(fs::read(m.dir.join("chroma/pre.bin")).unwrap(), PRE);
+    fs::create_dir_all(m.dir.join("logs")).unwrap();
+    let path = m.dir.join("logs/worker.log");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    for i in 0..n {
+        f.write_all(&[(i % 251) as u8; 4096]).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    // A fresh open and an O_DIRECT-free read of all of it.
+    let back = fs::read(&path).unwrap();
+    assert_eq!(back.len(), n * 4096);
+    assert!(back
+        .chunks(4096)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|&b| b == (i % 251) as u8)));
+    let after = m.status()["io"].clone();
+    let delta =
+        |k: &str| after[k]["local"].as_u64().unwrap() - before[k]["local"].as_u64().unwrap();
+    (delta("daemon_reads"), delta("daemon_writes"))
+}
+
+const PRE: &[u8] = &[9u8; 256 * 1024];
+
+/// Kernel passthrough in use: 1,000 writes and the read-back of a local path
+/// reach the daemon not once (counted by the daemon itself), while the
+/// replicated database's writes still do, and the bytes are in the
+/// directory once unmounted.
+#[test]
+fn local_paths_are_served_by_the_kernel() {
+    let m = Mount::with_files(env(), &[("chroma/pre.bin", PRE)]);
+    let io = m.status()["io"].clone();
+    assert_eq!(io["passthrough"], "on", "{io}\n{}", m.log_tail(20));
+    let (reads, writes) = local_io_through_daemon(&m, 1000);
+    assert_eq!((reads, writes), (0, 0), "local I/O reached the daemon");
+    assert!(m.status()["io"]["kernel_opens"].as_u64().unwrap() >= 2);
+
+    let db = m.dir.join("claude-mem.db");
+    setup_db(&db, "wal");
+    sql_writer_inline(&db, 20);
+    let io = m.status()["io"].clone();
+    assert!(
+        io["daemon_writes"]["database-sidecar"].as_u64().unwrap() >= 20,
+        "the -wal stays on the daemon's path: {io}"
+    );
+    let doctor = m.run(&["doctor", m.dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        text.contains("passthrough") && text.contains("on:"),
+        "{text}"
+    );
+    m.unmount();
+    assert_eq!(
+        fs::metadata(m.dir.join("logs/worker.log")).unwrap().len(),
+        1000 * 4096
+    );
+}
+
+/// `MEMBRIDGE_PASSTHROUGH=off`: today's path, chosen at mount and named in
+/// status.json, the log and `membridge doctor`.
+#[test]
+fn passthrough_off_falls_back_to_the_daemon_and_says_so() {
+    let mut e = env();
+    e.push(("MEMBRIDGE_PASSTHROUGH".into(), "off".into()));
+    let m = Mount::with_files(e, &[("chroma/pre.bin", PRE)]);
+    let io = m.status()["io"].clone();
+    assert_eq!(io["passthrough"], "off");
+    let reason = io["passthrough_off_reason"].as_str().unwrap();
+    assert!(reason.contains("MEMBRIDGE_PASSTHROUGH=off"), "{reason}");
+    let (reads, writes) = local_io_through_daemon(&m, 200);
+    assert!(
+        writes >= 200 && reads >= 1,
+        "reads {reads}, writes {writes}"
+    );
+    assert_eq!(m.status()["io"]["kernel_opens"], 0);
+    assert!(m.log_tail(50).contains("kernel passthrough off"));
+    let doctor = m.run(&["doctor", m.dir.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(text.contains("MEMBRIDGE_PASSTHROUGH=off"), "{text}");
+}
+
+fn sql_writer_inline(db: &Path, n: i64) {
+    let c = open_db(db.to_str().unwrap(), "wal");
+    for i in 0..n {
+        c.execute("INSERT INTO t(v, pad) VALUES (?1, randomblob(200))", [i])
+            .unwrap();
+    }
+}

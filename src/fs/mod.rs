@@ -10,6 +10,7 @@
 
 pub mod class;
 pub mod inode;
+pub mod iomode;
 pub mod mount;
 mod sys;
 pub mod virt;
@@ -33,6 +34,7 @@ use fuser::{
 
 use class::{Classifier, PathClass};
 use inode::{Inode, InodeTable, ROOT};
+use iomode::{IoStats, IoTable, Opened};
 use virt::{VirtualFiles, VIRT_DIR_INO};
 
 /// How long the kernel may cache entries and attributes. Everything that changes
@@ -199,6 +201,11 @@ pub struct PassthroughFs {
     next_handle: AtomicU64,
     /// Running as root: created files are handed to the requesting user.
     as_root: bool,
+    /// Kernel passthrough asked for (not `MEMBRIDGE_PASSTHROUGH=off`);
+    /// whether the kernel agreed is in `io`.
+    passthrough: bool,
+    io: Arc<IoStats>,
+    io_modes: IoTable,
 }
 
 fn err(e: i32) -> Errno {
@@ -284,6 +291,8 @@ impl PassthroughFs {
         classifier: Classifier,
         virt: Arc<dyn VirtualFiles>,
         repl: Arc<dyn Replication>,
+        passthrough: bool,
+        io: Arc<IoStats>,
     ) -> std::io::Result<PassthroughFs> {
         let st = sys::fstat(root_fd.as_raw_fd()).map_err(std::io::Error::from_raw_os_error)?;
         Ok(PassthroughFs {
@@ -294,7 +303,25 @@ impl PassthroughFs {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(HANDLE_BASE),
             as_root: nix::unistd::geteuid().is_root(),
+            passthrough,
+            io,
+            io_modes: IoTable::default(),
         })
+    }
+
+    /// May an open of this class be served by the kernel from the backing
+    /// file? Local paths only: the daemon need not see their bytes
+    /// (docs/ARCHITECTURE.md, "Passthrough").
+    ///
+    /// Not a file with set-id bits opened by a non-root user: the kernel
+    /// writes a backing file with the daemon's credentials, so such a write
+    /// would not clear the bits as the caller's own write does.
+    fn wants_kernel(&self, class: &PathClass, req: &Request, fd: RawFd) -> bool {
+        if !self.io.enabled() || !matches!(class, PathClass::Local) {
+            return false;
+        }
+        req.uid() == 0
+            || sys::fstat(fd).is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0)
     }
 
     fn node(&self, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
@@ -372,6 +399,21 @@ impl Filesystem for PassthroughFs {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
+        // Passthrough (Linux 6.9+): depth 2 lets the backing directory sit
+        // on a stacked filesystem (overlayfs) itself. Whether backing files
+        // can be registered (CAP_SYS_ADMIN) is probed once mounted.
+        if !self.passthrough {
+            self.io.set_off("disabled by MEMBRIDGE_PASSTHROUGH=off");
+        } else if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok()
+        {
+            tracing::debug!("kernel offers FUSE passthrough");
+        } else {
+            self.io.set_off(
+                "the kernel does not offer FUSE passthrough (Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)",
+            );
+        }
         Ok(())
     }
 
@@ -399,6 +441,9 @@ impl Filesystem for PassthroughFs {
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         if !Self::is_virtual(ino) {
             self.inodes.forget(ino.0, nlookup);
+            if self.inodes.get(ino.0).is_none() {
+                self.io_modes.forget(ino.0);
+            }
         }
     }
 
@@ -686,12 +731,25 @@ impl Filesystem for PassthroughFs {
                 return reply.error(err(e));
             }
         }
-        match opened {
-            Ok(fd) => reply.opened(
-                FileHandle(fd.into_raw_fd() as u64),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            ),
-            Err(e) => reply.error(err(e)),
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e) => return reply.error(err(e)),
+        };
+        let fh = fd.as_raw_fd() as u64;
+        let wants = self.wants_kernel(&class, req, fd.as_raw_fd());
+        match self
+            .io_modes
+            .open(&self.io, ino.0, fh, wants, &fd, |f| reply.open_backing(f))
+        {
+            Ok(Opened::Kernel(id)) => {
+                let _ = fd.into_raw_fd();
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
+            }
+            Ok(Opened::Daemon { keep_cache }) => {
+                let _ = fd.into_raw_fd();
+                reply.opened(FileHandle(fh), daemon_flags(keep_cache))
+            }
+            Err(e) => reply.error(e),
         }
     }
 
@@ -721,6 +779,7 @@ impl Filesystem for PassthroughFs {
             Ok(n) => n.class(),
             Err(e) => return reply.error(e),
         };
+        self.io.read(&class);
         let repl = replicated(&class);
         if repl {
             if let Err(e) = self.repl.before_read(&class, offset, size) {
@@ -753,6 +812,7 @@ impl Filesystem for PassthroughFs {
             Ok(n) => n.class(),
             Err(e) => return reply.error(e),
         };
+        self.io.wrote(&class);
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         match self.write_at(&class, req.pid(), fh.0 as RawFd, data, offset, kill) {
             Ok(n) => reply.written(n as u32),
@@ -788,6 +848,7 @@ impl Filesystem for PassthroughFs {
             self.handles.lock().unwrap().remove(&fh.0);
             return reply.ok();
         }
+        self.io_modes.release(fh.0);
         sys::close(fh.0 as RawFd);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             if let Ok(n) = self.node(ino) {
@@ -1056,14 +1117,38 @@ impl Filesystem for PassthroughFs {
             Err(e) => return reply.error(err(e)),
         };
         self.give_to_caller(req, p.fd(), &c);
-        match self.do_lookup(&p, name) {
-            Ok(attr) => reply.created(
-                &TTL,
-                &attr,
-                Generation(0),
-                FileHandle(file.into_raw_fd() as u64),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
-            ),
+        let attr = match self.do_lookup(&p, name) {
+            Ok(attr) => attr,
+            Err(e) => return reply.error(e),
+        };
+        let fh = file.as_raw_fd() as u64;
+        let wants = self.wants_kernel(&class, req, file.as_raw_fd());
+        let ino = attr.ino.0;
+        match self
+            .io_modes
+            .open(&self.io, ino, fh, wants, &file, |f| reply.open_backing(f))
+        {
+            Ok(Opened::Kernel(id)) => {
+                let _ = file.into_raw_fd();
+                reply.created_passthrough(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_NOFLUSH,
+                    &id,
+                )
+            }
+            Ok(Opened::Daemon { keep_cache }) => {
+                let _ = file.into_raw_fd();
+                reply.created(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    daemon_flags(keep_cache),
+                )
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -1305,6 +1390,15 @@ impl PassthroughFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// Open flags of a handle served by the daemon: the kernel keeps its page
+/// cache across opens unless passthrough writes may have made it stale.
+fn daemon_flags(keep_cache: bool) -> FopenFlags {
+    match keep_cache {
+        true => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+        false => FopenFlags::FOPEN_NOFLUSH,
     }
 }
 
