@@ -807,8 +807,8 @@ fn a_segment_that_fails_its_checksum_is_refused_and_the_last_good_state_served()
 /// them under `divergent/` (the database at its head and a report of txids
 /// and times), shows them in status.json, `membridge status` and `doctor`
 /// (DEGRADED), never counts them as backlog to upload, and follows the new
-/// primary. Every acknowledged commit is in the new primary's history or in
-/// the report.
+/// primary. Every acknowledged commit, from either of two writers, is in the
+/// new primary's history or in the report.
 #[test]
 fn a_restarted_primary_sets_aside_what_a_new_primary_moved_past() {
     let s3 = SeaweedFs::shared();
@@ -830,11 +830,16 @@ fn a_restarted_primary_sets_aside_what_a_new_primary_moved_past() {
     });
     let published_a = published(&a).unwrap();
     gate.close();
+    // Two writers, each on its own connection, as claude-mem's worker and a
+    // hook would be.
+    let pc2 = rusqlite::Connection::open(&adb).unwrap();
+    pc2.busy_timeout(Duration::from_secs(5)).unwrap();
     for i in 0..5 {
-        pc.execute("INSERT INTO t(v) VALUES (?1)", [format!("tail{i}")])
+        let w = if i % 2 == 0 { &pc } else { &pc2 };
+        w.execute("INSERT INTO t(v) VALUES (?1)", [format!("tail{i}")])
             .unwrap();
     }
-    drop(pc);
+    drop((pc, pc2));
     let head_a = a.status()["databases"][DB]["head_txid"].as_u64().unwrap();
     assert_eq!(head_a, published_a + 5, "{}", a.status());
     let pid = nix::unistd::Pid::from_raw(a.pid());
