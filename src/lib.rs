@@ -11,6 +11,8 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+/// What the `membridge` subcommands print.
+pub mod cli;
 /// Living beside the old hook-based tool: its lease, its `sqlite/` copy.
 pub mod coexist;
 pub mod config;

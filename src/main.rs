@@ -389,7 +389,7 @@ fn leadership(cfg: &Config, cmd: &LeadershipCmd) -> Result<(), String> {
             let now = chrono::Utc::now();
             print!(
                 "{}",
-                membridge::lease::render_info(&c, lease.as_ref(), handover.as_ref(), now)
+                membridge::cli::lease::render_info(&c, lease.as_ref(), handover.as_ref(), now)
             );
             Ok(())
         }
@@ -535,7 +535,7 @@ fn nodes(cfg: &Config) -> Result<(), String> {
         &*c.store, &layout, interval, now,
     ))?
     .map_err(|e| e.to_string())?;
-    print!("{}", membridge::lease::render_nodes(&entries, now));
+    print!("{}", membridge::cli::lease::render_nodes(&entries, now));
     Ok(())
 }
 

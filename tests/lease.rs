@@ -528,7 +528,7 @@ async fn heartbeats_are_written_listed_and_marked_stale() {
     );
     assert!(by("old").stale);
     assert!(by("broken").stale && by("broken").heartbeat.is_err());
-    let table = lease::render_nodes(&nodes, now);
+    let table = membridge::cli::lease::render_nodes(&nodes, now);
     let line = |n: &str| {
         table
             .lines()
