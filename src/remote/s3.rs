@@ -560,14 +560,7 @@ impl S3Store {
     async fn holds_file(&self, key: &str, path: &Path) -> Result<Option<String>> {
         use tokio::io::AsyncReadExt;
         self.retrying("get", key, || async {
-            let out = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| self.classify("get", key, Target::Object, e))?;
+            let out = self.get_whole(key).await?;
             let local = |e| Fail::Fatal(local_io("get", key, path, e));
             let mut f = tokio::fs::File::open(path).await.map_err(local)?;
             let mut body = out.body;
@@ -587,6 +580,20 @@ impl S3Store {
         .await
     }
 
+    /// One unconditional GET of the whole object, for the streaming paths.
+    async fn get_whole(
+        &self,
+        key: &str,
+    ) -> std::result::Result<aws_sdk_s3::operation::get_object::GetObjectOutput, Fail> {
+        self.client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.classify("get", key, Target::Object, e))
+    }
+
     fn body_error(&self, e: impl fmt::Display) -> Fail {
         Fail::Transient(self.scrub(format!("reading the response body: {e}")))
     }
@@ -594,14 +601,7 @@ impl S3Store {
     async fn get_to_file_impl(&self, key: &str, path: &Path) -> Result<ObjectMeta> {
         use tokio::io::AsyncWriteExt;
         self.retrying("get", key, || async {
-            let out = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-                .map_err(|e| self.classify("get", key, Target::Object, e))?;
+            let out = self.get_whole(key).await?;
             let local = |e| Fail::Fatal(local_io("get", key, path, e));
             // Truncated on every attempt: a retry writes the object from its start.
             let mut f = tokio::fs::File::create(path).await.map_err(local)?;
