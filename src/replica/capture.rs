@@ -832,6 +832,33 @@ fn inconsistent(db: &str, why: impl std::fmt::Display) -> CaptureError {
     }
 }
 
+/// The backing directory as capture holds it (`O_PATH`), for tests that
+/// build a `Capture` without a mount.
+#[cfg(test)]
+pub(crate) fn open_root(dir: &std::path::Path) -> OwnedFd {
+    let fd = nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    // SAFETY: `open` just returned this descriptor, and nothing else owns it.
+    unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+}
+
+/// The path class of a file the recording VFS saw change, for the tests
+/// that feed its events to capture as the FUSE layer would.
+#[cfg(test)]
+pub(crate) fn class_of(k: &crate::sqlite::testvfs::Kind, db: &str) -> Option<PathClass> {
+    use crate::sqlite::testvfs::Kind;
+    match k {
+        Kind::Db => Some(PathClass::Database(db.into())),
+        Kind::Wal => Some(PathClass::Sidecar(db.into(), Sidecar::Wal)),
+        Kind::Journal => Some(PathClass::Sidecar(db.into(), Sidecar::Journal)),
+        Kind::Other => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -854,16 +881,8 @@ mod tests {
             let backing = dir.path().join("backing");
             std::fs::create_dir_all(&backing).unwrap();
             let journal = Arc::new(Journal::open(&dir.path().join("journal.db")).unwrap());
-            let root = nix::fcntl::open(
-                &backing,
-                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
-                nix::sys::stat::Mode::empty(),
-            )
-            .unwrap();
             let capture = Arc::new(Capture::new(
-                // SAFETY: `root` was just returned by a successful open and
-                // is not wrapped anywhere else: the OwnedFd is its only owner.
-                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) },
+                super::open_root(&backing),
                 journal.clone(),
                 dir.path().join("base"),
                 Arc::new(AtomicU64::new(1)),
@@ -872,12 +891,7 @@ mod tests {
             ));
             let vfs = RecVfs::register(false);
             vfs.on_change(move |ev| {
-                let class = |k: &Kind| match k {
-                    Kind::Db => Some(PathClass::Database(DB.into())),
-                    Kind::Wal => Some(PathClass::Sidecar(DB.into(), Sidecar::Wal)),
-                    Kind::Journal => Some(PathClass::Sidecar(DB.into(), Sidecar::Journal)),
-                    Kind::Other => None,
-                };
+                let class = |k: &Kind| class_of(k, DB);
                 let res = match ev {
                     Ev::Write { kind, offset, data } => {
                         class(kind).map(|c| capture.written(&c, *offset, data.len() as u64))

@@ -55,7 +55,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,7 +71,6 @@ use super::restore::{self, RestoreOptions, Target};
 use super::uploader::{Fenced, Outcome, Policy, UploadError, Uploader};
 use super::{divergent, follower};
 use crate::config::Policy as LeasePolicy;
-use crate::fs::class::{PathClass, Sidecar};
 use crate::fs::Replication;
 use crate::journal::{DbHead, Journal};
 use crate::lease::{self, Acquire, LeaseClient, LeaseError};
@@ -118,16 +116,21 @@ fn with_route<T>(route: Route, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// The oldest txid a restore of `d` can reach: its oldest snapshot kept.
+fn oldest_restorable(d: &manifest::DbManifest) -> u64 {
+    d.older_snapshots
+        .iter()
+        .chain(d.snapshot.iter())
+        .map(|s| s.txid)
+        .min()
+        .unwrap_or(d.head_txid)
+}
+
 /// What the FUSE layer does with a write it passed through: report it to
 /// the node's replication (capture, on a primary); an error fails the call.
 fn to_node(node: Arc<Node>) -> Route {
     Box::new(move |ev| {
-        let class = |k: &Kind| match k {
-            Kind::Db => Some(PathClass::Database(DB.into())),
-            Kind::Wal => Some(PathClass::Sidecar(DB.into(), Sidecar::Wal)),
-            Kind::Journal => Some(PathClass::Sidecar(DB.into(), Sidecar::Journal)),
-            Kind::Other => None,
-        };
+        let class = |k: &Kind| super::capture::class_of(k, DB);
         let res = match ev {
             Ev::Write { kind, offset, data } => {
                 class(kind).map(|c| node.written(&c, *offset, data.len() as u64))
@@ -518,14 +521,7 @@ impl<'r> World<'r> {
         let wake = Arc::new(tokio::sync::Notify::new());
         let status = Status::for_tests(&sim.name);
         let base_dir = sim.state.join("base");
-        let fd = nix::fcntl::open(
-            &sim.backing,
-            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
-            nix::sys::stat::Mode::empty(),
-        )
-        .unwrap();
-        // SAFETY: `open` just returned this descriptor, and nothing else owns it.
-        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        let root = super::capture::open_root(&sim.backing);
         let capture = Arc::new(Capture::new(
             root,
             journal.clone(),
@@ -1374,13 +1370,7 @@ impl<'r> World<'r> {
         let Some((v, d)) = self.manifest() else {
             return Ok(());
         };
-        let lo = d
-            .older_snapshots
-            .iter()
-            .chain(d.snapshot.iter())
-            .map(|s| s.txid)
-            .min()
-            .unwrap_or(d.head_txid);
+        let lo = oldest_restorable(&d);
         let t = lo + pick as u64 % (d.head_txid - lo + 1);
         let (got, img) = self.restore(Target::Txid(t))?;
         if got != t {
@@ -1615,13 +1605,7 @@ impl<'r> World<'r> {
         let Some((v, d)) = self.manifest() else {
             return Ok(());
         };
-        let lo = d
-            .older_snapshots
-            .iter()
-            .chain(d.snapshot.iter())
-            .map(|s| s.txid)
-            .min()
-            .unwrap_or(d.head_txid);
+        let lo = oldest_restorable(&d);
         let mut prev: Option<Image> = None;
         for t in lo..=d.head_txid {
             let (got, img) = self.restore(Target::Txid(t))?;

@@ -497,21 +497,13 @@ mod tests {
     use super::*;
     use crate::journal::Journal;
     use crate::replica::capture::Capture;
-    use std::os::fd::{FromRawFd, OwnedFd};
 
     /// A node on an empty backing directory and journal.
     fn node(dir: &std::path::Path, role: Role) -> Node {
         let backing = dir.join("backing");
         std::fs::create_dir_all(&backing).unwrap();
         let journal = Arc::new(Journal::open(&dir.join("journal.db")).unwrap());
-        let fd = nix::fcntl::open(
-            &backing,
-            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
-            nix::sys::stat::Mode::empty(),
-        )
-        .unwrap();
-        // SAFETY: `open` just returned this descriptor, and nothing else owns it.
-        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        let root = crate::replica::capture::open_root(&backing);
         let status = Status::for_tests("n");
         let capture = Arc::new(Capture::new(
             root,

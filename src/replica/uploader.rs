@@ -1200,14 +1200,7 @@ mod tests {
         let epoch = Arc::new(AtomicU64::new(1));
         let status = Status::for_tests("b");
         let wake = Arc::new(Notify::new());
-        let root = nix::fcntl::open(
-            &backing,
-            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
-            nix::sys::stat::Mode::empty(),
-        )
-        .unwrap();
-        // SAFETY: a fresh fd from a successful open, owned by nothing else.
-        let root = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) };
+        let root = crate::replica::capture::open_root(&backing);
         let capture = Arc::new(Capture::new(
             root,
             journal.clone(),
