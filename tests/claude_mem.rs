@@ -95,16 +95,6 @@ fn check_session(w: &Worker, runs: &[HookRun]) {
     );
 }
 
-fn saved(w: &Worker, title: &str) {
-    let (status, body) = w.save_memory(title, &format!("{title}: the frobnicator caches widgets"));
-    assert!(
-        status == 200 && body.contains("\"success\":true"),
-        "{}: saving {title:?} answered {status} {body}\n{}",
-        w.name,
-        w.log_tail(20)
-    );
-}
-
 /// A save on a secondary fails with SQLite's error for a refused write: in
 /// WAL mode the refusal of the first frame reads "disk I/O error" (README,
 /// "Writing on a secondary"), a rollback journal's reads "readonly".
@@ -263,7 +253,7 @@ fn the_primarys_worker_serves_sessions_saves_search_and_context_without_sqlite_e
     assert_eq!(prompts(&a.dir.join(DB), "Explain the frobnicator cache"), 1);
     let t = Instant::now();
     for i in 0..20 {
-        saved(&wa, &format!("frobnicator note {i}"));
+        wa.saved(&format!("frobnicator note {i}"));
     }
     println!("node-a: 20 memory saves in {:?}", t.elapsed());
     let (status, body) = wa.import_session("a1", "Frobnicator ring buffer from node-a");
@@ -295,7 +285,7 @@ fn the_primarys_worker_serves_sessions_saves_search_and_context_without_sqlite_e
         .unwrap_or_else(|e| panic!("after restart: {e}"));
     assert_ne!(wa.pid(), old, "restart kept the same process");
     println!("node-a: `restart` took {:?}", r.elapsed);
-    saved(&wa, "after restart");
+    wa.saved("after restart");
     let r = wa.lifecycle("stop");
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(
@@ -338,7 +328,7 @@ fn both_workers_run_through_hand_over_both_ways() {
         lat.record(primary, &runs);
     }
     assert_eq!(prompts(&a.dir.join(DB), "phase one on node-a"), 1);
-    saved(&wa, "alpha from node-a");
+    wa.saved("alpha from node-a");
     refused(&wb, "alpha from node-b");
     let seen = found_within(&wb, "alpha from node-a", Duration::from_secs(10));
     println!("node-b's worker found node-a's save after {seen:?}");
@@ -418,7 +408,7 @@ fn kill_9_of_the_primarys_daemon_fails_over_and_both_workers_recover() {
     let a_backups = wa.backups();
     let wb = start_second_worker(&client, &a, &b);
     let mut lat = Latencies::default();
-    saved(&wa, "before the crash");
+    wa.saved("before the crash");
     found_within(&wb, "before the crash", Duration::from_secs(10));
 
     // The primary's daemon dies; its mount answers ENOTCONN until remounted.

@@ -47,16 +47,6 @@ fn query(db: &Path, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-fn saved(w: &Worker, title: &str) {
-    let (status, body) = w.save_memory(title, &format!("{title}: the frobnicator caches widgets"));
-    assert!(
-        status == 200 && body.contains("\"success\":true"),
-        "{}: saving {title:?} answered {status} {body}\n{}",
-        w.name,
-        w.log_tail(20)
-    );
-}
-
 /// A prompt as the UserPromptSubmit hook sends it.
 fn prompted(w: &Worker, session: &str, prompt: &str) {
     let (status, body) = w
@@ -83,7 +73,7 @@ fn history(client: &Client, name: &str, word: &str) -> tempfile::TempDir {
     ) {
         assert_eq!(r.code, Some(0), "{name}: hook {}: {r:?}", r.event);
     }
-    saved(&w, &format!("{word} saved memory"));
+    w.saved(&format!("{word} saved memory"));
     let (status, body) = w.import_session(
         &format!("{name}-imp"),
         &format!("{word} imported observation"),
@@ -419,7 +409,7 @@ fn a_divergent_tail_merges_back_into_the_new_primary() {
     let mut acked = Vec::new();
     for i in 0..3 {
         let title = format!("published memory {i}");
-        saved(&wa, &title);
+        wa.saved(&title);
         acked.push(title);
     }
     prompted(&wa, "sess-a", "published prompt about yaks");
@@ -433,7 +423,7 @@ fn a_divergent_tail_merges_back_into_the_new_primary() {
     gate.close();
     for i in 0..5 {
         let title = format!("tail memory {i}");
-        saved(&wa, &title);
+        wa.saved(&title);
         acked.push(title);
     }
     prompted(&wa, "sess-a", "tail prompt about zebus");
@@ -457,7 +447,7 @@ fn a_divergent_tail_merges_back_into_the_new_primary() {
     let wb = Worker::start(&client, "node-b", &b.dir);
     wb.wait_initialized(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));
-    saved(&wb, "written on b");
+    wb.saved("written on b");
     let stop = wb.lifecycle("stop");
     assert_eq!(stop.code, Some(0), "{stop:?}");
     drop(wb);

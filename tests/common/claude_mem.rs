@@ -374,6 +374,19 @@ impl Worker {
         runs
     }
 
+    /// Saves a memory titled `title` and fails the test unless the worker
+    /// took it.
+    pub fn saved(&self, title: &str) {
+        let (status, body) =
+            self.save_memory(title, &format!("{title}: the frobnicator caches widgets"));
+        assert!(
+            status == 200 && body.contains("\"success\":true"),
+            "{}: saving {title:?} answered {status} {body}\n{}",
+            self.name,
+            self.log_tail(20)
+        );
+    }
+
     /// `POST /api/memory/save` (the mem-search skill's "remember this").
     pub fn save_memory(&self, title: &str, text: &str) -> (u16, String) {
         self.post(
