@@ -245,21 +245,25 @@ impl IoTable {
 
     /// The handle is released: the last passthrough file of an inode drops
     /// its backing id (the kernel reset the inode's mode at the close).
-    pub fn release(&self, fh: u64) {
+    /// True when that was the inode's last passthrough open.
+    pub fn release(&self, fh: u64) -> bool {
         let mut t = self.inner.lock().unwrap();
         let Some((ino, kernel)) = t.handles.remove(&fh) else {
-            return;
+            return false;
         };
-        if let Some(e) = t.inodes.get_mut(&ino) {
-            if kernel {
-                e.kernel = e.kernel.saturating_sub(1);
-                if e.kernel == 0 {
-                    e.backing = None;
-                }
-            } else {
-                e.daemon = e.daemon.saturating_sub(1);
+        let Some(e) = t.inodes.get_mut(&ino) else {
+            return false;
+        };
+        if kernel {
+            e.kernel = e.kernel.saturating_sub(1);
+            if e.kernel == 0 {
+                e.backing = None;
+                return true;
             }
+        } else {
+            e.daemon = e.daemon.saturating_sub(1);
         }
+        false
     }
 
     /// The kernel forgot the inode, and its page cache with it.

@@ -108,6 +108,18 @@ pub trait Replication: Send + Sync {
     fn before_read(&self, _class: &PathClass, _offset: u64, _len: u32) -> Result<(), i32> {
         Ok(())
     }
+    /// May this open of a replicated path by `pid` be served by the kernel
+    /// from the backing file (FUSE passthrough), its reads and writes never
+    /// reaching the daemon? Only once replication needs to see none of
+    /// them (docs/ARCHITECTURE.md, "Passthrough").
+    fn kernel_io(&self, _class: &PathClass, _pid: u32) -> bool {
+        false
+    }
+    /// How an open of a replicated path by `pid` was answered.
+    fn opened(&self, _class: &PathClass, _pid: u32, _kernel: bool) {}
+    /// The last passthrough open of a replicated path closed: the kernel
+    /// serves none of its bytes any more.
+    fn kernel_closed(&self, _class: &PathClass) {}
 }
 
 /// Lets replication drop the kernel's cached pages and attributes of a file it
@@ -310,18 +322,29 @@ impl PassthroughFs {
     }
 
     /// May an open of this class be served by the kernel from the backing
-    /// file? Local paths only: the daemon need not see their bytes
-    /// (docs/ARCHITECTURE.md, "Passthrough").
+    /// file? Local paths, whose bytes the daemon need not see, and
+    /// replicated ones when replication says so (docs/ARCHITECTURE.md,
+    /// "Passthrough").
     ///
     /// Not a file with set-id bits opened by a non-root user: the kernel
     /// writes a backing file with the daemon's credentials, so such a write
     /// would not clear the bits as the caller's own write does.
     fn wants_kernel(&self, class: &PathClass, req: &Request, fd: RawFd) -> bool {
-        if !self.io.enabled() || !matches!(class, PathClass::Local) {
+        if !self.io.enabled() {
+            return false;
+        }
+        if replicated(class) && !self.repl.kernel_io(class, req.pid()) {
             return false;
         }
         req.uid() == 0
             || sys::fstat(fd).is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0)
+    }
+
+    fn report_open(&self, class: &PathClass, req: &Request, opened: &Result<Opened, Errno>) {
+        if let (true, Ok(o)) = (replicated(class), opened) {
+            self.repl
+                .opened(class, req.pid(), matches!(o, Opened::Kernel(_)));
+        }
     }
 
     fn node(&self, ino: INodeNo) -> Result<Arc<Inode>, Errno> {
@@ -737,10 +760,11 @@ impl Filesystem for PassthroughFs {
         };
         let fh = fd.as_raw_fd() as u64;
         let wants = self.wants_kernel(&class, req, fd.as_raw_fd());
-        match self
+        let opened = self
             .io_modes
-            .open(&self.io, ino.0, fh, wants, &fd, |f| reply.open_backing(f))
-        {
+            .open(&self.io, ino.0, fh, wants, &fd, |f| reply.open_backing(f));
+        self.report_open(&class, req, &opened);
+        match opened {
             Ok(Opened::Kernel(id)) => {
                 let _ = fd.into_raw_fd();
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
@@ -848,8 +872,16 @@ impl Filesystem for PassthroughFs {
             self.handles.lock().unwrap().remove(&fh.0);
             return reply.ok();
         }
-        self.io_modes.release(fh.0);
+        let last_kernel = self.io_modes.release(fh.0);
         sys::close(fh.0 as RawFd);
+        if last_kernel {
+            if let Ok(n) = self.node(ino) {
+                let c = n.class();
+                if replicated(&c) {
+                    self.repl.kernel_closed(&c);
+                }
+            }
+        }
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             if let Ok(n) = self.node(ino) {
                 let c = n.class();
@@ -1124,10 +1156,11 @@ impl Filesystem for PassthroughFs {
         let fh = file.as_raw_fd() as u64;
         let wants = self.wants_kernel(&class, req, file.as_raw_fd());
         let ino = attr.ino.0;
-        match self
+        let opened = self
             .io_modes
-            .open(&self.io, ino, fh, wants, &file, |f| reply.open_backing(f))
-        {
+            .open(&self.io, ino, fh, wants, &file, |f| reply.open_backing(f));
+        self.report_open(&class, req, &opened);
+        match opened {
             Ok(Opened::Kernel(id)) => {
                 let _ = file.into_raw_fd();
                 reply.created_passthrough(
