@@ -27,6 +27,7 @@ use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKe
 use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
 use crate::replica::apply::Applier;
 use crate::replica::capture::Capture;
+use crate::replica::capture::Durability;
 use crate::replica::follower::Follower;
 use crate::replica::hydrate::ReadThrough;
 use crate::replica::node::{Node, Role};
@@ -42,6 +43,8 @@ pub struct MountArgs {
     pub threads: usize,
     /// Kernel passthrough where available (`MEMBRIDGE_PASSTHROUGH=off`: never).
     pub passthrough: bool,
+    /// When a commit is acknowledged (`MEMBRIDGE_DURABILITY`).
+    pub durability: Durability,
 }
 
 pub fn log_file(cfg: &Config) -> PathBuf {
@@ -154,6 +157,8 @@ fn block_signals() -> SigSet {
 }
 
 fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
+    // Before any SQLite connection of ours exists (src/replica/tail.rs).
+    crate::replica::tail::install_lock_lending();
     let signals = block_signals();
     // Bound before the lease or the mount: a port in use stops here, in one line.
     let http = cfg.metrics_addr.map(crate::http::bind).transpose()?;
@@ -180,7 +185,10 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let fs = PassthroughFs::new(
         root_fd,
         classifier,
-        Arc::new(status.clone()),
+        Arc::new(CaughtUp {
+            status: status.clone(),
+            capture: replication.capture.capture_handle(),
+        }),
         replication.capture.clone(),
         args.passthrough,
         status.io().clone(),
@@ -204,6 +212,20 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         Applier::start(&dir, &backing, &cfg.state_dir).context("starting the view applier")?,
     );
     replication.capture.set_applier(applier.clone());
+    status.io().set_durability(args.durability.name());
+    if args.durability == Durability::Local && status.io().enabled() {
+        // Databases in WAL mode are served by the kernel from here on and
+        // their commits tailed (docs/ARCHITECTURE.md, "Passthrough").
+        let capture = replication.capture.capture_handle();
+        let tails = capture.tails().clone();
+        tails.set_mount(&dir, status.io().clone());
+        let a = applier.clone();
+        tails.set_close_own(Box::new(move |db| {
+            let _ = a.close(Some(db));
+        }));
+        crate::replica::tail::spawn(tails, capture).context("starting the WAL tailer")?;
+    }
+    let tails = replication.capture.capture().tails().clone();
     let first_poll = replication.start_follower(cfg, invalidator, &dir);
     let bucket_answered = matches!(
         replication.keeper.state(),
@@ -231,11 +253,13 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
             match signals.wait() {
                 Ok(Signal::SIGUSR1) => {
                     paused.pause(UNMOUNT_PAUSE);
+                    tails.pause(UNMOUNT_PAUSE);
                     let _ = applier.pause(UNMOUNT_PAUSE);
                 }
                 Ok(sig) => {
                     tracing::info!(signal = ?sig, "shutting down: unmounting");
                     paused.pause(UNMOUNT_PAUSE);
+                    tails.pause(UNMOUNT_PAUSE);
                     let _ = applier.pause(UNMOUNT_PAUSE);
                     if let Err(e) = unmounter.unmount() {
                         tracing::error!(error = %e, "unmount failed");
@@ -275,6 +299,24 @@ fn serve_http(
     tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
     tracing::info!(%addr, "serving the status page at {}", crate::page::url(addr));
     Ok(site)
+}
+
+/// `.membridge/` as of every commit acknowledged before it is read: a commit
+/// the kernel served is captured first (docs/ARCHITECTURE.md, "Passthrough").
+struct CaughtUp {
+    status: Status,
+    capture: Arc<crate::replica::capture::Capture>,
+}
+
+impl crate::fs::virt::VirtualFiles for CaughtUp {
+    fn names(&self) -> &'static [&'static str] {
+        self.status.names()
+    }
+
+    fn content(&self, name: &str) -> Option<Vec<u8>> {
+        self.capture.catch_up();
+        self.status.content(name)
+    }
 }
 
 struct Running {

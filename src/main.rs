@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use membridge::config::{self, Config, Layers};
 use membridge::daemon;
+use membridge::replica::capture::Durability;
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +80,10 @@ enum Cmd {
         /// (where the kernel and privileges allow) or `off`
         #[arg(long, env = "MEMBRIDGE_PASSTHROUGH", default_value = "auto", value_parser = ["auto", "off"])]
         passthrough: String,
+        /// When a commit is acknowledged: `local` (on this disk, shipped
+        /// within about a second) or `bucket` (once it is in the bucket)
+        #[arg(long, env = "MEMBRIDGE_DURABILITY", default_value = "local", value_parser = ["local", "bucket"])]
+        durability: String,
     },
     /// Unmount DIR and wait for the daemon to finish
     Unmount {
@@ -263,6 +268,7 @@ fn run(cli: Cli) -> Result<(), String> {
             foreground,
             threads,
             passthrough,
+            durability,
         } => {
             let cfg = load(&cli)?;
             init_logging(cli.log_format);
@@ -271,6 +277,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 foreground: *foreground,
                 threads: *threads,
                 passthrough: passthrough != "off",
+                durability: match durability.as_str() {
+                    "bucket" => Durability::Bucket,
+                    _ => Durability::Local,
+                },
             };
             daemon::mount(&cfg, &args).map_err(|e| format!("{e:#}"))
         }

@@ -709,14 +709,6 @@ fn local_paths_are_served_by_the_kernel() {
     assert_eq!((reads, writes), (0, 0), "local I/O reached the daemon");
     assert!(m.status()["io"]["kernel_opens"].as_u64().unwrap() >= 2);
 
-    let db = m.dir.join("claude-mem.db");
-    setup_db(&db, "wal");
-    sql_writer_inline(&db, 20);
-    let io = m.status()["io"].clone();
-    assert!(
-        io["daemon_writes"]["database-sidecar"].as_u64().unwrap() >= 20,
-        "the -wal stays on the daemon's path: {io}"
-    );
     let doctor = m.run(&["doctor", m.dir.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(
@@ -728,6 +720,81 @@ fn local_paths_are_served_by_the_kernel() {
         fs::metadata(m.dir.join("logs/worker.log")).unwrap().len(),
         1000 * 4096
     );
+}
+
+/// A database in WAL mode on the primary is served by the kernel too: its
+/// writes never reach the daemon, and every commit is still captured (read
+/// from the WAL after the fact) and published.
+#[test]
+fn wal_databases_are_served_by_the_kernel_and_their_commits_tailed() {
+    let m = Mount::with_files(env(), &[]);
+    let db = m.dir.join("claude-mem.db");
+    // The first connection creates it on the daemon's path; once it closed,
+    // the database is armed for passthrough.
+    setup_db(&db, "wal");
+    let mode = |m: &Mount| m.status()["io"]["databases"]["claude-mem.db"].clone();
+    common::wait_for(
+        "the database to be served by the kernel",
+        Duration::from_secs(10),
+        || mode(&m) == "kernel",
+    );
+    let head = |m: &Mount| {
+        m.status()["databases"]["claude-mem.db"]["head_txid"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let sidecar_writes = |m: &Mount| {
+        m.status()["io"]["daemon_writes"]["database-sidecar"]
+            .as_u64()
+            .unwrap()
+    };
+    let db_writes = |m: &Mount| {
+        m.status()["io"]["daemon_writes"]["replicated-database"]
+            .as_u64()
+            .unwrap()
+    };
+    let (h0, w0, d0) = (head(&m), sidecar_writes(&m), db_writes(&m));
+    let c = open_db(db.to_str().unwrap(), "wal");
+    // Enough frames for the tailer's own checkpoint to run and the WAL to
+    // start over underneath it.
+    let t = Instant::now();
+    for i in 0..3000 {
+        c.execute("INSERT INTO t(v, pad) VALUES (?1, randomblob(2000))", [i])
+            .unwrap();
+    }
+    let wrote = t.elapsed();
+    let caught_up = common::wait_for("every commit captured", Duration::from_secs(20), || {
+        head(&m) >= h0 + 3000
+    });
+    eprintln!("3000 commits in {wrote:?}, all captured {caught_up:?} later");
+    assert_eq!(head(&m), h0 + 3000, "one txid per commit");
+    // What still reaches the daemon is the wal-index's write-back (-shm is
+    // mapped through the page cache): far from one write per frame.
+    let sidecar = sidecar_writes(&m) - w0;
+    assert!(sidecar < 300, "-wal writes reached the daemon: {sidecar}");
+    assert_eq!(db_writes(&m), d0, "database writes reached the daemon");
+    common::wait_for("everything published", Duration::from_secs(30), || {
+        let d = m.status()["databases"]["claude-mem.db"].clone();
+        d["uploaded_txid"] == d["head_txid"]
+    });
+    // A connection may not leave WAL mode while the kernel serves it: the
+    // daemon would not see the writes that follow.
+    let err = c
+        .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get::<_, String>(0))
+        .map(|m| m.to_lowercase());
+    assert_ne!(
+        err.ok().as_deref(),
+        Some("delete"),
+        "left WAL mode under passthrough"
+    );
+    drop(c);
+    let wal_len = fs::metadata(m.dir.join("claude-mem.db-wal")).map_or(0, |m| m.len());
+    assert!(
+        wal_len < 64 << 20,
+        "the WAL was never checkpointed: {wal_len} bytes"
+    );
+    m.unmount();
+    assert_eq!(integrity_and_count(&db), ("ok".to_string(), 3000));
 }
 
 /// `MEMBRIDGE_PASSTHROUGH=off`: today's path, chosen at mount and named in
@@ -753,10 +820,3 @@ fn passthrough_off_falls_back_to_the_daemon_and_says_so() {
     assert!(text.contains("MEMBRIDGE_PASSTHROUGH=off"), "{text}");
 }
 
-fn sql_writer_inline(db: &Path, n: i64) {
-    let c = open_db(db.to_str().unwrap(), "wal");
-    for i in 0..n {
-        c.execute("INSERT INTO t(v, pad) VALUES (?1, randomblob(200))", [i])
-            .unwrap();
-    }
-}

@@ -171,3 +171,97 @@ fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
         "{st}"
     );
 }
+
+/// A client the kernel served on the primary (passthrough: its writes never
+/// reach the daemon) keeps its connection across a hand-over, as claude-mem's
+/// worker does: from then on its writes wait and fail, it still sees the new
+/// primary's commits, and once it closes, the database is back on the
+/// daemon's path with the usual refusals. When the lease comes back, it
+/// writes again.
+#[test]
+fn a_client_served_by_the_kernel_is_stopped_by_a_hand_over_and_still_follows() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("walkern"), "walkern");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    let adb = a.dir.join(DB);
+    cli(
+        &adb,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
+    )
+    .unwrap();
+    let mode = |m: &common::mount::Mount| m.status()["io"]["databases"][DB].clone();
+    wait_for(
+        "the database to be served by the kernel",
+        Duration::from_secs(10),
+        || mode(&a) == "kernel",
+    );
+    let worker = rusqlite::Connection::open(&adb).unwrap();
+    worker.busy_timeout(Duration::from_millis(300)).unwrap();
+    let _: String = worker
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .unwrap();
+    for i in 0..10 {
+        worker
+            .execute("INSERT INTO t(v) VALUES (?1)", [format!("a{i}")])
+            .unwrap();
+    }
+    let b = node(&env, "node-b");
+    assert!(b.run(&["pull"]).status.success());
+    let bdb = b.dir.join(DB);
+    assert_eq!(cli(&bdb, "SELECT count(*) FROM t").unwrap(), "10");
+
+    let out = b.run(&["leadership", "select", "node-b"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("node-a to step down", Duration::from_secs(30), || {
+        a.status()["role"] == "secondary"
+    });
+    assert_eq!(mode(&a), "kernel, writers locked out");
+    // Nothing written on A after the hand-over reaches its file.
+    let e = worker
+        .execute("INSERT INTO t(v) VALUES ('late')", [])
+        .unwrap_err();
+    assert!(e.to_string().contains("locked"), "{e}");
+    assert_eq!(rows(&worker), 10);
+    wait_for("node-b to take writes", Duration::from_secs(30), || {
+        b.status()["role"] == "primary"
+    });
+    cli(
+        &bdb,
+        "INSERT INTO t(v) VALUES ('b1'); INSERT INTO t(v) VALUES ('b2');",
+    )
+    .unwrap();
+    wait_for(
+        "the kernel-served client to see B's commits",
+        Duration::from_secs(30),
+        || rows(&worker) == 12,
+    );
+    drop(worker);
+    wait_for(
+        "the database back on the daemon's path",
+        Duration::from_secs(10),
+        || mode(&a) == "daemon",
+    );
+    let e = cli(&adb, "INSERT INTO t(v) VALUES ('nope')").unwrap_err();
+    assert!(
+        e.contains("disk I/O error") || e.contains("readonly"),
+        "{e}"
+    );
+    assert_eq!(cli(&adb, "SELECT count(*) FROM t").unwrap(), "12");
+    assert_eq!(a.status()["divergent"].as_array().map_or(0, |d| d.len()), 0);
+
+    // And back: A takes writes again, its new clients served by the kernel.
+    let out = a.run(&["leadership", "select", "node-a"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(
+        "node-a to be primary again",
+        Duration::from_secs(30),
+        || a.status()["role"] == "primary",
+    );
+    cli(&adb, "INSERT INTO t(v) VALUES ('a-again')").unwrap();
+    wait_for("B to follow A again", Duration::from_secs(30), || {
+        cli(&bdb, "SELECT count(*) FROM t").ok().as_deref() == Some("13")
+    });
+    let dump = |p: &Path| cli(p, ".dump").unwrap();
+    assert_eq!(dump(&adb), dump(&bdb));
+}

@@ -52,6 +52,8 @@ pub struct IoStats {
     daemon_opens: AtomicU64,
     reads: [AtomicU64; 4],
     writes: [AtomicU64; 4],
+    durability: Mutex<String>,
+    databases: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// `io` in status.json.
@@ -70,6 +72,14 @@ pub struct IoDoc {
     pub daemon_reads: std::collections::BTreeMap<String, u64>,
     /// WRITE requests the daemon served, per path class.
     pub daemon_writes: std::collections::BTreeMap<String, u64>,
+    /// When a commit is acknowledged: "local" (on this disk, shipped
+    /// within about a second) or "bucket" (once in the bucket).
+    #[serde(default)]
+    pub durability: String,
+    /// How each replicated database is served: "kernel" (passthrough,
+    /// commits tailed from the WAL), "daemon", or a state in between.
+    #[serde(default)]
+    pub databases: std::collections::BTreeMap<String, String>,
 }
 
 impl IoStats {
@@ -96,6 +106,17 @@ impl IoStats {
             );
             *r = Some(reason.to_string());
         }
+    }
+
+    pub fn set_durability(&self, d: &str) {
+        *self.durability.lock().unwrap() = d.to_string();
+    }
+
+    pub fn set_database(&self, db: &str, mode: &str) {
+        self.databases
+            .lock()
+            .unwrap()
+            .insert(db.to_string(), mode.to_string());
     }
 
     pub(super) fn read(&self, c: &PathClass) {
@@ -127,6 +148,8 @@ impl IoStats {
             daemon_opens: self.daemon_opens.load(Ordering::Relaxed),
             daemon_reads: per_class(&self.reads),
             daemon_writes: per_class(&self.writes),
+            durability: self.durability.lock().unwrap().clone(),
+            databases: self.databases.lock().unwrap().clone(),
         }
     }
 }

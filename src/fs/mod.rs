@@ -115,11 +115,10 @@ pub trait Replication: Send + Sync {
     fn kernel_io(&self, _class: &PathClass, _pid: u32) -> bool {
         false
     }
-    /// How an open of a replicated path by `pid` was answered.
-    fn opened(&self, _class: &PathClass, _pid: u32, _kernel: bool) {}
-    /// The last passthrough open of a replicated path closed: the kernel
-    /// serves none of its bytes any more.
-    fn kernel_closed(&self, _class: &PathClass) {}
+    /// How open `fh` of a replicated path by `pid` was answered.
+    fn opened(&self, _class: &PathClass, _fh: u64, _pid: u32, _kernel: bool) {}
+    /// Open `fh` of a replicated path was released.
+    fn released(&self, _class: &PathClass, _fh: u64) {}
 }
 
 /// Lets replication drop the kernel's cached pages and attributes of a file it
@@ -340,10 +339,16 @@ impl PassthroughFs {
             || sys::fstat(fd).is_ok_and(|st| st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0)
     }
 
-    fn report_open(&self, class: &PathClass, req: &Request, opened: &Result<Opened, Errno>) {
+    fn report_open(
+        &self,
+        class: &PathClass,
+        fh: u64,
+        req: &Request,
+        opened: &Result<Opened, Errno>,
+    ) {
         if let (true, Ok(o)) = (replicated(class), opened) {
             self.repl
-                .opened(class, req.pid(), matches!(o, Opened::Kernel(_)));
+                .opened(class, fh, req.pid(), matches!(o, Opened::Kernel(_)));
         }
     }
 
@@ -763,7 +768,7 @@ impl Filesystem for PassthroughFs {
         let opened = self
             .io_modes
             .open(&self.io, ino.0, fh, wants, &fd, |f| reply.open_backing(f));
-        self.report_open(&class, req, &opened);
+        self.report_open(&class, fh, req, &opened);
         match opened {
             Ok(Opened::Kernel(id)) => {
                 let _ = fd.into_raw_fd();
@@ -872,14 +877,12 @@ impl Filesystem for PassthroughFs {
             self.handles.lock().unwrap().remove(&fh.0);
             return reply.ok();
         }
-        let last_kernel = self.io_modes.release(fh.0);
+        self.io_modes.release(fh.0);
         sys::close(fh.0 as RawFd);
-        if last_kernel {
-            if let Ok(n) = self.node(ino) {
-                let c = n.class();
-                if replicated(&c) {
-                    self.repl.kernel_closed(&c);
-                }
+        if let Ok(n) = self.node(ino) {
+            let c = n.class();
+            if replicated(&c) {
+                self.repl.released(&c, fh.0);
             }
         }
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
@@ -1159,7 +1162,7 @@ impl Filesystem for PassthroughFs {
         let opened = self
             .io_modes
             .open(&self.io, ino, fh, wants, &file, |f| reply.open_backing(f));
-        self.report_open(&class, req, &opened);
+        self.report_open(&class, fh, req, &opened);
         match opened {
             Ok(Opened::Kernel(id)) => {
                 let _ = file.into_raw_fd();

@@ -29,6 +29,26 @@ use crate::sqlite::rollback::{self, CommitDetector, JournalEvent, Transition};
 use crate::sqlite::wal::{WalTracker, WalTxn};
 use crate::status::Status;
 
+/// When a commit is acknowledged (docs/ARCHITECTURE.md, "Durability").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once on this disk; shipped within about a second. Databases in WAL
+    /// mode are served by the kernel and their commits tailed.
+    Local,
+    /// Once its segment is in the bucket: `-wal` stays on the daemon's path
+    /// and the commit's write waits for the upload.
+    Bucket,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Local => "local",
+            Durability::Bucket => "bucket",
+        }
+    }
+}
+
 /// Where captured state lives: the journal, base images, the uploader's wake-up.
 pub struct Capture {
     root: OwnedFd,
@@ -43,6 +63,8 @@ pub struct Capture {
     /// When the last transaction was captured (ms since the epoch, 0: none
     /// in this run): whether a primary is idle (policy `follow`).
     last_commit_ms: AtomicI64,
+    /// Databases served by the kernel, their commits tailed from the WAL.
+    tails: Arc<super::tail::Tails>,
 }
 
 /// One replicated database's capture state; its mutex serializes its writes.
@@ -105,9 +127,74 @@ impl Capture {
             dbs: Mutex::new(HashMap::new()),
             files: super::files::Recorder::default(),
             last_commit_ms: AtomicI64::new(0),
+            tails: Arc::default(),
         }
     }
 
+    /// Passthrough of databases and the tailer's state.
+    pub fn tails(&self) -> &Arc<super::tail::Tails> {
+        &self.tails
+    }
+
+    /// On the primary, captures every commit the kernel served that the
+    /// tailer has not read yet: whoever looks at the journal next (status,
+    /// `push`) sees every commit acknowledged before it looked.
+    pub fn catch_up(&self) {
+        if !self.tails.writers_allowed() {
+            return;
+        }
+        let dbs: Vec<String> = self.dbs.lock().unwrap().keys().cloned().collect();
+        for db in dbs {
+            if self.tails.io(&db) == super::tail::Io::Armed {
+                if let Err(e) = self.tail(&db) {
+                    tracing::error!(db, error = %e, "capturing from the WAL failed");
+                }
+            }
+        }
+    }
+
+    /// Captures what was committed to `db`'s `-wal` since the last look,
+    /// with nobody reporting the writes (they were served by the kernel).
+    /// True when caught up. A WAL that started over twice since the last
+    /// look lost frames nobody read (the pin was not held): the database
+    /// is then reconciled as at mount, writers held off.
+    pub fn tail(&self, db: &str) -> Result<bool> {
+        let Some(d) = self.dbs.lock().unwrap().get(db).cloned() else {
+            return Ok(true);
+        };
+        let missed = {
+            let mut st = d.lock().unwrap();
+            let io = Self::io(db);
+            if st.wal.is_none() {
+                st.wal = self.open(&format!("{db}-wal")).map_err(&io)?;
+            }
+            let Some(wal) = st.wal.take() else {
+                return Ok(true);
+            };
+            let mut raw = [0u8; crate::sqlite::wal::WAL_HEADER_LEN];
+            let n = wal.read_at(&mut raw, 0).unwrap_or(0);
+            let seq = crate::sqlite::wal::WalHeader::parse(&raw[..n])
+                .ok()
+                .map(|h| h.checkpoint_seq);
+            let known = st.tracker.header().map(|h| h.checkpoint_seq);
+            let missed =
+                matches!((known, seq), (Some(k), Some(s)) if s > k.wrapping_add(1) && s > k);
+            let res = if missed {
+                Ok(())
+            } else {
+                st.tracker.rewind_pending();
+                self.capture_wal(&mut st, &wal)
+            };
+            st.wal = Some(wal);
+            res?;
+            missed
+        };
+        if missed {
+            tracing::warn!(db, "the WAL started over twice between two looks: reconciling the database with the journal");
+            self.tails.frozen(db, || self.recover(db))?;
+        }
+        Ok(true)
+    }
     pub fn files(&self) -> &super::files::Recorder {
         &self.files
     }
@@ -720,6 +807,34 @@ impl Capture {
             self.status.update(|s| s.last_error = Some(e.to_string()));
             e.errno()
         })
+    }
+}
+
+impl super::tail::Tailed for Capture {
+    fn databases(&self) -> Vec<String> {
+        self.dbs.lock().unwrap().keys().cloned().collect()
+    }
+
+    fn wal_mode(&self, db: &str) -> bool {
+        let mut b = [0u8; 20];
+        matches!(self.open(db), Ok(Some(f)) if f.read_at(&mut b, 0).is_ok_and(|n| n == 20))
+            && b[18] == 2
+            && b[19] == 2
+    }
+
+    fn tail(&self, db: &str) -> bool {
+        match Capture::tail(self, db) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(db, error = %e, "capturing from the WAL failed; retrying");
+                self.status.update(|s| s.last_error = Some(e.to_string()));
+                false
+            }
+        }
+    }
+
+    fn wal_len(&self, db: &str) -> u64 {
+        std::fs::metadata(self.backing(&format!("{db}-wal"))).map_or(0, |m| m.len())
     }
 }
 

@@ -16,5 +16,6 @@ mod model;
 pub mod node;
 pub mod restore;
 pub mod roles;
+pub mod tail;
 pub mod uploader;
 pub mod verify;

@@ -100,9 +100,21 @@ pub struct Node {
 
 impl Node {
     pub fn new(node_id: &str, capture: Arc<Capture>, role: Role, status: Status) -> Node {
+        let life = Lifecycle::new(node_id, role, status.clone());
+        // Clients the kernel serves are stopped and let go with the role
+        // (src/replica/tail.rs); the last commits they made are captured.
+        let c = capture.clone();
+        life.on_writers(Box::new(move |on| match on {
+            true => c.tails().start_writers(),
+            false => c.tails().stop_writers(&|db| {
+                if let Err(e) = c.tail(db) {
+                    tracing::error!(db, error = %e, "capturing the last commits from the WAL failed");
+                }
+            }),
+        }));
         Node {
             capture,
-            life: Lifecycle::new(node_id, role, status.clone()),
+            life,
             views: Views::default(),
             status,
             read_through: std::sync::OnceLock::new(),
@@ -208,6 +220,10 @@ impl Node {
 impl Node {
     pub fn capture(&self) -> &Capture {
         &self.capture
+    }
+
+    pub fn capture_handle(&self) -> Arc<Capture> {
+        self.capture.clone()
     }
 
     pub fn set_invalidator(&self, inval: Arc<Invalidator>) {
@@ -362,5 +378,19 @@ impl Replication for Node {
             (PathClass::Database(db), Some(rt)) => rt.ensure(db, offset, len),
             _ => Ok(()),
         }
+    }
+
+    // Decided by the tailer's state of the database (src/replica/tail.rs).
+    fn kernel_io(&self, class: &PathClass, pid: u32) -> bool {
+        self.capture.tails().kernel_io(class, pid)
+    }
+
+    fn opened(&self, class: &PathClass, fh: u64, pid: u32, kernel: bool) {
+        let own = self.is_applier(pid) || self.capture.tails().is_tailer(pid);
+        self.capture.tails().opened(class, fh, kernel, own);
+    }
+
+    fn released(&self, class: &PathClass, fh: u64) {
+        self.capture.tails().released(class, fh);
     }
 }

@@ -80,6 +80,9 @@ pub struct Lifecycle {
     /// Notified at every role change: the heartbeat says so at once.
     changed: Arc<Notify>,
     status: Status,
+    /// Told `false` before the node stops being primary and `true` once it
+    /// is: writers the daemon does not see are stopped and let go.
+    writers: std::sync::OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
 }
 
 impl Lifecycle {
@@ -97,9 +100,17 @@ impl Lifecycle {
             holder: Mutex::new(None),
             changed: Arc::new(Notify::new()),
             status,
+            writers: std::sync::OnceLock::new(),
         };
         l.status.update(|s| s.role = role.name().into());
         l
+    }
+
+    /// See [`Lifecycle::writers`]; called with the current role's answer
+    /// at once.
+    pub fn on_writers(&self, f: Box<dyn Fn(bool) + Send + Sync>) {
+        f(self.role() == Role::Primary);
+        let _ = self.writers.set(f);
     }
 
     pub fn node_id(&self) -> &str {
@@ -141,7 +152,18 @@ impl Lifecycle {
     /// Changes the role; `reason` goes to the log and to the role history
     /// (a release and a loss of the lease must read differently).
     pub fn set(&self, role: Role, reason: &str) {
+        let before = self.role();
+        if before == Role::Primary && role != Role::Primary {
+            if let Some(f) = self.writers.get() {
+                f(false);
+            }
+        }
         let old = Role::from_u8(self.role.swap(role as u8, Ordering::AcqRel));
+        if role == Role::Primary && old != Role::Primary {
+            if let Some(f) = self.writers.get() {
+                f(true);
+            }
+        }
         if old == role {
             return;
         }

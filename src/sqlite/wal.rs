@@ -562,6 +562,15 @@ impl WalTracker {
         write_may_complete_frame(offset, len, c.hdr.page_size)
     }
 
+    /// Forgets the frames read past the last commit, so the next scan reads
+    /// them again. For a reader that does not see the writes (a tailer): an
+    /// uncommitted frame it read may have been rewritten since.
+    pub fn rewind_pending(&mut self) {
+        if let State::Active(c) = &mut self.state {
+            c.pending.clear();
+        }
+    }
+
     /// Records that the file was truncated to `len` bytes.
     pub fn note_truncate(&mut self, len: u64) {
         self.apply_len(len);
