@@ -294,6 +294,18 @@ fn one_row_insert_into_a_50mb_database_uploads_a_few_pages() {
 
 #[test]
 fn kill_9_mid_burst_loses_no_committed_transaction() {
+    kill_9_mid_burst(false);
+}
+
+/// The same with the writer served by the kernel (issue 12): its commits
+/// are tailed from the WAL, and the daemon's death must not let it write on
+/// unseen.
+#[test]
+fn kill_9_mid_burst_of_a_kernel_served_writer_loses_no_committed_transaction() {
+    kill_9_mid_burst(true);
+}
+
+fn kill_9_mid_burst(kernel: bool) {
     let s3 = SeaweedFs::shared();
     let m = Mount::with_files(env_for(s3, "kill"), &[]);
     let db = m.dir.join(DB);
@@ -301,6 +313,12 @@ fn kill_9_mid_burst_loses_no_committed_transaction() {
     c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
         .unwrap();
     drop(c);
+    let served = || m.status()["io"]["databases"][DB].as_str().map(String::from);
+    if kernel {
+        common::wait_for("the kernel to serve the database", Duration::from_secs(10), || {
+            served().as_deref() == Some("kernel")
+        });
+    }
     let path = db.clone();
     let writer = std::thread::spawn(move || {
         let c = open(&path, "wal");
@@ -324,6 +342,11 @@ fn kill_9_mid_burst_loses_no_committed_transaction() {
         "committed {committed}"
     );
     m.mount(); // clears the stale mount and reconciles the journal
+    if kernel {
+        common::wait_for("the kernel to serve the database again", Duration::from_secs(10), || {
+            served().as_deref() == Some("kernel")
+        });
+    }
     wait_drained(&m, Duration::from_secs(60));
     assert_eq!(integrity(&db), "ok");
     let live: i64 = rusqlite::Connection::open(&db)

@@ -285,6 +285,14 @@ fn the_primarys_worker_serves_sessions_saves_search_and_context_without_sqlite_e
         .unwrap_or_else(|e| panic!("after restart: {e}"));
     assert_ne!(wa.pid(), old, "restart kept the same process");
     println!("node-a: `restart` took {:?}", r.elapsed);
+    // The restarted worker opened an existing WAL database: the kernel serves
+    // it, and its commits are tailed from the WAL (issue 12).
+    assert_eq!(
+        a.status()["io"]["databases"][DB],
+        "kernel",
+        "{}",
+        a.log_tail(20)
+    );
     wa.saved("after restart");
     let r = wa.lifecycle("stop");
     assert_eq!(r.code, Some(0), "{r:?}");
