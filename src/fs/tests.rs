@@ -224,6 +224,19 @@ fn a_replicated_database_goes_to_the_daemon_unless_replication_says_kernel() {
     // The last passthrough open closing is reported; a read-only one syncs nothing.
     f.release("claude-mem.db", o.unwrap(), libc::O_RDONLY);
     assert_eq!(f.repl.calls(), ["kernel_closed replicated-database"]);
+
+    // Its `-wal` is asked about as the database's sidecar.
+    f.repl.kernel_io.store(false, Ordering::SeqCst);
+    std::fs::write(f.dir.path().join("claude-mem.db-wal"), b"").unwrap();
+    let o = f.open(ROOT_CALLER, "claude-mem.db-wal", libc::O_RDWR);
+    assert!(is_daemon(&o));
+    assert_eq!(
+        f.repl.calls(),
+        [
+            "kernel_io database-sidecar 4242",
+            "opened database-sidecar 4242 kernel=false",
+        ]
+    );
 }
 
 #[test]
@@ -348,6 +361,22 @@ fn create_on_a_role_that_may_create_but_not_write_does_not_truncate() {
     );
     assert_eq!(r.err(), Some(Errno::EROFS));
     assert!(!f.dir.path().join(name).exists());
+
+    // An old tool's download next to the database is a write of the
+    // database, refused before it starts.
+    f.repl.calls();
+    let name = OsStr::new("tmpk2j_x.db.tmp");
+    let r = f.fs.create(
+        ROOT_CALLER,
+        ROOT,
+        name,
+        0o600,
+        libc::O_RDWR | libc::O_CREAT,
+        f.register(),
+    );
+    assert_eq!(r.err(), Some(Errno::EROFS));
+    assert!(!f.dir.path().join(name).exists());
+    assert_eq!(f.repl.calls(), ["check_write replicated-database 4242"]);
 }
 
 #[test]
