@@ -170,14 +170,24 @@ pub enum OpenPath {
 }
 
 /// The io-mode state of one inode, as this daemon answered its opens.
-#[derive(Default)]
-struct InodeIo {
+struct InodeIo<B> {
     kernel: usize,
     daemon: usize,
     /// Passthrough writes may have changed the file since the kernel last
     /// cached its pages: the next cached open drops that cache.
     stale_cache: bool,
-    backing: Option<Arc<BackingId>>,
+    backing: Option<Arc<B>>,
+}
+
+impl<B> Default for InodeIo<B> {
+    fn default() -> Self {
+        InodeIo {
+            kernel: 0,
+            daemon: 0,
+            stale_cache: false,
+            backing: None,
+        }
+    }
 }
 
 /// The decision, from the wish (may this open bypass the daemon?) and the
@@ -196,25 +206,35 @@ fn choose(wants_kernel: bool, kernel: usize, daemon: usize, stale_cache: bool) -
 }
 
 /// Per-inode open counts and backing files, and the mode of each handle.
-#[derive(Default)]
-pub struct IoTable {
-    inner: Mutex<Tables>,
+/// `B` is a registered backing file ([`BackingId`] when mounted).
+pub struct IoTable<B = BackingId> {
+    inner: Mutex<Tables<B>>,
 }
 
-#[derive(Default)]
-struct Tables {
-    inodes: HashMap<u64, InodeIo>,
+impl<B> Default for IoTable<B> {
+    fn default() -> Self {
+        IoTable {
+            inner: Mutex::new(Tables {
+                inodes: HashMap::new(),
+                handles: HashMap::new(),
+            }),
+        }
+    }
+}
+
+struct Tables<B> {
+    inodes: HashMap<u64, InodeIo<B>>,
     /// fh → (inode, opened in passthrough).
     handles: HashMap<u64, (u64, bool)>,
 }
 
 /// What [`IoTable::open`] settled on.
-pub enum Opened {
-    Kernel(Arc<BackingId>),
+pub enum Opened<B = BackingId> {
+    Kernel(Arc<B>),
     Daemon { keep_cache: bool },
 }
 
-impl IoTable {
+impl<B> IoTable<B> {
     /// Decide how handle `fh` (an open fd of inode `ino`) is served and
     /// record it. `register` makes the inode's backing file when the inode
     /// has none; if it fails, passthrough is turned off for the mount
@@ -226,8 +246,8 @@ impl IoTable {
         fh: u64,
         wants_kernel: bool,
         fd: F,
-        register: impl FnOnce(F) -> std::io::Result<BackingId>,
-    ) -> Result<Opened, fuser::Errno> {
+        register: impl FnOnce(F) -> std::io::Result<B>,
+    ) -> Result<Opened<B>, fuser::Errno> {
         let mut t = self.inner.lock().unwrap();
         let e = t.inodes.entry(ino).or_default();
         let mut path = choose(wants_kernel, e.kernel, e.daemon, e.stale_cache);
@@ -394,7 +414,7 @@ mod tests {
     fn a_failed_registration_turns_passthrough_off_and_serves_the_open() {
         let stats = IoStats::default();
         stats.set_on();
-        let t = IoTable::default();
+        let t = IoTable::<BackingId>::default();
         let f = memfd().unwrap();
         let r = t.open(&stats, 7, 3, true, &f, |_| {
             Err(std::io::Error::from_raw_os_error(libc::EPERM))

@@ -11,6 +11,7 @@ use std::process::Command;
 
 use fuser::{Config as FuseConfig, MountOption, Session, SessionACL};
 
+use super::fuse::Fuse;
 use super::sys;
 use super::PassthroughFs;
 
@@ -146,7 +147,7 @@ pub fn prepare(dir: &Path) -> Result<(PathBuf, OwnedFd), String> {
 
 /// Mount `fs` over `dir`. Returns once the kernel has completed the handshake,
 /// so the mount is usable as soon as this returns.
-pub fn mount(fs: PassthroughFs, dir: &Path, threads: usize) -> io::Result<Session<PassthroughFs>> {
+pub fn mount(fs: PassthroughFs, dir: &Path, threads: usize) -> io::Result<Session<Fuse>> {
     let mut cfg = FuseConfig::default();
     cfg.mount_options = vec![
         MountOption::FSName(FS_NAME.into()),
@@ -160,5 +161,5 @@ pub fn mount(fs: PassthroughFs, dir: &Path, threads: usize) -> io::Result<Sessio
     }
     cfg.n_threads = Some(threads.max(2));
     cfg.clone_fd = true;
-    Session::new(fs, dir, &cfg)
+    Session::new(Fuse(fs), dir, &cfg)
 }
