@@ -62,7 +62,8 @@
 //! # Files
 //!
 //! - `object.rs`: [`Lease`], [`Handover`] and the outcomes of the operations.
-//! - `client.rs`: [`LeaseClient`].
+//! - `client.rs`: [`LeaseClient`]: reading, taking, renewing, releasing.
+//! - `handover.rs`: its hand-over operations (`select`, requests, waits).
 //! - `keeper.rs`: [`LeaseKeeper`] and [`LeaseState`].
 //! - `heartbeat.rs`: [`Heartbeat`], [`list_nodes`], [`HeartbeatTask`].
 //! - `time.rs`: how times are read and written.
@@ -72,6 +73,7 @@
 use std::time::Duration;
 
 mod client;
+mod handover;
 mod heartbeat;
 mod keeper;
 mod object;
