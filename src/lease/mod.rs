@@ -65,6 +65,7 @@
 //! - `client.rs`: [`LeaseClient`]: reading, taking, renewing, releasing.
 //! - `handover.rs`: its hand-over operations (`select`, requests, waits).
 //! - `keeper.rs`: [`LeaseKeeper`] and [`LeaseState`].
+//! - `leaser.rs`: [`Leaser`], what the roles module needs from a lease.
 //! - `heartbeat.rs`: [`Heartbeat`], [`list_nodes`], [`HeartbeatTask`].
 //! - `time.rs`: how times are read and written.
 //!
@@ -76,12 +77,14 @@ mod client;
 mod handover;
 mod heartbeat;
 mod keeper;
+mod leaser;
 mod object;
 pub(crate) mod time;
 
 pub use client::*;
 pub use heartbeat::*;
 pub use keeper::*;
+pub use leaser::Leaser;
 pub use object::*;
 pub use time::parse_time;
 
