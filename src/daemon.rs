@@ -24,14 +24,16 @@ use crate::fs::class::Classifier;
 use crate::fs::{mount, PassthroughFs};
 use crate::journal::Journal;
 use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKeeper, LeaseState};
-use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
+use crate::remote::{ObjectStore, S3Options, S3Store};
 use crate::replica::apply::Applier;
 use crate::replica::capture::Capture;
 use crate::replica::follower::Follower;
 use crate::replica::hydrate::ReadThrough;
 use crate::replica::node::{Node, Role};
 use crate::replica::roles::drive_roles;
-use crate::replica::uploader::{Command as UploaderCommand, Policy as UploadPolicy, Uploader};
+use crate::replica::uploader::{
+    Command as UploaderCommand, Policy as UploadPolicy, UploadSettings, UploadShared, Uploader,
+};
 use crate::status::Status;
 
 const READY_FD_ENV: &str = "MEMBRIDGE_READY_FD";
@@ -161,7 +163,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     // Hold no directory busy: every path from here on is absolute or fd-relative.
     std::env::set_current_dir("/")?;
     let log = std::env::var_os(READY_FD_ENV).map(|_| log_file(cfg).display().to_string());
-    let status = Status::new(cfg, &dir, log);
+    let status = Status::new(cfg.status_identity(&dir, log));
     let site = match http {
         Some(listener) => Some(serve_http(cfg, listener, &status)?),
         None => None,
@@ -172,7 +174,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         site.attach(crate::page::Control {
             node: replication.capture.clone(),
             keeper: replication.keeper.clone(),
-            lease: LeaseClient::new(cfg, replication.store.clone()),
+            lease: LeaseClient::new(&cfg.lease(), replication.store.clone()),
             rt: replication.rt.handle().clone(),
             root: replication.root.try_clone()?,
         });
@@ -268,7 +270,7 @@ fn serve_http(
     status: &Status,
 ) -> Result<Arc<crate::page::Site>> {
     let addr = listener.local_addr()?;
-    let site = Arc::new(crate::page::Site::new(cfg, status.clone())?);
+    let site = Arc::new(crate::page::Site::new(&cfg.page(), status.clone())?);
     let handler = site.clone();
     crate::http::serve(listener, Arc::new(move |req| handler.handle(req)))
         .context("starting the metrics server")?;
@@ -333,7 +335,7 @@ impl Running {
     ) -> tokio::sync::oneshot::Receiver<()> {
         let follower = Follower {
             store: self.store.clone(),
-            layout: Layout::for_config(cfg),
+            layout: cfg.layout(),
             canonical_id: cfg.canonical_id.clone(),
             backing: PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd())),
             mount_dir: dir.to_path_buf(),
@@ -586,7 +588,7 @@ fn set_aside_divergent(
     status: &Status,
 ) {
     use crate::replica::divergent;
-    let layout = Layout::for_config(cfg);
+    let layout = cfg.layout();
     let found = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -694,22 +696,25 @@ fn start_replication(
         status.clone(),
     ));
     let uploader = Uploader::new(
-        store.clone(),
-        Layout::for_config(cfg),
-        cfg.project_id.clone(),
-        cfg.canonical_id.clone(),
-        cfg.node_id.clone(),
-        journal.clone(),
-        base_dir,
-        epoch.clone(),
-        wake.clone(),
-        status.clone(),
-        UploadPolicy {
-            retention: cfg.retention,
-            snapshot_txns: cfg.snapshot_txns,
-            ..UploadPolicy::default()
+        UploadSettings {
+            project_id: cfg.project_id.clone(),
+            canonical_id: cfg.canonical_id.clone(),
+            node_id: cfg.node_id.clone(),
+            policy: UploadPolicy {
+                retention: cfg.retention,
+                snapshot_txns: cfg.snapshot_txns,
+                ..UploadPolicy::default()
+            },
         },
-        node.clone(),
+        store.clone(),
+        UploadShared {
+            journal: journal.clone(),
+            base_dir,
+            epoch: epoch.clone(),
+            wake: wake.clone(),
+            status: status.clone(),
+            node: node.clone(),
+        },
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -731,7 +736,7 @@ fn start_replication(
     rt.spawn(
         crate::coexist::LegacyWatch {
             store: store.clone(),
-            layout: Layout::for_config(cfg),
+            layout: cfg.layout(),
             project_id: cfg.project_id.clone(),
             canonical_id: cfg.canonical_id.clone(),
             node_id: cfg.node_id.clone(),
@@ -746,7 +751,7 @@ fn start_replication(
     );
     let keeper = Arc::new(rt.block_on(async {
         LeaseKeeper::spawn(
-            LeaseClient::new(cfg, store.clone()),
+            LeaseClient::new(&cfg.lease(), store.clone()),
             KeeperOptions::for_ttl(cfg.lease_ttl),
         )
     }));
@@ -798,7 +803,7 @@ fn start_replication(
         let (status, node) = (status.clone(), node.clone());
         HeartbeatTask::spawn_nudged(
             store.clone(),
-            Layout::for_config(cfg),
+            cfg.layout(),
             crate::lease::DEFAULT_HEARTBEAT_INTERVAL,
             node.role_changes(),
             move || {

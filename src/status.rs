@@ -8,7 +8,6 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ClassGlobs, Config};
 use crate::fs::virt::VirtualFiles;
 use crate::metrics::Metrics;
 
@@ -149,14 +148,21 @@ pub struct ClassGlobsDoc {
     pub local: String,
 }
 
-impl From<&ClassGlobs> for ClassGlobsDoc {
-    fn from(c: &ClassGlobs) -> Self {
-        ClassGlobsDoc {
-            replicated_databases: c.databases.clone(),
-            replicated_files: c.files.clone(),
-            local: "everything else".into(),
-        }
-    }
+/// Who this node is and how it is set up: what `status.json` opens with
+/// (the daemon fills it in from the configuration).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub node_id: String,
+    pub canonical_id: String,
+    pub mount_dir: String,
+    /// The role the configuration gives before the lease says more.
+    pub role: String,
+    /// The lease policy's name.
+    pub policy: String,
+    /// The primary the configuration names, if it names one.
+    pub primary: Option<String>,
+    pub classes: ClassGlobsDoc,
+    pub log_file: Option<String>,
 }
 
 /// The live document, and the counters that `/metrics` serves beside it.
@@ -168,26 +174,22 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn new(cfg: &Config, mount_dir: &std::path::Path, log_file: Option<String>) -> Status {
+    pub fn new(id: Identity) -> Status {
         Status::from_doc(StatusDoc {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
-            node_id: cfg.node_id.clone(),
-            canonical_id: cfg.canonical_id.clone(),
-            mount_dir: mount_dir.display().to_string(),
+            node_id: id.node_id,
+            canonical_id: id.canonical_id,
+            mount_dir: id.mount_dir,
             started_at: chrono::Utc::now().to_rfc3339(),
             state: "starting".into(),
-            role: cfg.configured_role().into(),
-            policy: cfg.policy.name().into(),
+            role: id.role,
+            policy: id.policy,
             epoch: None,
-            primary: match &cfg.policy {
-                crate::config::Policy::Pinned { primary } => Some(primary.clone()),
-                crate::config::Policy::Disabled => Some(cfg.node_id.clone()),
-                crate::config::Policy::Auto { .. } | crate::config::Policy::Follow { .. } => None,
-            },
-            classes: (&cfg.classes).into(),
+            primary: id.primary,
+            classes: id.classes,
             databases: BTreeMap::new(),
-            log_file,
+            log_file: id.log_file,
             upload_state: "ok".into(),
             last_outage: None,
             divergent: Vec::new(),

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::config::{Config, Policy};
 use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
 
 use super::time::fmt_time;
@@ -51,15 +50,15 @@ impl std::fmt::Debug for LeaseClient {
 }
 
 impl LeaseClient {
-    pub fn new(cfg: &Config, store: Arc<dyn ObjectStore>) -> LeaseClient {
+    pub fn new(s: &LeaseSettings, store: Arc<dyn ObjectStore>) -> LeaseClient {
         LeaseClient {
             store,
-            layout: Layout::for_config(cfg),
-            canonical_id: cfg.canonical_id.clone(),
-            node_id: cfg.node_id.clone(),
-            policy: cfg.policy.clone(),
-            ttl: cfg.lease_ttl,
-            skew_margin: Self::default_skew_margin(cfg.lease_ttl),
+            layout: Layout::new(&s.canonical_id),
+            canonical_id: s.canonical_id.clone(),
+            node_id: s.node_id.clone(),
+            policy: s.policy.clone(),
+            ttl: s.ttl,
+            skew_margin: Self::default_skew_margin(s.ttl),
             session: format!("{:016x}", rand::random::<u64>()),
         }
     }

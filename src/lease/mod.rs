@@ -67,6 +67,7 @@
 //! - `keeper.rs`: [`LeaseKeeper`] and [`LeaseState`].
 //! - `leaser.rs`: [`Leaser`], what the roles module needs from a lease.
 //! - `heartbeat.rs`: [`Heartbeat`], [`list_nodes`], [`HeartbeatTask`].
+//! - `policy.rs`: [`Policy`] and [`LeaseSettings`], what a client is made from.
 //! - `time.rs`: how times are read and written.
 //!
 //! The tunables below are shared by several of these files, so they live here.
@@ -79,6 +80,7 @@ mod heartbeat;
 mod keeper;
 mod leaser;
 mod object;
+mod policy;
 pub(crate) mod time;
 
 pub use client::*;
@@ -86,6 +88,7 @@ pub use heartbeat::*;
 pub use keeper::*;
 pub use leaser::Leaser;
 pub use object::*;
+pub use policy::{LeaseSettings, Policy};
 pub use time::parse_time;
 
 /// Default interval between two heartbeats of a node.

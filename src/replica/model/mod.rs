@@ -64,16 +64,18 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestError, TestRng, TestRunner};
 use rusqlite::{Connection, OpenFlags};
 
-use crate::config::Policy as LeasePolicy;
 use crate::fs::Replication;
 use crate::journal::{DbHead, Journal};
+use crate::lease::Policy as LeasePolicy;
 use crate::lease::{self, Acquire, LeaseClient, LeaseError};
 use crate::remote::{Fault, FaultyStore, Layout, MemStore, ObjectStore, Op, Rule};
 use crate::replica::capture::Capture;
 use crate::replica::manifest::{self, parse_hex64};
 use crate::replica::node::{Node, Role};
 use crate::replica::restore::{self, RestoreOptions, Target};
-use crate::replica::uploader::{Fenced, Outcome, Policy, UploadError, Uploader};
+use crate::replica::uploader::{
+    Fenced, Outcome, Policy, UploadError, UploadSettings, UploadShared, Uploader,
+};
 use crate::replica::{divergent, follower};
 use crate::sqlite::checksum::PageHashes;
 use crate::sqlite::testvfs::{Ev, Kind, RecVfs};

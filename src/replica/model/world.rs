@@ -124,18 +124,21 @@ impl<'r> World<'r> {
         ));
         let store: Arc<dyn ObjectStore> = sim.store.clone();
         let uploader = Uploader::new(
+            UploadSettings {
+                project_id: "p".into(),
+                canonical_id: CID.into(),
+                node_id: sim.name.clone(),
+                policy: policy(),
+            },
             store.clone(),
-            self.layout.clone(),
-            "p".into(),
-            CID.into(),
-            sim.name.clone(),
-            journal.clone(),
-            base_dir.clone(),
-            epoch.clone(),
-            wake,
-            status,
-            policy(),
-            node.clone(),
+            UploadShared {
+                journal: journal.clone(),
+                base_dir: base_dir.clone(),
+                epoch: epoch.clone(),
+                wake,
+                status,
+                node: node.clone(),
+            },
         );
         // Divergent at start (daemon::set_aside_divergent).
         let found = self.rt.block_on(divergent::diverged(

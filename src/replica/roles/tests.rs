@@ -82,10 +82,10 @@ fn a_release_is_not_a_loss() {
 // The role rules (`drive_roles`) over an in-memory lease
 // ─────────────────────────────────────────────────────────────────────────────
 
-use crate::config::Policy as LeasePolicy;
+use crate::lease::Policy as LeasePolicy;
 use crate::lease::{Acquire, LeaseClient, LeaseError, Versioned};
 use crate::remote::{BoxFuture, Fault, FaultyStore, Layout, MemStore, ObjectStore, PutMode, Rule};
-use crate::replica::uploader::{Policy, Uploader};
+use crate::replica::uploader::{Policy, UploadSettings, UploadShared, Uploader};
 use tokio::sync::watch;
 
 const CID: &str = "roles";
@@ -331,21 +331,24 @@ impl Rig {
     /// An uploader of this node's journal (`drive_roles` has one running).
     fn uploader(&self) -> Uploader {
         Uploader::new(
-            self.upload_store.clone(),
-            Layout::new(CID),
-            "p".into(),
-            CID.into(),
-            self.node.lifecycle().node_id().into(),
-            self.journal.clone(),
-            self.base.clone(),
-            self.epoch.clone(),
-            self.wake.clone(),
-            self.status.clone(),
-            Policy {
-                batch_window: Duration::ZERO,
-                ..Policy::default()
+            UploadSettings {
+                project_id: "p".into(),
+                canonical_id: CID.into(),
+                node_id: self.node.lifecycle().node_id().into(),
+                policy: Policy {
+                    batch_window: Duration::ZERO,
+                    ..Policy::default()
+                },
             },
-            self.node.clone(),
+            self.upload_store.clone(),
+            UploadShared {
+                journal: self.journal.clone(),
+                base_dir: self.base.clone(),
+                epoch: self.epoch.clone(),
+                wake: self.wake.clone(),
+                status: self.status.clone(),
+                node: self.node.clone(),
+            },
         )
     }
 }

@@ -152,6 +152,30 @@ impl UploadError {
 
 type Result<T> = std::result::Result<T, UploadError>;
 
+/// What the uploader needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct UploadSettings {
+    pub project_id: String,
+    pub canonical_id: String,
+    pub node_id: String,
+    pub policy: Policy,
+}
+
+/// What the uploader shares with the node's other parts.
+pub struct UploadShared {
+    /// What capture journals, and the uploader publishes.
+    pub journal: Arc<Journal>,
+    /// The base images: the last snapshot of each database, advanced.
+    pub base_dir: PathBuf,
+    /// The epoch this node writes under (the roles module sets it).
+    pub epoch: Arc<AtomicU64>,
+    /// Notified by capture at every commit.
+    pub wake: Arc<Notify>,
+    pub status: Status,
+    /// The node's role decides whether a round publishes.
+    pub node: Arc<Node>,
+}
+
 pub struct Uploader {
     store: Arc<dyn ObjectStore>,
     layout: Layout,
@@ -177,34 +201,20 @@ fn now_ms() -> i64 {
 }
 
 impl Uploader {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: Arc<dyn ObjectStore>,
-        layout: Layout,
-        project_id: String,
-        canonical_id: String,
-        node_id: String,
-        journal: Arc<Journal>,
-        base_dir: PathBuf,
-        epoch: Arc<AtomicU64>,
-        wake: Arc<Notify>,
-        status: Status,
-        policy: Policy,
-        node: Arc<Node>,
-    ) -> Uploader {
+    pub fn new(s: UploadSettings, store: Arc<dyn ObjectStore>, shared: UploadShared) -> Uploader {
         Uploader {
             store,
-            layout,
-            project_id,
-            canonical_id,
-            node_id,
-            journal,
-            base_dir,
-            epoch,
-            wake,
-            status,
-            policy,
-            node,
+            layout: Layout::new(&s.canonical_id),
+            project_id: s.project_id,
+            canonical_id: s.canonical_id,
+            node_id: s.node_id,
+            journal: shared.journal,
+            base_dir: shared.base_dir,
+            epoch: shared.epoch,
+            wake: shared.wake,
+            status: shared.status,
+            policy: s.policy,
+            node: shared.node,
             manifest: None,
             last_prune: None,
             files_reconciled: false,

@@ -70,18 +70,21 @@ fn fixture(store: Arc<dyn ObjectStore>, txns: u64) -> Fixture {
         status.clone(),
     ));
     let up = Uploader::new(
+        UploadSettings {
+            project_id: "p".into(),
+            canonical_id: "test".into(),
+            node_id: "b".into(),
+            policy: Policy::default(),
+        },
         store,
-        Layout::new("test"),
-        "p".into(),
-        "test".into(),
-        "b".into(),
-        journal.clone(),
-        base_dir,
-        epoch.clone(),
-        wake,
-        status,
-        Policy::default(),
-        node,
+        UploadShared {
+            journal: journal.clone(),
+            base_dir,
+            epoch: epoch.clone(),
+            wake,
+            status,
+            node,
+        },
     );
     Fixture {
         _dir: dir,
