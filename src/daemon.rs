@@ -619,15 +619,11 @@ fn set_aside_divergent(
     // Every set-aside copy not merged or dismissed yet, this run's included.
     let aside = crate::replica::aside::scan(&cfg.state_dir);
     let heads = journal.heads().unwrap_or_default();
-    status.update(|s| {
-        crate::replica::aside::publish(&aside, s);
-        for h in &heads {
-            let d = s.databases.entry(h.name.clone()).or_default();
-            d.head_txid = h.head_txid;
-            d.uploaded_txid = h.uploaded_txid;
-            d.backlog = journal.backlog(&h.name).map_or(0, |b| b.0);
-        }
-    });
+    status.update(|s| crate::replica::aside::publish(&aside, s));
+    for h in &heads {
+        let backlog = journal.backlog(&h.name).map_or(0, |b| b.0);
+        status.journaled(&h.name, h.head_txid, h.uploaded_txid, backlog);
+    }
 }
 
 /// Open the journal, reconcile every replicated database with it (before the

@@ -289,7 +289,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {
-                print!("{}", membridge::status::render_text(&doc));
+                print!("{}", membridge::report::render_text(&doc));
             }
             Ok(())
         }

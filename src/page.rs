@@ -282,7 +282,7 @@ impl Site {
             "/metrics" if read => Response::new(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.status.metrics().render(&self.status.snapshot()),
+                crate::metrics::render(self.status.metrics(), &self.status.snapshot()),
             ),
             "/metrics" => not_allowed("GET, HEAD"),
             "/" | "/api/state" | "/api/make-primary" | "/api/release" => {

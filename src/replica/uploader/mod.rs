@@ -20,9 +20,9 @@ use super::node::Node;
 use crate::journal::base::{base_path, materialize, BaseError};
 use crate::journal::codec::{self, SegmentMeta, SnapshotMeta};
 use crate::journal::{DbHead, Journal};
-use crate::metrics::Object;
 use crate::remote::{Layout, ObjectStore, PutMode, StoreError};
 use crate::sqlite::checksum::PageHashes;
+use crate::status::Object;
 use crate::status::Status;
 
 /// Requests from the control socket (`membridge push`).
@@ -343,12 +343,8 @@ impl Uploader {
         };
         for h in heads {
             let backlog = self.journal.backlog(&h.name).map(|b| b.0).unwrap_or(0);
-            self.status.update(|s| {
-                let d = s.databases.entry(h.name.clone()).or_default();
-                d.head_txid = h.head_txid;
-                d.uploaded_txid = h.uploaded_txid;
-                d.backlog = backlog;
-            });
+            self.status
+                .journaled(&h.name, h.head_txid, h.uploaded_txid, backlog);
         }
     }
 

@@ -148,12 +148,7 @@ impl Uploader {
             self.journal.mark_uploaded(&h.name, to)?;
             uploaded = to;
             tracing::debug!(db = %h.name, from, to, bytes, "segment published");
-            self.status.update(|s| {
-                let d = s.databases.entry(h.name.clone()).or_default();
-                d.uploaded_txid = to;
-                d.last_upload = Some(chrono::Utc::now().to_rfc3339());
-                d.last_error = None;
-            });
+            self.status.published(&h.name, to);
         }
         let since = self.journal.since_base(&h.name)?;
         if since.0 >= self.policy.snapshot_txns || since.1 >= self.policy.snapshot_bytes {

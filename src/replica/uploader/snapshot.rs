@@ -165,11 +165,7 @@ impl Uploader {
             self.journal.mark_uploaded(&h.name, txid)?;
         }
         tracing::info!(db = %h.name, txid, key = %key, "snapshot published");
-        self.status.update(|s| {
-            let d = s.databases.entry(h.name.clone()).or_default();
-            d.uploaded_txid = d.uploaded_txid.max(txid);
-            d.last_upload = Some(chrono::Utc::now().to_rfc3339());
-        });
+        self.status.snapshot_published(&h.name, txid);
         if h.name == crate::replica::legacy::LEGACY_DB {
             // Nodes still on the old tool pull this; a failure here must not
             // stop replication, so it is logged, not returned.
