@@ -191,7 +191,7 @@ fn upload(s3: &SeaweedFs) {
         // The old tool's push: VACUUM INTO a copy, upload it whole with its .sha256.
         let old_bucket = s3.new_bucket(&format!("bench-old-{size}"));
         let old = store(s3, &old_bucket, &project);
-        let layout = membridge::remote::Layout::for_config(&s3.config(&old_bucket, &project));
+        let layout = s3.config(&old_bucket, &project).layout();
         let t = Instant::now();
         let copy = tmp.path().join("push.db");
         open(&src)
@@ -270,7 +270,7 @@ fn first_query(s3: &SeaweedFs) {
     drop(bytes);
     wait_drained(&a, Duration::from_secs(600));
     let st = store(s3, &bucket, project);
-    let layout = membridge::remote::Layout::for_config(&s3.config(&bucket, project));
+    let layout = s3.config(&bucket, project).layout();
     wait_for("the legacy object", Duration::from_secs(300), || {
         objects(&st).contains_key(&layout.legacy_db())
     });

@@ -455,13 +455,16 @@ pub struct RolledBack {
 /// `migrate --rollback`, the bucket's part (the caller has published and
 /// unmounted this node first): the head of `claude-mem.db` becomes the old
 /// tool's copy, and a lease the old tool accepts names `to` for an hour.
+/// `state_dir`: where the restored image is kept.
 pub async fn rollback_bucket(
-    cfg: &crate::config::Config,
+    lease: &crate::lease::LeaseSettings,
+    project_id: &str,
+    state_dir: &Path,
     store: Arc<dyn ObjectStore>,
     to: &str,
 ) -> Result<RolledBack, String> {
-    let layout = Layout::for_config(cfg);
-    let client = crate::lease::LeaseClient::new(cfg, store.clone());
+    let layout = Layout::new(&lease.canonical_id);
+    let client = crate::lease::LeaseClient::new(lease, store.clone());
     let store = store.as_ref();
     // Refuse before anything changes while a membridge primary still runs.
     if let Some(v) = client.read().await.map_err(|e| e.to_string())? {
@@ -477,14 +480,14 @@ pub async fn rollback_bucket(
             ));
         }
     }
-    let dir = reports_dir(&cfg.state_dir);
+    let dir = reports_dir(state_dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let image = dir.join("rollback.db");
     let _ = std::fs::remove_file(&image);
     let r = crate::replica::restore::restore(
         store,
         &layout,
-        &cfg.canonical_id,
+        &lease.canonical_id,
         LEGACY_DB,
         crate::replica::restore::Target::Latest,
         &image,
@@ -495,9 +498,9 @@ pub async fn rollback_bucket(
     let published = legacy::publish_legacy_at(
         store,
         &layout,
-        &cfg.project_id,
-        &cfg.canonical_id,
-        &cfg.node_id,
+        project_id,
+        &lease.canonical_id,
+        &lease.node_id,
         &image,
         Some(r.txid),
     )

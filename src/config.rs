@@ -368,32 +368,7 @@ pub fn canonical_id(project_id: &str) -> String {
     hex::encode(digest)[..16].to_string()
 }
 
-/// How the lease is governed on this node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "policy", rename_all = "lowercase")]
-pub enum Policy {
-    /// Only `primary` may hold the lease.
-    Pinned { primary: String },
-    /// Any candidate takes an expired lease.
-    Auto { candidate: bool },
-    /// Auto, and a Claude session started on this node asks the primary to
-    /// hand over if it wrote nothing for `idle_s` seconds (README, "The
-    /// lease follows the user").
-    Follow { idle_s: u64 },
-    /// No lease: this node writes; the operator guarantees a single writer.
-    Disabled,
-}
-
-impl Policy {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Policy::Pinned { .. } => "pinned",
-            Policy::Auto { .. } => "auto",
-            Policy::Follow { .. } => "follow",
-            Policy::Disabled => "disabled",
-        }
-    }
-}
+pub use crate::lease::Policy;
 
 /// Connection settings for the bucket.
 #[derive(Debug, Clone)]
@@ -566,6 +541,55 @@ impl Config {
             Policy::Pinned { .. } => "secondary",
             Policy::Auto { candidate: true } | Policy::Follow { .. } => "candidate",
             Policy::Auto { candidate: false } => "secondary",
+        }
+    }
+
+    /// The bucket's keys of this project.
+    pub fn layout(&self) -> crate::remote::Layout {
+        crate::remote::Layout::new(&self.canonical_id)
+    }
+
+    /// What `status.json` opens with, for a mount at `mount_dir`.
+    pub fn status_identity(
+        &self,
+        mount_dir: &Path,
+        log_file: Option<String>,
+    ) -> crate::status::Identity {
+        crate::status::Identity {
+            node_id: self.node_id.clone(),
+            canonical_id: self.canonical_id.clone(),
+            mount_dir: mount_dir.display().to_string(),
+            role: self.configured_role().into(),
+            policy: self.policy.name().into(),
+            primary: match &self.policy {
+                Policy::Pinned { primary } => Some(primary.clone()),
+                Policy::Disabled => Some(self.node_id.clone()),
+                Policy::Auto { .. } | Policy::Follow { .. } => None,
+            },
+            classes: crate::status::ClassGlobsDoc {
+                replicated_databases: self.classes.databases.clone(),
+                replicated_files: self.classes.files.clone(),
+                local: "everything else".into(),
+            },
+            log_file,
+        }
+    }
+
+    /// What the status page's server is made from.
+    pub fn page(&self) -> crate::page::PageSettings {
+        crate::page::PageSettings {
+            token_file: self.status_token_file.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+
+    /// What a [`crate::lease::LeaseClient`] is made from.
+    pub fn lease(&self) -> crate::lease::LeaseSettings {
+        crate::lease::LeaseSettings {
+            canonical_id: self.canonical_id.clone(),
+            node_id: self.node_id.clone(),
+            policy: self.policy.clone(),
+            ttl: self.lease_ttl,
         }
     }
 

@@ -24,7 +24,7 @@ use crate::fs::class::Classifier;
 use crate::fs::{mount, PassthroughFs};
 use crate::journal::Journal;
 use crate::lease::{Heartbeat, HeartbeatTask, KeeperOptions, LeaseClient, LeaseKeeper, LeaseState};
-use crate::remote::{Layout, ObjectStore, S3Options, S3Store};
+use crate::remote::{ObjectStore, S3Options, S3Store};
 use crate::replica::apply::Applier;
 use crate::replica::capture::Capture;
 use crate::replica::capture::Durability;
@@ -32,7 +32,9 @@ use crate::replica::follower::Follower;
 use crate::replica::hydrate::ReadThrough;
 use crate::replica::node::{Node, Role};
 use crate::replica::roles::drive_roles;
-use crate::replica::uploader::{Command as UploaderCommand, Policy as UploadPolicy, Uploader};
+use crate::replica::uploader::{
+    Command as UploaderCommand, Policy as UploadPolicy, UploadSettings, UploadShared, Uploader,
+};
 use crate::status::Status;
 
 const READY_FD_ENV: &str = "MEMBRIDGE_READY_FD";
@@ -166,7 +168,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     // Hold no directory busy: every path from here on is absolute or fd-relative.
     std::env::set_current_dir("/")?;
     let log = std::env::var_os(READY_FD_ENV).map(|_| log_file(cfg).display().to_string());
-    let status = Status::new(cfg, &dir, log);
+    let status = Status::new(cfg.status_identity(&dir, log));
     let site = match http {
         Some(listener) => Some(serve_http(cfg, listener, &status)?),
         None => None,
@@ -177,7 +179,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         site.attach(crate::page::Control {
             node: replication.capture.clone(),
             keeper: replication.keeper.clone(),
-            lease: LeaseClient::new(cfg, replication.store.clone()),
+            lease: LeaseClient::new(&cfg.lease(), replication.store.clone()),
             rt: replication.rt.handle().clone(),
             root: replication.root.try_clone()?,
         });
@@ -292,7 +294,7 @@ fn serve_http(
     status: &Status,
 ) -> Result<Arc<crate::page::Site>> {
     let addr = listener.local_addr()?;
-    let site = Arc::new(crate::page::Site::new(cfg, status.clone())?);
+    let site = Arc::new(crate::page::Site::new(&cfg.page(), status.clone())?);
     let handler = site.clone();
     crate::http::serve(listener, Arc::new(move |req| handler.handle(req)))
         .context("starting the metrics server")?;
@@ -375,7 +377,7 @@ impl Running {
     ) -> tokio::sync::oneshot::Receiver<()> {
         let follower = Follower {
             store: self.store.clone(),
-            layout: Layout::for_config(cfg),
+            layout: cfg.layout(),
             canonical_id: cfg.canonical_id.clone(),
             backing: PathBuf::from(format!("/proc/self/fd/{}", self.root.as_raw_fd())),
             mount_dir: dir.to_path_buf(),
@@ -628,7 +630,7 @@ fn set_aside_divergent(
     status: &Status,
 ) {
     use crate::replica::divergent;
-    let layout = Layout::for_config(cfg);
+    let layout = cfg.layout();
     let found = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -659,15 +661,11 @@ fn set_aside_divergent(
     // Every set-aside copy not merged or dismissed yet, this run's included.
     let aside = crate::replica::aside::scan(&cfg.state_dir);
     let heads = journal.heads().unwrap_or_default();
-    status.update(|s| {
-        crate::replica::aside::publish(&aside, s);
-        for h in &heads {
-            let d = s.databases.entry(h.name.clone()).or_default();
-            d.head_txid = h.head_txid;
-            d.uploaded_txid = h.uploaded_txid;
-            d.backlog = journal.backlog(&h.name).map_or(0, |b| b.0);
-        }
-    });
+    status.update(|s| crate::replica::aside::publish(&aside, s));
+    for h in &heads {
+        let backlog = journal.backlog(&h.name).map_or(0, |b| b.0);
+        status.journaled(&h.name, h.head_txid, h.uploaded_txid, backlog);
+    }
 }
 
 /// Open the journal, reconcile every replicated database with it (before the
@@ -736,22 +734,25 @@ fn start_replication(
         status.clone(),
     ));
     let uploader = Uploader::new(
-        store.clone(),
-        Layout::for_config(cfg),
-        cfg.project_id.clone(),
-        cfg.canonical_id.clone(),
-        cfg.node_id.clone(),
-        journal.clone(),
-        base_dir,
-        epoch.clone(),
-        wake.clone(),
-        status.clone(),
-        UploadPolicy {
-            retention: cfg.retention,
-            snapshot_txns: cfg.snapshot_txns,
-            ..UploadPolicy::default()
+        UploadSettings {
+            project_id: cfg.project_id.clone(),
+            canonical_id: cfg.canonical_id.clone(),
+            node_id: cfg.node_id.clone(),
+            policy: UploadPolicy {
+                retention: cfg.retention,
+                snapshot_txns: cfg.snapshot_txns,
+                ..UploadPolicy::default()
+            },
         },
-        node.clone(),
+        store.clone(),
+        UploadShared {
+            journal: journal.clone(),
+            base_dir,
+            epoch: epoch.clone(),
+            wake: wake.clone(),
+            status: status.clone(),
+            node: node.clone(),
+        },
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -773,7 +774,7 @@ fn start_replication(
     rt.spawn(
         crate::coexist::LegacyWatch {
             store: store.clone(),
-            layout: Layout::for_config(cfg),
+            layout: cfg.layout(),
             project_id: cfg.project_id.clone(),
             canonical_id: cfg.canonical_id.clone(),
             node_id: cfg.node_id.clone(),
@@ -788,7 +789,7 @@ fn start_replication(
     );
     let keeper = Arc::new(rt.block_on(async {
         LeaseKeeper::spawn(
-            LeaseClient::new(cfg, store.clone()),
+            LeaseClient::new(&cfg.lease(), store.clone()),
             KeeperOptions::for_ttl(cfg.lease_ttl),
         )
     }));
@@ -840,7 +841,7 @@ fn start_replication(
         let (status, node) = (status.clone(), node.clone());
         HeartbeatTask::spawn_nudged(
             store.clone(),
-            Layout::for_config(cfg),
+            cfg.layout(),
             crate::lease::DEFAULT_HEARTBEAT_INTERVAL,
             node.role_changes(),
             move || {

@@ -183,7 +183,7 @@ async fn check_remote(
     report: &mut DoctorReport,
     out: &mut dyn Write,
 ) -> Option<Lease> {
-    let layout = Layout::for_config(cfg);
+    let layout = cfg.layout();
     if check_bucket(cfg, store, &layout, report, out).await {
         check_conditional_writes(store, &layout, report, out).await;
         check_lease(cfg, store, &layout, report, out).await
@@ -982,7 +982,7 @@ async fn check_legacy(
     out: &mut dyn Write,
 ) {
     use crate::coexist;
-    let layout = Layout::for_config(cfg);
+    let layout = cfg.layout();
     let seen = match coexist::read_legacy(store, &layout).await {
         Ok(Some(s)) => s,
         Ok(None) => return,

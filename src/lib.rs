@@ -27,7 +27,7 @@ pub mod journal;
 pub mod lease;
 /// `membridge merge`: import another claude-mem database's rows by natural key.
 pub mod merge;
-/// Prometheus counters and their text exposition, served at `/metrics`.
+/// The Prometheus text exposition of the status and its counters, at `/metrics`.
 pub mod metrics;
 /// `membridge migrate`: adopt a bucket written by the old hook-based tool.
 pub mod migrate;
@@ -37,5 +37,8 @@ pub mod page;
 pub mod progress;
 pub mod remote;
 pub mod replica;
+/// `status.json`, the `primary` file and `membridge status`: the status shown.
+pub mod report;
 pub mod sqlite;
+/// The daemon's live state and counters (a leaf: rendering is above it).
 pub mod status;

@@ -299,7 +299,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
             } else {
-                print!("{}", membridge::status::render_text(&doc));
+                print!("{}", membridge::report::render_text(&doc));
             }
             Ok(())
         }
@@ -376,7 +376,7 @@ fn run(cli: Cli) -> Result<(), String> {
 fn lease_client(cfg: &Config) -> membridge::lease::LeaseClient {
     let store =
         membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
-    membridge::lease::LeaseClient::new(cfg, std::sync::Arc::new(store))
+    membridge::lease::LeaseClient::new(&cfg.lease(), std::sync::Arc::new(store))
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
@@ -537,7 +537,7 @@ fn follow(
 }
 
 fn nodes(cfg: &Config) -> Result<(), String> {
-    let layout = membridge::remote::Layout::for_config(cfg);
+    let layout = cfg.layout();
     let c = lease_client(cfg);
     let now = chrono::Utc::now();
     let interval = membridge::lease::DEFAULT_HEARTBEAT_INTERVAL;
@@ -623,7 +623,13 @@ fn migrate_rollback(cfg: &Config, dir: &std::path::Path, to: &str) -> Result<(),
         membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive()),
     );
     let r = runtime()?
-        .block_on(membridge::coexist::rollback_bucket(cfg, store, to))
+        .block_on(membridge::coexist::rollback_bucket(
+            &cfg.lease(),
+            &cfg.project_id,
+            &cfg.state_dir,
+            store,
+            to,
+        ))
         .map_err(|e| format!("rollback: {e}"))?;
     say(&format!(
         "the old tool's copy sqlite/claude-mem.db is membridge's head (txid {}, sha256 {}…)",
@@ -787,7 +793,7 @@ fn restore(
     let rt = runtime()?;
     let store =
         membridge::remote::S3Store::new(&cfg.s3, membridge::remote::S3Options::interactive());
-    let layout = membridge::remote::Layout::for_config(cfg);
+    let layout = cfg.layout();
     let opts = RestoreOptions {
         progress: true,
         force,

@@ -1,297 +1,176 @@
-//! Prometheus metrics: counters kept with atomics where the work happens, gauges
-//! derived from the [`StatusDoc`] at scrape time, served as the text exposition
-//! format (version 0.0.4) at `/metrics` when `--metrics-addr` is given.
+//! Prometheus metrics: the counters of [`Metrics`] and gauges derived from the
+//! [`StatusDoc`] at scrape time, rendered as the text exposition format
+//! (version 0.0.4) at `/metrics` when `--metrics-addr` is given.
 //!
-//! Counters live in one [`Metrics`] per daemon, reached through
-//! [`Status::metrics`](crate::status::Status::metrics) by every component that
-//! already holds the status: capture ([`Metrics::txns_captured`]), the follower
-//! ([`Metrics::txns_applied`], [`Metrics::bootstrap`]), the uploader
-//! ([`Metrics::uploaded`], [`Metrics::upload_failure`]) and the read-through
-//! cache ([`Metrics::read_through_fetch`], [`Metrics::cache_hit`]).
-//!
-//! [`crate::http`] serves it, beside the status page ([`crate::page`]).
+//! The counters and the document are state in [`crate::status`], below this
+//! module; this module only renders them. [`crate::http`] serves it, beside
+//! the status page ([`crate::page`]).
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::Ordering;
 
-use crate::status::StatusDoc;
+use crate::status::counters::{render_labels, Family};
+use crate::status::{Metrics, StatusDoc};
 
-/// A counter per label set (pre-rendered `k="v",...`, sorted by key).
-#[derive(Default)]
-struct Family(RwLock<BTreeMap<String, AtomicU64>>);
+/// The whole exposition: counters from here, gauges from `doc`.
+pub fn render(m: &Metrics, doc: &StatusDoc) -> String {
+    let mut out = Text::default();
 
-impl Family {
-    fn add(&self, labels: &[(&str, &str)], n: u64) {
-        let key = render_labels(labels);
-        if let Some(c) = self.0.read().unwrap().get(&key) {
-            c.fetch_add(n, Ordering::Relaxed);
-            return;
-        }
-        self.0
-            .write()
-            .unwrap()
-            .entry(key)
-            .or_default()
-            .fetch_add(n, Ordering::Relaxed);
+    out.family(
+        "membridge_info",
+        "gauge",
+        "Constant 1, labelled with this daemon's version, node and project.",
+    );
+    out.sample(
+        "membridge_info",
+        &render_labels(&[
+            ("version", &doc.version),
+            ("node", &doc.node_id),
+            ("canonical_id", &doc.canonical_id),
+        ]),
+        1.0,
+    );
+
+    out.family(
+        "membridge_ready",
+        "gauge",
+        "1 once the mount serves requests, 0 while starting.",
+    );
+    out.sample("membridge_ready", "", bool01(doc.state == "ready"));
+
+    out.family(
+        "membridge_role",
+        "gauge",
+        "This node's role: 1 for the current one, 0 for the others.",
+    );
+    let mut roles: Vec<&str> = ROLES.to_vec();
+    if !roles.contains(&doc.role.as_str()) {
+        roles.push(&doc.role);
     }
-
-    fn get(&self, labels: &[(&str, &str)]) -> u64 {
-        self.0
-            .read()
-            .unwrap()
-            .get(&render_labels(labels))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-
-    fn samples(&self) -> Vec<(String, u64)> {
-        self.0
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
-            .collect()
-    }
-}
-
-/// What an upload carried: a segment of transactions or a full snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Object {
-    Segment,
-    Snapshot,
-}
-
-impl Object {
-    fn name(self) -> &'static str {
-        match self {
-            Object::Segment => "segment",
-            Object::Snapshot => "snapshot",
-        }
-    }
-}
-
-/// The daemon's counters. Cheap to bump from any thread.
-#[derive(Default)]
-pub struct Metrics {
-    captured: Family,
-    applied: Family,
-    bootstraps: Family,
-    upload_bytes: Family,
-    uploads: Family,
-    upload_failures: Family,
-    read_through_fetches: AtomicU64,
-    cache_hits: AtomicU64,
-}
-
-impl Metrics {
-    /// The primary journaled `n` committed transactions of `db`.
-    pub fn txns_captured(&self, db: &str, n: u64) {
-        self.captured.add(&[("db", db)], n);
-    }
-
-    /// A secondary applied `n` transactions of `db` from the bucket.
-    pub fn txns_applied(&self, db: &str, n: u64) {
-        self.applied.add(&[("db", db)], n);
-    }
-
-    /// A secondary rebuilt `db` from the bucket's snapshot (and segments).
-    pub fn bootstrap(&self, db: &str) {
-        self.bootstraps.add(&[("db", db)], 1);
-    }
-
-    /// An object of `db` of `bytes` bytes was stored in the bucket.
-    pub fn uploaded(&self, db: &str, object: Object, bytes: u64) {
-        let labels = [("db", db), ("object", object.name())];
-        self.upload_bytes.add(&labels, bytes);
-        self.uploads.add(&labels, 1);
-    }
-
-    /// An upload round failed (it is retried); `unreachable`: the bucket did
-    /// not answer, as opposed to refusing or conflicting.
-    pub fn upload_failure(&self, unreachable: bool) {
-        let reason = if unreachable { "unreachable" } else { "error" };
-        self.upload_failures.add(&[("reason", reason)], 1);
-    }
-
-    /// The read-through cache fetched a page (range) from the bucket.
-    pub fn read_through_fetch(&self) {
-        self.read_through_fetches.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A read was served from the read-through page cache.
-    pub fn cache_hit(&self) {
-        self.cache_hits.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn captured_total(&self, db: &str) -> u64 {
-        self.captured.get(&[("db", db)])
-    }
-
-    pub fn applied_total(&self, db: &str) -> u64 {
-        self.applied.get(&[("db", db)])
-    }
-
-    /// The whole exposition: counters from here, gauges from `doc`.
-    pub fn render(&self, doc: &StatusDoc) -> String {
-        let mut out = Text::default();
-
-        out.family(
-            "membridge_info",
-            "gauge",
-            "Constant 1, labelled with this daemon's version, node and project.",
-        );
+    for r in roles {
         out.sample(
-            "membridge_info",
-            &render_labels(&[
-                ("version", &doc.version),
-                ("node", &doc.node_id),
-                ("canonical_id", &doc.canonical_id),
-            ]),
-            1.0,
-        );
-
-        out.family(
-            "membridge_ready",
-            "gauge",
-            "1 once the mount serves requests, 0 while starting.",
-        );
-        out.sample("membridge_ready", "", bool01(doc.state == "ready"));
-
-        out.family(
             "membridge_role",
-            "gauge",
-            "This node's role: 1 for the current one, 0 for the others.",
+            &render_labels(&[("role", r)]),
+            bool01(doc.role == r),
         );
-        let mut roles: Vec<&str> = ROLES.to_vec();
-        if !roles.contains(&doc.role.as_str()) {
-            roles.push(&doc.role);
-        }
-        for r in roles {
-            out.sample(
-                "membridge_role",
-                &render_labels(&[("role", r)]),
-                bool01(doc.role == r),
-            );
-        }
-
-        out.family(
-            "membridge_epoch",
-            "gauge",
-            "Epoch of the lease this node last saw (absent before any lease).",
-        );
-        if let Some(e) = doc.epoch {
-            out.sample("membridge_epoch", "", e as f64);
-        }
-
-        out.family(
-            "membridge_upload_state",
-            "gauge",
-            "The uploader's state: 1 for the current one (ok, unreachable, error).",
-        );
-        let mut states = vec!["ok", "unreachable", "error"];
-        if !states.contains(&doc.upload_state.as_str()) {
-            states.push(&doc.upload_state);
-        }
-        for s in states {
-            out.sample(
-                "membridge_upload_state",
-                &render_labels(&[("state", s)]),
-                bool01(doc.upload_state == s),
-            );
-        }
-
-        let per_db: [(&str, &str, DbGauge); 5] = [
-            (
-                "membridge_head_txid",
-                "Newest txid known for the database (captured on the primary, published on a secondary).",
-                |d| Some(d.head_txid as f64),
-            ),
-            (
-                "membridge_uploaded_txid",
-                "Newest txid of the database this node has published to the bucket.",
-                |d| Some(d.uploaded_txid as f64),
-            ),
-            (
-                "membridge_applied_txid",
-                "Newest txid of the database applied on this secondary.",
-                |d| Some(d.applied_txid as f64),
-            ),
-            (
-                "membridge_backlog_transactions",
-                "Captured transactions of the database not yet in the bucket.",
-                |d| Some(d.backlog as f64),
-            ),
-            (
-                "membridge_replication_lag_seconds",
-                "How far this secondary's copy of the database is behind the bucket's head, in seconds.",
-                |d| d.lag_seconds,
-            ),
-        ];
-        for (name, help, value) in per_db {
-            out.family(name, "gauge", help);
-            for (db, d) in &doc.databases {
-                if let Some(v) = value(d) {
-                    out.sample(name, &render_labels(&[("db", db)]), v);
-                }
-            }
-        }
-
-        let counters: [(&str, &str, &Family); 6] = [
-            (
-                "membridge_transactions_captured_total",
-                "Committed transactions journaled on this node as primary.",
-                &self.captured,
-            ),
-            (
-                "membridge_transactions_applied_total",
-                "Transactions applied from the bucket on this node as secondary.",
-                &self.applied,
-            ),
-            (
-                "membridge_bootstraps_total",
-                "Rebuilds of a local copy from the bucket's snapshot.",
-                &self.bootstraps,
-            ),
-            (
-                "membridge_upload_bytes_total",
-                "Bytes of segments and snapshots stored in the bucket.",
-                &self.upload_bytes,
-            ),
-            (
-                "membridge_uploads_total",
-                "Segments and snapshots stored in the bucket.",
-                &self.uploads,
-            ),
-            (
-                "membridge_upload_failures_total",
-                "Upload rounds that failed and will be retried.",
-                &self.upload_failures,
-            ),
-        ];
-        for (name, help, family) in counters {
-            out.family(name, "counter", help);
-            for (labels, v) in family.samples() {
-                out.sample(name, &labels, v as f64);
-            }
-        }
-        for (name, help, v) in [
-            (
-                "membridge_read_through_fetches_total",
-                "Pages (ranges) fetched from the bucket by the read-through cache.",
-                &self.read_through_fetches,
-            ),
-            (
-                "membridge_cache_hits_total",
-                "Reads served from the read-through page cache.",
-                &self.cache_hits,
-            ),
-        ] {
-            out.family(name, "counter", help);
-            out.sample(name, "", v.load(Ordering::Relaxed) as f64);
-        }
-        out.0
     }
+
+    out.family(
+        "membridge_epoch",
+        "gauge",
+        "Epoch of the lease this node last saw (absent before any lease).",
+    );
+    if let Some(e) = doc.epoch {
+        out.sample("membridge_epoch", "", e as f64);
+    }
+
+    out.family(
+        "membridge_upload_state",
+        "gauge",
+        "The uploader's state: 1 for the current one (ok, unreachable, error).",
+    );
+    let mut states = vec!["ok", "unreachable", "error"];
+    if !states.contains(&doc.upload_state.as_str()) {
+        states.push(&doc.upload_state);
+    }
+    for s in states {
+        out.sample(
+            "membridge_upload_state",
+            &render_labels(&[("state", s)]),
+            bool01(doc.upload_state == s),
+        );
+    }
+
+    let per_db: [(&str, &str, DbGauge); 5] = [
+        (
+            "membridge_head_txid",
+            "Newest txid known for the database (captured on the primary, published on a secondary).",
+            |d| Some(d.head_txid as f64),
+        ),
+        (
+            "membridge_uploaded_txid",
+            "Newest txid of the database this node has published to the bucket.",
+            |d| Some(d.uploaded_txid as f64),
+        ),
+        (
+            "membridge_applied_txid",
+            "Newest txid of the database applied on this secondary.",
+            |d| Some(d.applied_txid as f64),
+        ),
+        (
+            "membridge_backlog_transactions",
+            "Captured transactions of the database not yet in the bucket.",
+            |d| Some(d.backlog as f64),
+        ),
+        (
+            "membridge_replication_lag_seconds",
+            "How far this secondary's copy of the database is behind the bucket's head, in seconds.",
+            |d| d.lag_seconds,
+        ),
+    ];
+    for (name, help, value) in per_db {
+        out.family(name, "gauge", help);
+        for (db, d) in &doc.databases {
+            if let Some(v) = value(d) {
+                out.sample(name, &render_labels(&[("db", db)]), v);
+            }
+        }
+    }
+
+    let counters: [(&str, &str, &Family); 6] = [
+        (
+            "membridge_transactions_captured_total",
+            "Committed transactions journaled on this node as primary.",
+            &m.captured,
+        ),
+        (
+            "membridge_transactions_applied_total",
+            "Transactions applied from the bucket on this node as secondary.",
+            &m.applied,
+        ),
+        (
+            "membridge_bootstraps_total",
+            "Rebuilds of a local copy from the bucket's snapshot.",
+            &m.bootstraps,
+        ),
+        (
+            "membridge_upload_bytes_total",
+            "Bytes of segments and snapshots stored in the bucket.",
+            &m.upload_bytes,
+        ),
+        (
+            "membridge_uploads_total",
+            "Segments and snapshots stored in the bucket.",
+            &m.uploads,
+        ),
+        (
+            "membridge_upload_failures_total",
+            "Upload rounds that failed and will be retried.",
+            &m.upload_failures,
+        ),
+    ];
+    for (name, help, family) in counters {
+        out.family(name, "counter", help);
+        for (labels, v) in family.samples() {
+            out.sample(name, &labels, v as f64);
+        }
+    }
+    for (name, help, v) in [
+        (
+            "membridge_read_through_fetches_total",
+            "Pages (ranges) fetched from the bucket by the read-through cache.",
+            &m.read_through_fetches,
+        ),
+        (
+            "membridge_cache_hits_total",
+            "Reads served from the read-through page cache.",
+            &m.cache_hits,
+        ),
+    ] {
+        out.family(name, "counter", help);
+        out.sample(name, "", v.load(Ordering::Relaxed) as f64);
+    }
+    out.0
 }
 
 /// Reads one per-database gauge from the status document.
@@ -341,23 +220,6 @@ impl Text {
     }
 }
 
-fn render_labels(labels: &[(&str, &str)]) -> String {
-    let mut s = String::new();
-    for (i, (k, v)) in labels.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        let _ = write!(s, "{k}=\"{}\"", escape_label(v));
-    }
-    s
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 fn escape_help(v: &str) -> String {
     v.replace('\\', "\\\\").replace('\n', "\\n")
 }
@@ -365,7 +227,8 @@ fn escape_help(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::DbStatus;
+    use crate::status::{DbStatus, Object};
+    use std::collections::BTreeMap;
 
     fn doc() -> StatusDoc {
         let mut databases = BTreeMap::new();
@@ -420,7 +283,7 @@ mod tests {
         m.read_through_fetch();
         m.cache_hit();
         m.cache_hit();
-        let text = m.render(&doc());
+        let text = render(&m, &doc());
         for line in [
             "membridge_role{role=\"primary\"} 1",
             "membridge_role{role=\"secondary\"} 0",

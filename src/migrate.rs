@@ -211,7 +211,7 @@ pub async fn run(
         out,
         dry_run: opts.dry_run,
     };
-    let layout = Layout::for_config(cfg);
+    let layout = cfg.layout();
     let replicated = cfg
         .classes
         .databases

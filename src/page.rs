@@ -30,7 +30,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -40,8 +40,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{Config, Policy};
 use crate::http::{Request, Response};
+use crate::lease::Policy;
 use crate::lease::{LeaseClient, LeaseKeeper, LeaseState, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::replica::node::Node;
 use crate::status::Status;
@@ -75,6 +75,16 @@ pub struct Control {
     pub rt: tokio::runtime::Handle,
     /// The mounted directory (underneath the mount): databases' sizes.
     pub root: OwnedFd,
+}
+
+/// What the page's server needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct PageSettings {
+    /// A file holding the token the page's actions require (the page is
+    /// then served to other machines too); None: a random token, loopback.
+    pub token_file: Option<PathBuf>,
+    /// The lease policy, as the page describes it.
+    pub policy: Policy,
 }
 
 /// `/metrics`, the page, its state and its actions; see the module docs.
@@ -236,8 +246,8 @@ pub struct ActionDoc {
 impl Site {
     /// Reads the token file, if configured (a bad one stops the mount, in one
     /// line), or makes a random token for this daemon's life.
-    pub fn new(cfg: &Config, status: Status) -> anyhow::Result<Site> {
-        let (token, open_to_others) = match &cfg.status_token_file {
+    pub fn new(cfg: &PageSettings, status: Status) -> anyhow::Result<Site> {
+        let (token, open_to_others) = match &cfg.token_file {
             Some(path) => (read_token(path)?, true),
             None => (format!("{:032x}", rand::random::<u128>()), false),
         };
@@ -272,7 +282,7 @@ impl Site {
             "/metrics" if read => Response::new(
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.status.metrics().render(&self.status.snapshot()),
+                crate::metrics::render(self.status.metrics(), &self.status.snapshot()),
             ),
             "/metrics" => not_allowed("GET, HEAD"),
             "/" | "/api/state" | "/api/make-primary" | "/api/release" => {
@@ -837,28 +847,17 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 
-    fn config(extra: &[(&str, &str)]) -> Config {
-        let mut env: BTreeMap<String, String> = [
-            ("MINIO_ENDPOINT", "http://127.0.0.1:1"),
-            ("MINIO_ACCESS_KEY", "a"),
-            ("MINIO_SECRET_KEY", "s"),
-            ("MINIO_BUCKET", "page-bucket"),
-            ("CLAUDE_PROJECT_ID", "page"),
-            ("MEMBRIDGE_NODE_ID", "page-node"),
-            ("MEMBRIDGE_CONFIG", "/nonexistent/config.env"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            env.insert(k.to_string(), v.to_string());
+    /// The page's settings: a token file, if given; the default policy.
+    fn settings(token_file: Option<&str>) -> PageSettings {
+        PageSettings {
+            token_file: token_file.map(PathBuf::from),
+            policy: Policy::Auto { candidate: true },
         }
-        Config::from_layers(&crate::config::Layers::from_parts(BTreeMap::new(), env)).unwrap()
     }
 
     /// A site on every address of this machine (no daemon behind it).
-    fn serve(cfg: &Config) -> (Arc<Site>, u16) {
-        let status = Status::new(cfg, Path::new("/mnt/page"), None);
+    fn serve(cfg: &PageSettings) -> (Arc<Site>, u16) {
+        let status = Status::for_tests("page-node");
         let site = Arc::new(Site::new(cfg, status).unwrap());
         let l = crate::http::bind("0.0.0.0:0".parse().unwrap()).unwrap();
         let port = l.local_addr().unwrap().port();
@@ -937,7 +936,7 @@ mod tests {
 
     #[test]
     fn loopback_clients_get_the_page_state_and_metrics_and_bad_requests_a_reason() {
-        let (_site, port) = serve(&config(&[]));
+        let (_site, port) = serve(&settings(None));
         let (code, page) = get(LOCAL, port, "/", "");
         assert_eq!(code, 200, "{page}");
         assert!(page.contains("<title>membridge</title>"), "{page}");
@@ -1023,7 +1022,7 @@ mod tests {
             eprintln!("skipped: this machine has no non-loopback IPv4 address to come from");
             return;
         };
-        let (_site, port) = serve(&config(&[]));
+        let (_site, port) = serve(&settings(None));
         let (code, body) = get(ip, port, "/", "");
         assert_eq!(code, 403, "{body}");
         assert!(
@@ -1043,7 +1042,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
         std::fs::write(&file, "0123456789abcdef-page\n").unwrap();
-        let cfg = config(&[("MEMBRIDGE_STATUS_TOKEN_FILE", file.to_str().unwrap())]);
+        let cfg = settings(file.to_str());
         let (_site, port) = serve(&cfg);
         let (code, body) = get(ip, port, "/", "");
         assert_eq!(code, 401, "{body}");
@@ -1072,16 +1071,16 @@ mod tests {
         for (name, body) in [("short", "abc"), ("spaces", "0123456789 abcdef 0123")] {
             let file = dir.path().join(name);
             std::fs::write(&file, body).unwrap();
-            let cfg = config(&[("MEMBRIDGE_STATUS_TOKEN_FILE", file.to_str().unwrap())]);
-            let status = Status::new(&cfg, Path::new("/m"), None);
+            let cfg = settings(file.to_str());
+            let status = Status::for_tests("page-node");
             let e = Site::new(&cfg, status).err().unwrap().to_string();
             assert!(
                 e.contains("16 to 512 printable") && !e.contains('\n'),
                 "{e}"
             );
         }
-        let cfg = config(&[("MEMBRIDGE_STATUS_TOKEN_FILE", "/nonexistent/token")]);
-        let status = Status::new(&cfg, Path::new("/m"), None);
+        let cfg = settings(Some("/nonexistent/token"));
+        let status = Status::for_tests("page-node");
         let e = format!("{:#}", Site::new(&cfg, status).err().unwrap());
         assert!(e.contains("/nonexistent/token"), "{e}");
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use membridge::config::Config;
 use membridge::doctor::{self, DoctorReport};
-use membridge::remote::{Layout, ObjectStore};
+use membridge::remote::ObjectStore;
 
 use common::SeaweedFs;
 
@@ -48,7 +48,7 @@ async fn good_config_passes() {
     assert!(!text.contains("[FAIL]"), "{text}");
     assert_no_secrets(&text, &[&s3.secret_key, &s3.access_key]);
     // The probe object is gone.
-    let probes = Layout::for_config(&cfg).doctor_probe("");
+    let probes = cfg.layout().doctor_probe("");
     assert!(s3.store(&bucket).list(&probes).await.unwrap().is_empty());
 }
 
@@ -101,7 +101,7 @@ async fn lease_is_described_and_malformed_lease_fails() {
     let bucket = s3.new_bucket("doctor-lease");
     let cfg = s3.config_with(&bucket, "p", &[("LEADERSHIP_ENABLED", "0")]);
     let store = s3.store(&bucket);
-    let key = Layout::for_config(&cfg).lease();
+    let key = cfg.layout().lease();
     let now = chrono::Utc::now().timestamp();
     // As the old tool writes it.
     let lease = |cid: &str| {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use membridge::lease::{Handover, LeaseClient};
-use membridge::remote::{Layout, ObjectStore, PutMode};
+use membridge::remote::{ObjectStore, PutMode};
 
 use common::mount::{Mount, BIN};
 use common::SeaweedFs;
@@ -185,7 +185,7 @@ fn follow_moves_the_lease_from_an_idle_primary_only_and_never_back_and_forth() {
         ],
     );
     let store = Arc::new(s3.store(&bucket));
-    let ops = LeaseClient::new(&cfg, store.clone());
+    let ops = LeaseClient::new(&cfg.lease(), store.clone());
     let (holder, e0) = lease_of(&ops);
     assert_eq!(holder, "node-a");
 
@@ -204,7 +204,7 @@ fn follow_moves_the_lease_from_an_idle_primary_only_and_never_back_and_forth() {
     std::thread::sleep(Duration::from_millis(500));
     let mut req = Handover::new("node-b", "node-b", e0);
     req.follow_idle_s = Some(3);
-    let key = Layout::for_config(&cfg).handover();
+    let key = cfg.layout().handover();
     common::block_on(store.put(
         &key,
         serde_json::to_vec(&req).unwrap().into(),

@@ -35,7 +35,7 @@ fn client(bucket: &str, node: &str, extra: &[(&str, &str)]) -> LeaseClient {
     ];
     kv.extend_from_slice(extra);
     let cfg = s3.config_with(bucket, PROJECT, &kv);
-    LeaseClient::new(&cfg, Arc::new(s3.store(bucket)))
+    LeaseClient::new(&cfg.lease(), Arc::new(s3.store(bucket)))
 }
 
 fn fast(mut c: LeaseClient) -> LeaseClient {

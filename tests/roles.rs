@@ -240,7 +240,6 @@ fn releasing_the_lease_is_not_a_loss() {
 /// instead of catching up for ever with a line in the log every retry.
 #[test]
 fn a_lease_epoch_below_the_manifests_is_taken_again_above_both() {
-    use membridge::remote::Layout;
     use membridge::replica::manifest::{self, EpochStart};
     let s3 = SeaweedFs::shared();
     let bucket = s3.new_bucket("epoch-below");
@@ -253,7 +252,7 @@ fn a_lease_epoch_below_the_manifests_is_taken_again_above_both() {
 
     // The manifest moved on to epoch 7 under leases that are gone.
     let cfg = s3.config(&bucket, "epoch-below");
-    let (store, layout) = (s3.store(&bucket), Layout::for_config(&cfg));
+    let (store, layout) = (s3.store(&bucket), cfg.layout());
     common::block_on(async {
         let v = manifest::load(&store, &layout, &cfg.canonical_id)
             .await

@@ -721,7 +721,7 @@ fn a_wal_connection_open_across_demotion_keeps_reading_the_new_primarys_writes()
 fn a_segment_that_fails_its_checksum_is_refused_and_the_last_good_state_served() {
     use bytes::Bytes;
     use membridge::journal::codec::{self, SegmentMeta, Txn};
-    use membridge::remote::{Layout, ObjectStore, PutMode};
+    use membridge::remote::{ObjectStore, PutMode};
     use membridge::replica::manifest::{self, hex64, parse_hex64};
     let s3 = SeaweedFs::shared();
     let bucket = s3.new_bucket("bad-segment");
@@ -740,7 +740,7 @@ fn a_segment_that_fails_its_checksum_is_refused_and_the_last_good_state_served()
         .unwrap();
 
     let cfg = s3.config(&bucket, "bad-segment");
-    let layout = Layout::for_config(&cfg);
+    let layout = cfg.layout();
     let store = s3.store(&bucket);
     common::block_on(async {
         let v = manifest::load(&store, &layout, &cfg.canonical_id)

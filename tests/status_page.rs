@@ -467,7 +467,7 @@ fn a_browser_sees_both_nodes_and_hands_the_lease_over_from_the_page() {
     });
     let lease = common::block_on(async {
         let cfg = s3.config(&bucket, "page");
-        membridge::lease::LeaseClient::new(&cfg, Arc::new(s3.store(&bucket)))
+        membridge::lease::LeaseClient::new(&cfg.lease(), Arc::new(s3.store(&bucket)))
             .read()
             .await
             .unwrap()
@@ -513,7 +513,7 @@ fn a_browser_sees_both_nodes_and_hands_the_lease_over_from_the_page() {
     });
     let lease = common::block_on(async {
         let cfg = s3.config(&bucket, "page");
-        membridge::lease::LeaseClient::new(&cfg, Arc::new(s3.store(&bucket)))
+        membridge::lease::LeaseClient::new(&cfg.lease(), Arc::new(s3.store(&bucket)))
             .read()
             .await
             .unwrap()

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::Policy;
 use crate::lease::time::fmt_time;
+use crate::lease::Policy;
 use crate::lease::{Handover, Lease, LeaseClient, NodeEntry};
 
 fn policy_of_node(p: &Policy) -> String {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Policy;
+use super::Policy;
 use crate::remote::StoreError;
 
 use super::*;

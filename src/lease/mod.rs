@@ -62,9 +62,12 @@
 //! # Files
 //!
 //! - `object.rs`: [`Lease`], [`Handover`] and the outcomes of the operations.
-//! - `client.rs`: [`LeaseClient`].
+//! - `client.rs`: [`LeaseClient`]: reading, taking, renewing, releasing.
+//! - `handover.rs`: its hand-over operations (`select`, requests, waits).
 //! - `keeper.rs`: [`LeaseKeeper`] and [`LeaseState`].
+//! - `leaser.rs`: [`Leaser`], what the roles module needs from a lease.
 //! - `heartbeat.rs`: [`Heartbeat`], [`list_nodes`], [`HeartbeatTask`].
+//! - `policy.rs`: [`Policy`] and [`LeaseSettings`], what a client is made from.
 //! - `time.rs`: how times are read and written.
 //!
 //! The tunables below are shared by several of these files, so they live here.
@@ -72,15 +75,20 @@
 use std::time::Duration;
 
 mod client;
+mod handover;
 mod heartbeat;
 mod keeper;
+mod leaser;
 mod object;
+mod policy;
 pub(crate) mod time;
 
 pub use client::*;
 pub use heartbeat::*;
 pub use keeper::*;
+pub use leaser::Leaser;
 pub use object::*;
+pub use policy::{LeaseSettings, Policy};
 pub use time::parse_time;
 
 /// Default interval between two heartbeats of a node.

@@ -38,10 +38,6 @@ impl Layout {
         }
     }
 
-    pub fn for_config(cfg: &crate::config::Config) -> Layout {
-        Layout::new(&cfg.canonical_id)
-    }
-
     /// `projects/<canonical_id>/`, with the trailing slash.
     pub fn prefix(&self) -> &str {
         &self.prefix

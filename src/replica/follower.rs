@@ -195,21 +195,10 @@ impl Follower {
     }
 
     fn publish_lag(&self, applied: &HashMap<String, Applied>) {
-        let now = chrono::Utc::now().timestamp_millis();
         for (db, a) in applied {
             self.node.views().applied(db, a.txid);
+            self.status.applied(db, a.txid, a.committed_ms);
         }
-        self.status.update(|s| {
-            for (db, a) in applied {
-                let d = s.databases.entry(db.clone()).or_default();
-                d.applied_txid = a.txid;
-                d.lag_seconds = if d.head_txid <= a.txid {
-                    Some(0.0)
-                } else {
-                    a.committed_ms.map(|c| (now - c).max(0) as f64 / 1000.0)
-                };
-            }
-        });
     }
 
     /// One poll; returns the manifest's new ETag when it changed and was applied.
@@ -254,9 +243,7 @@ impl Follower {
                 );
                 continue;
             }
-            self.status.update(|s| {
-                s.databases.entry(db.clone()).or_default().head_txid = d.head_txid;
-            });
+            self.status.bucket_head(db, d.head_txid);
             self.follow(db, d, &m, applied).await?;
         }
         super::files::follow(self, &m)

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 
 use super::node::Node;
 use super::uploader::{Command, Fenced, NotYet, Outcome};
-use crate::lease::{Handover, LeaseKeeper, LeaseState};
+use crate::lease::{Handover, LeaseState, Leaser};
 use crate::status::{RoleChange, Status, ROLE_HISTORY};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,7 +284,7 @@ impl Node {
 /// uploader finding a newer epoch in the bucket, fences the node.
 pub async fn drive_roles(
     node: Arc<Node>,
-    keeper: Arc<LeaseKeeper>,
+    keeper: Arc<dyn Leaser>,
     epoch: Arc<AtomicU64>,
     uploader: tokio::sync::mpsc::Sender<Command>,
     mut fenced: tokio::sync::mpsc::UnboundedReceiver<Fenced>,
@@ -396,7 +396,7 @@ pub async fn drive_roles(
                 }
                 let request = handovers.borrow_and_update().clone();
                 if let (Some(h), Role::Primary) = (request, node.role()) {
-                    hand_over(&node, &keeper, &uploader, &h).await;
+                    hand_over(&node, keeper.as_ref(), &uploader, &h).await;
                 }
             }
         }
@@ -433,7 +433,7 @@ const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(1);
 /// keeps the lease here.
 async fn hand_over(
     node: &Node,
-    keeper: &LeaseKeeper,
+    keeper: &dyn Leaser,
     uploader: &tokio::sync::mpsc::Sender<Command>,
     h: &Handover,
 ) {
@@ -507,92 +507,12 @@ async fn flush(uploader: &tokio::sync::mpsc::Sender<Command>) -> Result<(), Outc
 /// How long a hand-over lets writes already past the role gate land.
 const DRAIN: Duration = Duration::from_millis(20);
 
-async fn decline(keeper: &LeaseKeeper, h: &Handover, why: &str) {
+async fn decline(keeper: &dyn Leaser, h: &Handover, why: &str) {
     tracing::info!(to = %h.to, why, "declined to hand over: this node is busy");
-    if let Err(e) = keeper.client().refuse_handover(h, why).await {
+    if let Err(e) = keeper.refuse_handover(h, why).await {
         tracing::warn!(error = %e, "could not answer the hand-over request");
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::journal::Journal;
-    use crate::replica::capture::Capture;
-
-    /// A node on an empty backing directory and journal.
-    fn node(dir: &std::path::Path, role: Role) -> Node {
-        let backing = dir.join("backing");
-        std::fs::create_dir_all(&backing).unwrap();
-        let journal = Arc::new(Journal::open(&dir.join("journal.db")).unwrap());
-        let root = crate::replica::capture::open_root(&backing);
-        let status = Status::for_tests("n");
-        let capture = Arc::new(Capture::new(
-            root,
-            journal,
-            dir.join("base"),
-            Arc::new(AtomicU64::new(2)),
-            Arc::new(Notify::new()),
-            status.clone(),
-        ));
-        Node::new("n", capture, role, status)
-    }
-
-    fn path(n: &Node) -> Vec<(String, String, Option<String>)> {
-        n.lifecycle()
-            .history()
-            .into_iter()
-            .map(|c| (c.from, c.to, c.reason))
-            .collect()
-    }
-
-    /// The uploader's report fences only the tenure it was made in.
-    #[test]
-    fn a_fencing_report_from_another_epoch_or_role_is_stale() {
-        let dir = tempfile::tempdir().unwrap();
-        let n = node(dir.path(), Role::Primary);
-        let report = Fenced {
-            epoch: 1,
-            why: "the manifest moved to epoch 3".into(),
-        };
-        assert!(!n.fence_reported(&report, 2), "made under an earlier epoch");
-        assert_eq!(n.role(), Role::Primary);
-        n.set_role(Role::CatchingUp);
-        let now = Fenced { epoch: 2, ..report };
-        assert!(
-            !n.fence_reported(&now, 2),
-            "not publishing: nothing to fence"
-        );
-        n.set_role(Role::Primary);
-        assert!(n.fence_reported(&now, 2));
-        assert_eq!(n.role(), Role::Secondary);
-        let h = path(&n);
-        let fenced = &h[h.len() - 2];
-        assert_eq!(
-            (fenced.0.as_str(), fenced.1.as_str()),
-            ("primary", "fenced")
-        );
-        assert_eq!(fenced.2.as_deref(), Some("the manifest moved to epoch 3"));
-    }
-
-    /// A release with nothing unpublished is not a loss; a loss fences.
-    #[test]
-    fn a_release_is_not_a_loss() {
-        let dir = tempfile::tempdir().unwrap();
-        let n = node(dir.path(), Role::Primary);
-        n.lease_gone(true, "lease lost (Released)");
-        assert_eq!(
-            path(&n),
-            [(
-                "primary".into(),
-                "secondary".into(),
-                Some("lease released".into())
-            )]
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let n = node(dir.path(), Role::Primary);
-        n.lease_gone(false, "lease lost (Lost)");
-        let to: Vec<String> = path(&n).into_iter().map(|c| c.1).collect();
-        assert_eq!(to, ["fenced", "secondary"]);
-    }
-}
+mod tests;

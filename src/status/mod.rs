@@ -1,23 +1,41 @@
-//! The daemon's live state, published as `.membridge/status.json`.
+//! The daemon's live state and its counters, published as
+//! `.membridge/status.json` and at `/metrics`.
 //!
-//! Every component updates its part of one document; the filesystem renders it
-//! on open, so `cat .membridge/status.json` always shows one consistent state.
+//! Every component updates its part of one document ([`StatusDoc`]) and bumps
+//! its counters ([`Metrics`]); this module only keeps them. Rendering is above
+//! it: [`crate::report`] (`status.json`, the `primary` file, the text of
+//! `membridge status`) and [`crate::metrics`] (Prometheus). Nothing here
+//! imports either, so the state is a leaf every component can depend on.
+//!
+//! The replication fields of a database (`head_txid`, `uploaded_txid`,
+//! `backlog`, `applied_txid`, `lag_seconds`) mean different things by role, so
+//! they are written only through the methods named for what happened
+//! ([`Status::journaled`], [`Status::published`], [`Status::bucket_head`],
+//! [`Status::applied`], ...), never by `update`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ClassGlobs, Config};
-use crate::fs::virt::VirtualFiles;
-use crate::metrics::Metrics;
+pub(crate) mod counters;
+
+pub use counters::{Metrics, Object};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DbStatus {
+    /// A primary: the newest txid in its journal ([`Status::journaled`],
+    /// [`Status::committed`]). A secondary: the bucket's head
+    /// ([`Status::bucket_head`]).
     pub head_txid: u64,
+    /// The newest txid this node published ([`Status::published`],
+    /// [`Status::snapshot_published`], or read from its journal).
     pub uploaded_txid: u64,
+    /// A secondary: the newest txid applied locally ([`Status::applied`]).
     pub applied_txid: u64,
+    /// A primary: committed transactions not in the bucket yet.
     pub backlog: u64,
+    /// A secondary: how far behind the bucket's head ([`Status::applied`]).
     pub lag_seconds: Option<f64>,
     pub last_upload: Option<String>,
     pub last_error: Option<String>,
@@ -149,14 +167,21 @@ pub struct ClassGlobsDoc {
     pub local: String,
 }
 
-impl From<&ClassGlobs> for ClassGlobsDoc {
-    fn from(c: &ClassGlobs) -> Self {
-        ClassGlobsDoc {
-            replicated_databases: c.databases.clone(),
-            replicated_files: c.files.clone(),
-            local: "everything else".into(),
-        }
-    }
+/// Who this node is and how it is set up: what `status.json` opens with
+/// (the daemon fills it in from the configuration).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub node_id: String,
+    pub canonical_id: String,
+    pub mount_dir: String,
+    /// The role the configuration gives before the lease says more.
+    pub role: String,
+    /// The lease policy's name.
+    pub policy: String,
+    /// The primary the configuration names, if it names one.
+    pub primary: Option<String>,
+    pub classes: ClassGlobsDoc,
+    pub log_file: Option<String>,
 }
 
 /// The live document, and the counters that `/metrics` serves beside it.
@@ -168,26 +193,22 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn new(cfg: &Config, mount_dir: &std::path::Path, log_file: Option<String>) -> Status {
+    pub fn new(id: Identity) -> Status {
         Status::from_doc(StatusDoc {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
-            node_id: cfg.node_id.clone(),
-            canonical_id: cfg.canonical_id.clone(),
-            mount_dir: mount_dir.display().to_string(),
+            node_id: id.node_id,
+            canonical_id: id.canonical_id,
+            mount_dir: id.mount_dir,
             started_at: chrono::Utc::now().to_rfc3339(),
             state: "starting".into(),
-            role: cfg.configured_role().into(),
-            policy: cfg.policy.name().into(),
+            role: id.role,
+            policy: id.policy,
             epoch: None,
-            primary: match &cfg.policy {
-                crate::config::Policy::Pinned { primary } => Some(primary.clone()),
-                crate::config::Policy::Disabled => Some(cfg.node_id.clone()),
-                crate::config::Policy::Auto { .. } | crate::config::Policy::Follow { .. } => None,
-            },
-            classes: (&cfg.classes).into(),
+            primary: id.primary,
+            classes: id.classes,
             databases: BTreeMap::new(),
-            log_file,
+            log_file: id.log_file,
             upload_state: "ok".into(),
             last_outage: None,
             divergent: Vec::new(),
@@ -257,134 +278,77 @@ impl Status {
         &self.io
     }
 
-    /// The daemon's Prometheus counters (see [`crate::metrics`]).
+    /// The daemon's counters (rendered by [`crate::metrics`]).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
-}
 
-impl VirtualFiles for Status {
-    fn names(&self) -> &'static [&'static str] {
-        &["status.json", "primary"]
+    fn db(&self, db: &str, f: impl FnOnce(&mut DbStatus)) {
+        f(self
+            .doc
+            .write()
+            .unwrap()
+            .databases
+            .entry(db.to_string())
+            .or_default());
     }
 
-    fn content(&self, name: &str) -> Option<Vec<u8>> {
-        let doc = self.snapshot();
-        match name {
-            "status.json" => {
-                let mut v = serde_json::to_vec_pretty(&doc).ok()?;
-                v.push(b'\n');
-                Some(v)
-            }
-            "primary" => {
-                let p = match &doc.primary {
-                    Some(p) if *p != doc.node_id => format!("{p}\n"),
-                    _ => String::new(),
-                };
-                Some(p.into_bytes())
-            }
-            _ => None,
-        }
+    /// A primary: its journal holds `db` up to `head`, of which `uploaded` is
+    /// in the bucket and `backlog` transactions are not (read from the
+    /// journal, which is the truth of all three).
+    pub fn journaled(&self, db: &str, head: u64, uploaded: u64, backlog: u64) {
+        self.db(db, |d| {
+            d.head_txid = head;
+            d.uploaded_txid = uploaded;
+            d.backlog = backlog;
+        });
     }
-}
 
-/// `membridge status` without `--json`: the fields an operator looks at first.
-pub fn render_text(d: &StatusDoc) -> String {
-    let mut s = format!(
-        "mount:     {} ({}, pid {})\nnode:      {}\nproject:   {}\nrole:      {} (policy {})\nprimary:   {}\nepoch:     {}\n",
-        d.mount_dir,
-        d.state,
-        d.pid,
-        d.node_id,
-        d.canonical_id,
-        d.role,
-        d.policy,
-        d.primary.as_deref().unwrap_or("-"),
-        d.epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
-    );
-    for (name, db) in &d.databases {
-        s += &format!(
-            "db {name}: head {} uploaded {} applied {} backlog {} lag {}\n",
-            db.head_txid,
-            db.uploaded_txid,
-            db.applied_txid,
-            db.backlog,
-            db.lag_seconds
-                .map(|l| format!("{l:.1}s"))
-                .unwrap_or_else(|| "-".into())
-        );
-        if let Some(h) = &db.hydration {
-            s += &format!(
-                "   local {}/{} pages ({:.0}%){}\n",
-                h.pages_local,
-                h.pages_total,
-                h.pages_local as f64 * 100.0 / h.pages_total.max(1) as f64,
-                match (h.done, h.verified) {
-                    (_, true) => ", hydrated and verified",
-                    (true, false) => ", hydrated",
-                    _ => ", hydrating",
-                },
-            );
-        }
-        if let Some(rate) = db.cache_hit_rate() {
-            s += &format!(
-                "   read-through: {} fetches, cache hit rate {:.0}%\n",
-                db.read_through_fetches,
-                rate * 100.0
-            );
-        }
-        if db.refused_writes > 0 {
-            s += &format!(
-                "   refused {} write transaction(s) of clients here, the last at {} (not the primary: writes go to {})\n",
-                db.refused_writes,
-                db.last_refused.as_deref().unwrap_or("-"),
-                d.primary.as_deref().unwrap_or("the primary"),
-            );
-        }
-        if let Some(e) = &db.last_error {
-            s += &format!("   last error: {e}\n");
-        }
+    /// A primary committed `db` up to `head`; the journal knew it published
+    /// up to `uploaded` when capture started (status may know more since).
+    /// Txids are consecutive: what is not uploaded is the backlog.
+    pub fn committed(&self, db: &str, head: u64, uploaded: u64) {
+        self.db(db, |d| {
+            d.head_txid = head;
+            d.uploaded_txid = d.uploaded_txid.max(uploaded);
+            d.backlog = head.saturating_sub(d.uploaded_txid);
+        });
     }
-    if let Some(e) = &d.last_error {
-        s += &format!("last error: {e}\n");
+
+    /// This node published a segment of `db` up to `txid`.
+    pub fn published(&self, db: &str, txid: u64) {
+        self.db(db, |d| {
+            d.uploaded_txid = txid;
+            d.last_upload = Some(chrono::Utc::now().to_rfc3339());
+            d.last_error = None;
+        });
     }
-    if let Some(l) = &d.legacy {
-        s += &format!(
-            "legacy:    sqlite/claude-mem.db written by {}{} at {}{}{}\n",
-            l.written_by.as_deref().unwrap_or("?"),
-            if l.by_membridge {
-                ""
+
+    /// This node published a snapshot of `db` at `txid` (at or below what its
+    /// segments published, unless it starts a generation).
+    pub fn snapshot_published(&self, db: &str, txid: u64) {
+        self.db(db, |d| {
+            d.uploaded_txid = d.uploaded_txid.max(txid);
+            d.last_upload = Some(chrono::Utc::now().to_rfc3339());
+        });
+    }
+
+    /// A secondary saw the bucket's head of `db` at `txid`.
+    pub fn bucket_head(&self, db: &str, txid: u64) {
+        self.db(db, |d| d.head_txid = txid);
+    }
+
+    /// A secondary applied `db` up to `txid`; `committed_ms`: when the
+    /// bucket's head was committed, if known (the lag is measured from it).
+    pub fn applied(&self, db: &str, txid: u64, committed_ms: Option<i64>) {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.db(db, |d| {
+            d.applied_txid = txid;
+            d.lag_seconds = if d.head_txid <= txid {
+                Some(0.0)
             } else {
-                " (the old tool)"
-            },
-            l.written_at.as_deref().unwrap_or("?"),
-            l.txid.map(|t| format!(", txid {t}")).unwrap_or_default(),
-            l.age_seconds
-                .map(|a| format!(
-                    ", {a:.0}s behind (refreshed within {} s of a change)",
-                    l.refresh_seconds
-                ))
-                .unwrap_or_default(),
-        );
+                committed_ms.map(|c| (now - c).max(0) as f64 / 1000.0)
+            };
+        });
     }
-    for c in &d.coexistence {
-        s += &format!("old tool:  {c}\n");
-    }
-    for r in &d.divergent {
-        s += &format!("divergent: {r} (never uploaded; see membridge doctor)\n");
-        let copy = std::fs::read(r)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<crate::replica::divergent::Report>(&b).ok())
-            .and_then(|r| r.copy);
-        if let Some(copy) = copy {
-            s += &format!("   bring it back: membridge merge {copy}   (or: membridge merge --dismiss {copy})\n");
-        }
-    }
-    for c in &d.replaced {
-        s += &format!(
-            "set aside: {c} (this node's database before the bucket's copy replaced it)\n   \
-             bring it back: membridge merge {c}   (or: membridge merge --dismiss {c})\n"
-        );
-    }
-    s
 }
