@@ -315,9 +315,11 @@ fn kill_9_mid_burst(kernel: bool) {
     drop(c);
     let served = || m.status()["io"]["databases"][DB].as_str().map(String::from);
     if kernel {
-        common::wait_for("the kernel to serve the database", Duration::from_secs(10), || {
-            served().as_deref() == Some("kernel")
-        });
+        common::wait_for(
+            "the kernel to serve the database",
+            Duration::from_secs(10),
+            || served().as_deref() == Some("kernel"),
+        );
     }
     let path = db.clone();
     let writer = std::thread::spawn(move || {
@@ -343,9 +345,11 @@ fn kill_9_mid_burst(kernel: bool) {
     );
     m.mount(); // clears the stale mount and reconciles the journal
     if kernel {
-        common::wait_for("the kernel to serve the database again", Duration::from_secs(10), || {
-            served().as_deref() == Some("kernel")
-        });
+        common::wait_for(
+            "the kernel to serve the database again",
+            Duration::from_secs(10),
+            || served().as_deref() == Some("kernel"),
+        );
     }
     wait_drained(&m, Duration::from_secs(60));
     assert_eq!(integrity(&db), "ok");

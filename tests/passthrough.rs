@@ -819,4 +819,3 @@ fn passthrough_off_falls_back_to_the_daemon_and_says_so() {
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert!(text.contains("MEMBRIDGE_PASSTHROUGH=off"), "{text}");
 }
-

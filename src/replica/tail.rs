@@ -375,16 +375,50 @@ impl Tails {
         }
     }
 
-    /// The model test (src/replica/model.rs) has no mount: a database is
-    /// armed and let go as the tailer thread would, without the locks (its
-    /// clients run on one thread, one call at a time).
+    /// The model test (src/replica/model/) has no mount: a database is
+    /// armed on its files directly (the same locks: its clients run in this
+    /// process, and their POSIX locks conflict with these OFD locks as any
+    /// other process's would) and let go as the tailer thread would once its
+    /// clients closed.
     #[cfg(test)]
-    pub fn model_tick(&self, db: &str) {
-        let mut m = self.map.lock().unwrap();
-        let t = m.entry(db.to_string()).or_default();
-        match t.io() {
-            Io::Off if self.writers_allowed() => t.io = Some(Io::Armed),
-            Io::Locked => t.io = Some(Io::Off),
+    pub fn model_tick(&self, db: &str, dir: &Path) {
+        match self.io(db) {
+            Io::Off if self.writers_allowed() => {
+                let Ok(guard) = OpenOptions::new().read(true).write(true).open(dir.join(db)) else {
+                    return;
+                };
+                let mut b = [0u8; 20];
+                use std::os::unix::fs::FileExt;
+                if !guard.read_at(&mut b, 0).is_ok_and(|n| n == 20) || b[18] != 2 || b[19] != 2 {
+                    return;
+                }
+                if ofd_lock(&guard, libc::F_RDLCK, DB_SHARED_FIRST, DB_SHARED_SIZE).is_err() {
+                    return;
+                }
+                let Ok(shm) = open_shm(dir, db) else { return };
+                if ofd_lock(&shm, libc::F_RDLCK, SHM_READ1, 1).is_err() {
+                    return;
+                }
+                let mut m = self.map.lock().unwrap();
+                let t = m.entry(db.to_string()).or_default();
+                t.guard = Some(Arc::new(guard));
+                t.shm = Some(Arc::new(shm));
+                t.pinned = true;
+                t.io = Some(Io::Armed);
+            }
+            Io::Locked => {
+                let (guard, shm) = {
+                    let mut m = self.map.lock().unwrap();
+                    let t = m.get_mut(db).expect("locked, so known");
+                    t.io = Some(Io::Off);
+                    t.write_locked = false;
+                    (t.guard.take(), t.shm.take())
+                };
+                if let Some(s) = &shm {
+                    lend_write_lock(s, false);
+                }
+                drop((guard, shm));
+            }
             _ => {}
         }
     }

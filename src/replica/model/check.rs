@@ -195,6 +195,10 @@ impl World<'_> {
             if head_img.as_ref().is_some_and(has) {
                 continue;
             }
+            // Still in the files only, not tailed yet (checked at the end).
+            if self.nodes[a.node].pending.iter().any(|p| p.ids == a.ids) {
+                continue;
+            }
             if let std::collections::hash_map::Entry::Vacant(e) = journal_imgs.entry(a.node) {
                 e.insert(self.journal_image(a.node)?);
             }
@@ -236,9 +240,12 @@ impl World<'_> {
         for _ in 0..6 {
             for i in 0..self.nodes.len() {
                 self.tick(i)?;
+                self.sync_tails()?;
                 self.upload(i)?;
                 self.drop_stale_clients();
+                self.sync_tails()?;
                 self.follow(i)?;
+                self.sync_tails()?;
             }
             if self.converged() {
                 converged = true;
@@ -263,6 +270,17 @@ impl World<'_> {
                 "no convergence after healing: {}",
                 states.join("; ")
             ));
+        }
+        for s in &self.nodes {
+            if let Some(p) = s.pending.first() {
+                return Err(format!(
+                    "{}'s commit {:?}, acknowledged on a database the kernel served, was never \
+                     captured ({} such)",
+                    s.name,
+                    p.ids,
+                    s.pending.len()
+                ));
+            }
         }
         // Only the bucket and the divergent reports count now.
         let head_img = self.verified.as_ref().map(|(_, _, img)| img.clone());

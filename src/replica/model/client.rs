@@ -22,7 +22,8 @@ impl World<'_> {
         }
         let before = up.journal.head(DB).unwrap();
         let epoch = up.epoch.load(Ordering::Acquire);
-        let route = if crash {
+        let kernel = up.node.capture().tails().io(DB) == super::super::tail::Io::Armed;
+        let route = if crash || kernel {
             unreported()
         } else {
             to_node(up.node.clone())
@@ -60,6 +61,27 @@ impl World<'_> {
             ));
         }
         let post = post.map_err(|e| format!("{name}: reading after the commit: {e}"))?;
+        if kernel {
+            // Acknowledged by SQLite; capture reads it from the WAL later.
+            self.note(format!("  {name}: acknowledged {new:?}, not tailed yet"));
+            self.stat("acknowledged commits served by the kernel");
+            let sim = &mut self.nodes[i];
+            if sim.pending.is_empty() {
+                sim.pending_base = before.as_ref().map(|b| (b.generation, b.head_txid));
+            }
+            sim.pending.push(Pending {
+                pre,
+                post: post.clone(),
+                ids: new.clone(),
+            });
+            self.acks.push(Ack {
+                node: i,
+                txid: 0,
+                ids: new,
+            });
+            self.nodes[i].img = Some(post);
+            return Ok(());
+        }
         let after = up_journal(&self.nodes[i]).head(DB).unwrap();
         let (Some(b), Some(a)) = (before, after) else {
             return Err(format!("{name}: a commit left no journal head"));
@@ -99,7 +121,10 @@ impl World<'_> {
         let Some(c) = up.conn.take() else {
             return Ok(());
         };
-        let route = to_node(up.node.clone());
+        let route = match up.node.capture().tails().io(DB) {
+            super::super::tail::Io::Armed => unreported(),
+            _ => to_node(up.node.clone()),
+        };
         let res: rusqlite::Result<Option<Connection>> = with_route(route, || {
             if close {
                 c.set_db_config(
@@ -124,6 +149,97 @@ impl World<'_> {
 
     /// A node that is not primary has no client writing (claude-mem's
     /// worker is refused, and in the model it goes away).
+    /// The tailer's part, after each step: what capture read from the WAL
+    /// (a tail, an upload round's catch-up, a role change's last look, a
+    /// start's recovery) gets its txids; databases are armed and let go as
+    /// the tailer thread would.
+    pub(super) fn sync_tails(&mut self) -> Check {
+        for i in 0..self.nodes.len() {
+            self.account_tailed(i)?;
+            if !self.tailing {
+                continue;
+            }
+            let backing = self.nodes[i].backing.clone();
+            if let Some(up) = &self.nodes[i].up {
+                if up.node.capture().db_names().iter().any(|d| d == DB) {
+                    up.node.capture().tails().model_tick(DB, &backing);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn account_tailed(&mut self, i: usize) -> Check {
+        if self.nodes[i].pending.is_empty() {
+            return Ok(());
+        }
+        let Some(up) = &self.nodes[i].up else {
+            return Ok(());
+        };
+        let head = up.journal.head(DB).unwrap();
+        let Some((g0, t0)) = self.nodes[i].pending_base else {
+            // Committed before the database had a journal head: recovery
+            // made the first generation of it, base image and all.
+            if head.is_some() {
+                self.nodes[i].pending.clear();
+            }
+            return Ok(());
+        };
+        let Some(h) = head else { return Ok(()) };
+        if h.generation != g0 {
+            // Recovery started a new generation: they are in its base image
+            // (the start's candidate).
+            self.nodes[i].pending.clear();
+            self.nodes[i].pending_base = None;
+            return Ok(());
+        }
+        if h.head_txid <= t0 {
+            return Ok(());
+        }
+        let k = ((h.head_txid - t0) as usize).min(self.nodes[i].pending.len());
+        let name = self.nodes[i].name.clone();
+        let txns = up_journal(&self.nodes[i])
+            .txns(DB, t0, t0 + k as u64, 0)
+            .map_err(|e| e.to_string())?;
+        let done: Vec<Pending> = self.nodes[i].pending.drain(..k).collect();
+        for (j, p) in done.into_iter().enumerate() {
+            let txid = t0 + 1 + j as u64;
+            let epoch = txns.iter().find(|t| t.txid == txid).map(|t| t.epoch);
+            self.cands.entry(txid).or_default().push(Cand {
+                image: p.post,
+                pre: Some(p.pre),
+                epoch,
+                what: format!("{name}'s commit, tailed"),
+            });
+            for a in self
+                .acks
+                .iter_mut()
+                .filter(|a| a.node == i && a.ids == p.ids)
+            {
+                a.txid = txid;
+            }
+            self.note(format!("  {name}: txid {txid} tailed {:?}", p.ids));
+            self.stat("commits tailed from the WAL");
+        }
+        self.nodes[i].pending_base = Some((g0, t0 + k as u64));
+        Ok(())
+    }
+
+    /// The tailer looks at the WAL now (a step of its own: its timing
+    /// against the other steps is what the model explores).
+    pub(super) fn tail(&mut self, i: usize) -> Check {
+        let Some(up) = &self.nodes[i].up else {
+            return Ok(());
+        };
+        let c = up.node.capture();
+        if !c.tails().writers_allowed() || c.tails().io(DB) != super::super::tail::Io::Armed {
+            return Ok(());
+        }
+        c.tail(DB)
+            .map(|_| ())
+            .map_err(|e| format!("{}: tailing failed: {e}", self.nodes[i].name))
+    }
+
     pub(super) fn drop_stale_clients(&mut self) {
         for s in &mut self.nodes {
             if let Some(up) = s.up.as_mut() {

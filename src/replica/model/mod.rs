@@ -233,6 +233,19 @@ struct Sim {
     img: Option<Image>,
     /// The image a commit cut short by a crash left in the files.
     crashed: Option<Image>,
+    /// Commits the kernel served (tailing) that capture has not read yet,
+    /// oldest first, and the journal head (generation, txid) they follow.
+    pending: Vec<Pending>,
+    pending_base: Option<(u64, u64)>,
+}
+
+/// A commit acknowledged by SQLite on a database the kernel serves: in the
+/// files, not yet in the journal (docs/ARCHITECTURE.md, "Passthrough").
+#[derive(Debug, Clone)]
+struct Pending {
+    pre: Image,
+    post: Image,
+    ids: Vec<u64>,
 }
 
 /// An image some node had at a txid: the candidates a restore must match.
@@ -276,6 +289,9 @@ struct World<'r> {
     stats: BTreeMap<&'static str, u64>,
     tmp: PathBuf,
     tmp_n: u64,
+    /// Databases of primaries are served by the kernel once armed, their
+    /// commits tailed (src/replica/tail.rs), instead of reported per write.
+    tailing: bool,
 }
 
 fn policy() -> Policy {

@@ -10,16 +10,23 @@ fn run_case(
     stats: &RefCell<BTreeMap<&'static str, u64>>,
 ) -> Result<(), String> {
     let mut w = World::new(rt, c.nodes as usize);
+    w.tailing = c.tailing;
     let res = (|| {
         w.seed();
-        w.note("-- start: n0 has the database --");
+        w.note(if c.tailing {
+            "-- start: n0 has the database; primaries' databases are served by the kernel --"
+        } else {
+            "-- start: n0 has the database --"
+        });
         for i in 0..w.nodes.len() {
             w.start(i)?;
         }
+        w.sync_tails()?;
         w.check()?;
         for s in &c.steps {
             w.step(*s)?;
             w.drop_stale_clients();
+            w.sync_tails()?;
             w.check()?;
         }
         w.settle_all()
@@ -102,6 +109,7 @@ fn replay(nodes: u8, steps: &[Step]) {
     let c = Case {
         nodes,
         steps: steps.to_vec(),
+        tailing: false,
     };
     if let Err(e) = run_case(&rt, &c, &RefCell::default()) {
         panic!("{:#?}\n{e}", c.steps);

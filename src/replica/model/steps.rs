@@ -102,12 +102,18 @@ pub enum Step {
     Restore {
         pick: u16,
     },
+    /// The tailer reads what the kernel-served client committed.
+    Tail {
+        node: u8,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub struct Case {
     pub nodes: u8,
     pub steps: Vec<Step>,
+    /// Primaries' databases served by the kernel and tailed.
+    pub tailing: bool,
 }
 
 pub(super) fn obj() -> impl Strategy<Value = Obj> {
@@ -139,10 +145,19 @@ pub(super) fn step() -> impl Strategy<Value = Step> {
         2 => n().prop_map(|node| Step::Fault { node, fault: FaultKind::Outage }),
         3 => n().prop_map(|node| Step::Heal { node }),
         3 => any::<u16>().prop_map(|pick| Step::Restore { pick }),
+        8 => n().prop_map(|node| Step::Tail { node }),
     ]
 }
 
 pub(super) fn case(max_steps: usize) -> impl Strategy<Value = Case> {
-    (2u8..=3, prop::collection::vec(step(), 1..=max_steps))
-        .prop_map(|(nodes, steps)| Case { nodes, steps })
+    (
+        2u8..=3,
+        any::<bool>(),
+        prop::collection::vec(step(), 1..=max_steps),
+    )
+        .prop_map(|(nodes, tailing, steps)| Case {
+            nodes,
+            steps,
+            tailing,
+        })
 }

@@ -28,6 +28,8 @@ impl<'r> World<'r> {
                     up: None,
                     img: None,
                     crashed: None,
+                    pending: Vec::new(),
+                    pending_base: None,
                 }
             })
             .collect();
@@ -48,6 +50,7 @@ impl<'r> World<'r> {
             stats: BTreeMap::new(),
             tmp,
             tmp_n: 0,
+            tailing: false,
         }
     }
 
@@ -313,6 +316,7 @@ impl<'r> World<'r> {
                 Ok(())
             }
             Step::Restore { pick } => self.restore_pick(pick),
+            Step::Tail { node } => self.tail(m(node)),
         }
     }
 }

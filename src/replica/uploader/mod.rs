@@ -355,6 +355,8 @@ impl Uploader {
             self.drop_files();
             return Ok(());
         }
+        // Commits the kernel served and the tailer has not read yet.
+        self.node.capture().catch_up();
         for head in self.journal.heads()? {
             self.publish_db(head).await?;
         }
