@@ -353,6 +353,25 @@ fn check_passthrough(
         ),
     };
     report.record(out, Status::Info, "passthrough", detail);
+    if !io.durability.is_empty() {
+        let dbs: Vec<String> = io
+            .databases
+            .iter()
+            .map(|(db, mode)| format!("{db}: {mode}"))
+            .collect();
+        let detail = match io.durability.as_str() {
+            "local" => format!(
+                "local: a commit is acknowledged on this disk and published within about a second{}",
+                if dbs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (served by: {})", dbs.join(", "))
+                }
+            ),
+            other => other.to_string(),
+        };
+        report.record(out, Status::Info, "durability", detail);
+    }
 }
 
 fn check_role(

@@ -14,6 +14,12 @@ use membridge::config::{self, Config, Layers};
 use membridge::daemon;
 use membridge::replica::capture::Durability;
 
+/// Why `--durability bucket` does not mount (docs/ARCHITECTURE.md, "Durability").
+const BUCKET_DURABILITY: &str = "--durability bucket (MEMBRIDGE_DURABILITY=bucket) is not available in this \
+version: a commit that timed out waiting for the bucket cannot yet be taken back safely once its upload \
+was attempted (docs/ARCHITECTURE.md, \"Durability\"). Use --durability local (the default): commits \
+are on this disk when acknowledged and published within about a second.";
+
 #[derive(Parser)]
 #[command(
     name = "membridge",
@@ -278,7 +284,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 threads: *threads,
                 passthrough: passthrough != "off",
                 durability: match durability.as_str() {
-                    "bucket" => Durability::Bucket,
+                    "bucket" => return Err(BUCKET_DURABILITY.into()),
                     _ => Durability::Local,
                 },
             };

@@ -118,3 +118,23 @@ fn good_config_passes_doctor() {
     );
     assert!(!text.contains(&s3.secret_key) && !text.contains(&s3.access_key));
 }
+
+/// `bucket` durability is designed, not built: asking for it is refused in
+/// one line that says why and what to use instead, before anything mounts.
+#[test]
+fn bucket_durability_is_refused_with_the_reason() {
+    let s3 = SeaweedFs::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let env = with(
+        &s3.env("b-any", "p"),
+        "MEMBRIDGE_DURABILITY",
+        Some("bucket"),
+    );
+    let err = one_line_error(&run(&env, &["mount", dir.path().to_str().unwrap()]));
+    assert!(err.contains("not available in this version"), "{err}");
+    assert!(err.contains("--durability local"), "{err}");
+    let env = with(&s3.env("b-any", "p"), "MEMBRIDGE_DURABILITY", Some("fast"));
+    let out = run(&env, &["mount", dir.path().to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: local, bucket"));
+}

@@ -29,22 +29,19 @@ use crate::sqlite::rollback::{self, CommitDetector, JournalEvent, Transition};
 use crate::sqlite::wal::{WalTracker, WalTxn};
 use crate::status::Status;
 
-/// When a commit is acknowledged (docs/ARCHITECTURE.md, "Durability").
+/// When a commit is acknowledged (docs/ARCHITECTURE.md, "Durability"):
+/// `local` only, for now (`bucket` is designed there, not built).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// Once on this disk; shipped within about a second. Databases in WAL
     /// mode are served by the kernel and their commits tailed.
     Local,
-    /// Once its segment is in the bucket: `-wal` stays on the daemon's path
-    /// and the commit's write waits for the upload.
-    Bucket,
 }
 
 impl Durability {
     pub fn name(self) -> &'static str {
         match self {
             Durability::Local => "local",
-            Durability::Bucket => "bucket",
         }
     }
 }
