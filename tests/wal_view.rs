@@ -265,3 +265,51 @@ fn a_client_served_by_the_kernel_is_stopped_by_a_hand_over_and_still_follows() {
     let dump = |p: &Path| cli(p, ".dump").unwrap();
     assert_eq!(dump(&adb), dump(&bdb));
 }
+
+/// A client the kernel served stays open through a hand-over and the hand
+/// back: once its node is primary again it writes, and those commits are
+/// captured and reach the other node.
+#[test]
+fn a_client_served_by_the_kernel_writes_again_when_the_lease_comes_back() {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket("walback"), "walback");
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    let adb = a.dir.join(DB);
+    cli(
+        &adb,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
+    )
+    .unwrap();
+    let mode = |m: &common::mount::Mount| m.status()["io"]["databases"][DB].clone();
+    wait_for("the kernel to serve the database", Duration::from_secs(10), || {
+        mode(&a) == "kernel"
+    });
+    let worker = rusqlite::Connection::open(&adb).unwrap();
+    worker.busy_timeout(Duration::from_millis(300)).unwrap();
+    worker.execute("INSERT INTO t(v) VALUES ('a1')", []).unwrap();
+    let b = node(&env, "node-b");
+    let bdb = b.dir.join(DB);
+    assert!(b.run(&["leadership", "select", "node-b"]).status.success());
+    wait_for("node-a to step down", Duration::from_secs(30), || {
+        a.status()["role"] == "secondary"
+    });
+    wait_for("node-b to take writes", Duration::from_secs(30), || {
+        b.status()["role"] == "primary"
+    });
+    cli(&bdb, "INSERT INTO t(v) VALUES ('b1')").unwrap();
+    assert!(a.run(&["pull"]).status.success());
+    assert!(a.run(&["leadership", "select", "node-a"]).status.success());
+    wait_for("node-a to be primary again", Duration::from_secs(30), || {
+        a.status()["role"] == "primary"
+    });
+    assert_eq!(mode(&a), "kernel");
+    assert_eq!(rows(&worker), 2);
+    worker.execute("INSERT INTO t(v) VALUES ('a2')", []).unwrap();
+    wait_for("node-b to see the kernel-served client's commit", Duration::from_secs(30), || {
+        cli(&bdb, "SELECT count(*) FROM t").ok().as_deref() == Some("3")
+    });
+    drop(worker);
+    let dump = |p: &Path| cli(p, ".dump").unwrap();
+    wait_for("both files equal", Duration::from_secs(30), || dump(&adb) == dump(&bdb));
+}

@@ -245,11 +245,25 @@ impl Journal {
 
     /// Append one captured transaction and advance the head, atomically.
     pub fn append(&self, db: &str, txn: &Txn) -> Result<()> {
-        let blob = encode_pages(&txn.pages)?;
-        let raw: usize = txn.pages.iter().map(|(_, p)| p.len() + 4).sum();
+        self.append_all(db, std::slice::from_ref(txn))
+    }
+
+    /// Append consecutive captured transactions and advance the head, all
+    /// in one transaction of the journal (the tailer's batches: one commit
+    /// of the journal per look at the WAL, not per transaction).
+    pub fn append_all(&self, db: &str, txns: &[Txn]) -> Result<()> {
+        let Some(last) = txns.last() else {
+            return Ok(());
+        };
+        let blobs = txns
+            .iter()
+            .map(|t| encode_pages(&t.pages))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let mut c = self.conn.lock().unwrap();
         let tx = c.transaction()?;
-        tx.prepare_cached(
+        for (txn, blob) in txns.iter().zip(blobs) {
+            let raw: usize = txn.pages.iter().map(|(_, p)| p.len() + 4).sum();
+            tx.prepare_cached(
             "INSERT INTO txns(db, txid, epoch, size_pages, pre, post, ts, page_count, raw_bytes, pages)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?
@@ -265,14 +279,15 @@ impl Journal {
                 raw as i64,
                 blob
             ])?;
+        }
         tx.prepare_cached(
             "UPDATE dbs SET head_txid = ?2, head_checksum = ?3, size_pages = ?4 WHERE name = ?1",
         )?
         .execute(params![
             db,
-            txn.txid as i64,
-            txn.post_checksum as i64,
-            txn.db_size_pages
+            last.txid as i64,
+            last.post_checksum as i64,
+            last.db_size_pages
         ])?;
         tx.commit()?;
         Ok(())

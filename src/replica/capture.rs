@@ -156,8 +156,20 @@ impl Capture {
     /// look lost frames nobody read (the pin was not held): the database
     /// is then reconciled as at mount, writers held off.
     pub fn tail(&self, db: &str) -> Result<bool> {
-        let Some(d) = self.dbs.lock().unwrap().get(db).cloned() else {
-            return Ok(true);
+        let known = self.dbs.lock().unwrap().get(db).cloned();
+        let d = match known {
+            Some(d) => d,
+            // Forgotten since it was armed (a fencing sets the journal's
+            // tail aside and starts over from the files): reconcile it as at
+            // mount, writers held off, as the write path would at its next
+            // write.
+            None => {
+                self.tails.frozen(db, || self.recover(db))?;
+                match self.dbs.lock().unwrap().get(db).cloned() {
+                    Some(d) => d,
+                    None => return Ok(true), // no database file (yet)
+                }
+            }
         };
         let missed = {
             let mut st = d.lock().unwrap();
@@ -180,7 +192,7 @@ impl Capture {
                 Ok(())
             } else {
                 st.tracker.rewind_pending();
-                self.capture_wal(&mut st, &wal)
+                self.capture_wal_batch(&mut st, &wal)
             };
             st.wal = Some(wal);
             res?;
@@ -664,6 +676,70 @@ impl Capture {
                 return Err(e);
             }
         }
+        Ok(())
+    }
+
+    /// The tailer's capture: every transaction committed since the last
+    /// look, journaled in one go. All or nothing as well: on an error the
+    /// tracker, hashes and head stay where the journal is, and the next look
+    /// reads the same frames again (nobody is waiting on this answer).
+    fn capture_wal_batch(&self, st: &mut DbCapture, wal: &File) -> Result<()> {
+        if st.head.page_size == 0 {
+            // Its first transaction starts its history: one at a time.
+            return self.capture_wal(st, wal);
+        }
+        let saved = st.tracker.clone();
+        let found = st.tracker.scan(wal).map_err(Self::io(&st.name))?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        let res = (|| {
+            let mut hashes = st.hashes.clone();
+            let mut txid = st.head.head_txid;
+            let epoch = self.epoch.load(Ordering::Relaxed);
+            let mut txns = Vec::with_capacity(found.len());
+            for t in &found {
+                let (pre, pages) = (hashes.checksum(), hashes.page_count());
+                apply_wal(&mut hashes, t).map_err(|e| inconsistent(&st.name, e))?;
+                let post = hashes.checksum();
+                if post == pre && t.db_size_pages == pages {
+                    continue; // a rolled-back spill or a rewrite of identical bytes
+                }
+                txid += 1;
+                txns.push(Txn {
+                    txid,
+                    epoch,
+                    db_size_pages: t.db_size_pages,
+                    pre_checksum: pre,
+                    post_checksum: post,
+                    timestamp_ms: now_ms(),
+                    pages: wal_pages(t),
+                });
+            }
+            self.journal.append_all(&st.name, &txns)?;
+            Ok((hashes, txns))
+        })();
+        let (hashes, txns) = match res {
+            Ok(r) => r,
+            Err(e) => {
+                st.tracker = saved;
+                return Err(e);
+            }
+        };
+        let Some(last) = txns.last() else {
+            return Ok(());
+        };
+        st.hashes = hashes;
+        st.head.head_txid = last.txid;
+        st.head.head_checksum = last.post_checksum;
+        st.head.size_pages = last.db_size_pages;
+        self.last_commit_ms
+            .store(last.timestamp_ms, Ordering::Release);
+        self.status
+            .metrics()
+            .txns_captured(&st.name, txns.len() as u64);
+        self.publish(&st.name, st);
+        self.wake.notify_one();
         Ok(())
     }
 

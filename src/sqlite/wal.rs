@@ -388,6 +388,7 @@ pub struct WalStats {
     pub padding_frames: u64,
 }
 
+#[derive(Clone)]
 struct Pending {
     pgno: u32,
     data: Bytes,
@@ -404,6 +405,7 @@ struct LastCommit {
 
 /// Where a cycle stood before the commit it emitted last: enough to take
 /// that commit back ([`WalTracker::undo_last`]).
+#[derive(Clone)]
 struct Undo {
     commit_end: u64,
     commit_cksum: Cksum,
@@ -411,6 +413,7 @@ struct Undo {
 }
 
 /// The state of one WAL cycle (one header / salt pair).
+#[derive(Clone)]
 struct Cycle {
     raw: [u8; WAL_HEADER_LEN],
     hdr: WalHeader,
@@ -423,6 +426,7 @@ struct Cycle {
     undo: Option<Undo>,
 }
 
+#[derive(Clone)]
 enum State {
     /// No valid header seen yet: the next valid header starts a cycle at frame 1.
     Empty,
@@ -472,6 +476,7 @@ enum State {
 ///   overwrite): SQLite repeats the commit frame up to a sector boundary; a
 ///   one-frame "transaction" identical to the previous commit frame (same page,
 ///   size and bytes) right after it is recognised as padding and not emitted.
+#[derive(Clone)]
 pub struct WalTracker {
     state: State,
     stats: WalStats,

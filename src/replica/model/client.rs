@@ -161,8 +161,13 @@ impl World<'_> {
             }
             let backing = self.nodes[i].backing.clone();
             if let Some(up) = &self.nodes[i].up {
-                if up.node.capture().db_names().iter().any(|d| d == DB) {
-                    up.node.capture().tails().model_tick(DB, &backing);
+                // The databases the tailer thread looks after.
+                use super::super::tail::Tailed;
+                let c = up.node.capture();
+                if c.databases().iter().any(|d| d == DB)
+                    || c.tails().io(DB) != super::super::tail::Io::Off
+                {
+                    c.tails().model_tick(DB, &backing);
                 }
             }
         }

@@ -102,6 +102,15 @@ fn lifecycle_model() {
 
 /// Runs one fixed sequence (a regression found by the model).
 fn replay(nodes: u8, steps: &[Step]) {
+    replay_with(nodes, steps, false)
+}
+
+/// As [`replay`], the primaries' databases served by the kernel.
+fn replay_tailing(nodes: u8, steps: &[Step]) {
+    replay_with(nodes, steps, true)
+}
+
+fn replay_with(nodes: u8, steps: &[Step], tailing: bool) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -109,7 +118,7 @@ fn replay(nodes: u8, steps: &[Step]) {
     let c = Case {
         nodes,
         steps: steps.to_vec(),
-        tailing: false,
+        tailing,
     };
     if let Err(e) = run_case(&rt, &c, &RefCell::default()) {
         panic!("{:#?}\n{e}", c.steps);
@@ -270,6 +279,21 @@ fn model_deposed_primarys_segment_does_not_block_the_new_primary() {
             Step::Follow { node: 1 },
             Step::Tick { node: 1 },
             Step::Upload { node: 0 },
+            Step::Commit { node: 0, rows: 1 },
+        ],
+    );
+}
+
+/// A primary whose lease expired takes it again at once and commits on a
+/// database the kernel serves: the commit must still be tailed and published.
+#[test]
+fn model_a_commit_after_taking_the_lease_back_is_tailed() {
+    replay_tailing(
+        2,
+        &[
+            Step::Expire,
+            Step::Tick { node: 0 },
+            Step::Tick { node: 2 },
             Step::Commit { node: 0, rows: 1 },
         ],
     );
