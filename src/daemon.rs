@@ -32,7 +32,8 @@ use crate::replica::hydrate::ReadThrough;
 use crate::replica::node::{Node, Role};
 use crate::replica::roles::drive_roles;
 use crate::replica::uploader::{
-    Command as UploaderCommand, Policy as UploadPolicy, UploadSettings, UploadShared, Uploader,
+    Command as UploaderCommand, Policy as UploadPolicy, UploadError, UploadSettings, UploadShared,
+    Uploader,
 };
 use crate::status::Status;
 
@@ -475,15 +476,15 @@ impl ControlError {
         }
     }
 
-    /// The uploader's `push` reply: `refused <why>` when this node is not the
-    /// primary, any other text a failure.
-    fn from_push(e: String) -> Self {
-        match e.strip_prefix("refused ") {
-            Some(why) => ControlError::Refused {
+    /// The uploader's `push` failure: refused when this node is not the
+    /// primary, failed otherwise.
+    fn from_push(e: UploadError) -> Self {
+        match e {
+            UploadError::Refused(why) => ControlError::Refused {
                 on_primary: false,
-                message: why.to_string(),
+                message: why,
             },
-            None => ControlError::Failed(e),
+            e => ControlError::Failed(e.to_string()),
         }
     }
 }
@@ -949,6 +950,7 @@ pub fn read_status(dir: &Path) -> Result<crate::status::StatusDoc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::uploader::Conflict;
 
     /// What the daemon writes is what the CLI reads: each kind of reply
     /// keeps its message and maps to its exit code.
@@ -964,11 +966,11 @@ mod tests {
             message: "this node is the primary".into(),
         };
         assert_eq!(code(primary), (Some(2), "this node is the primary".into()));
-        let push = ControlError::from_push("refused this node is a secondary".into());
+        let push = ControlError::from_push(UploadError::Refused("this node is a secondary".into()));
         assert_eq!(code(push), (Some(3), "this node is a secondary".into()));
-        let failed = ControlError::from_push("bucket unreachable".into());
-        assert_eq!(failed, ControlError::Failed("bucket unreachable".into()));
-        assert_eq!(code(failed), (None, "bucket unreachable".into()));
+        let failed = ControlError::from_push(Conflict::ManifestVanished.into());
+        assert_eq!(failed, ControlError::Failed("manifest vanished".into()));
+        assert_eq!(code(failed), (None, "manifest vanished".into()));
         assert_eq!(parse_reply("ok caught up").unwrap(), "caught up");
         assert!(parse_reply("garbage").is_err());
     }

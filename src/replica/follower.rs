@@ -144,8 +144,51 @@ enum FollowError {
     /// Clients have the database open: it cannot be laid out underneath them.
     #[error("the database is open by {0}")]
     Busy(String),
+    #[error(transparent)]
+    Manifest(#[from] super::manifest::ManifestError),
+    /// Judging this node's unpublished transactions against the bucket
+    /// failed ([`hold_unpublished`]; the journal or the bucket, said in words).
     #[error("{0}")]
-    Other(String),
+    Unpublished(String),
+    #[error(transparent)]
+    Files(#[from] super::files::FilesError),
+    /// A segment's transaction does not apply to the running page hashes.
+    #[error("{key}: {source}")]
+    Pages {
+        key: String,
+        source: crate::sqlite::checksum::ChecksumError,
+    },
+    /// The bucket has no segment continuing the chain at `txid`.
+    #[error("no verifiable segment starts at txid {txid}")]
+    NoSegment { txid: u64 },
+    /// The chain reached the head with another checksum than the manifest's.
+    #[error("{db}: after txid {txid} the checksum is not the manifest's")]
+    HeadChecksum { db: String, txid: u64 },
+    /// A local file could not be read, written or locked.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// The node has no view applier (it is not serving a view).
+    #[error("no view applier")]
+    NoApplier,
+    /// The view's applier failed to commit the transactions.
+    #[error("applying: {0}")]
+    Apply(#[source] super::apply::ApplyError),
+    /// The view's applier failed to close the view.
+    #[error(transparent)]
+    Close(super::apply::ApplyError),
+    /// A blocking task panicked or was cancelled.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl FollowError {
+    fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> FollowError {
+        let what = what.to_string();
+        move |source| FollowError::Io { what, source }
+    }
 }
 
 impl Follower {
@@ -219,8 +262,7 @@ impl Follower {
             }
             Err(e) => return Err(e.into()),
         };
-        let m = Manifest::parse(&key, &got.body, &self.canonical_id)
-            .map_err(|e| FollowError::Other(e.to_string()))?;
+        let m = Manifest::parse(&key, &got.body, &self.canonical_id)?;
         let (held, notes) = hold_unpublished(
             self.store.as_ref(),
             &self.layout,
@@ -230,7 +272,7 @@ impl Follower {
             &self.node_id,
         )
         .await
-        .map_err(FollowError::Other)?;
+        .map_err(FollowError::Unpublished)?;
         for n in notes {
             tracing::warn!("follower: {n}");
         }
@@ -246,9 +288,7 @@ impl Follower {
             self.status.bucket_head(db, d.head_txid);
             self.follow(db, d, &m, applied).await?;
         }
-        super::files::follow(self, &m)
-            .await
-            .map_err(FollowError::Other)?;
+        super::files::follow(self, &m).await?;
         Ok(Some(got.etag))
     }
 
@@ -365,7 +405,10 @@ impl Follower {
                                 t.db_size_pages,
                             )
                             .map(Some)
-                            .map_err(|e| FollowError::Other(format!("{key}: {e}"))),
+                            .map_err(|source| FollowError::Pages {
+                                key: key.to_string(),
+                                source,
+                            }),
                         None => Ok(None),
                     })?;
                     txns.push(ViewTxn {
@@ -376,16 +419,14 @@ impl Follower {
                 }
                 continue 'chain;
             }
-            return Err(FollowError::Other(format!(
-                "no verifiable segment starts at txid {}",
-                chain.at + 1
-            )));
+            return Err(FollowError::NoSegment { txid: chain.at + 1 });
         }
         let (txid, running) = (chain.at, chain.running);
         if Some(running) != parse_hex64(&d.head_checksum) {
-            return Err(FollowError::Other(format!(
-                "{db}: after txid {txid} the checksum is not the manifest's"
-            )));
+            return Err(FollowError::HeadChecksum {
+                db: db.to_string(),
+                txid,
+            });
         }
         self.apply_view(db, txns).await?;
         tracing::debug!(db, from = a.txid + 1, to = txid, "applied");
@@ -469,9 +510,8 @@ impl Follower {
                     let h = tokio::task::spawn_blocking(move || {
                         PageHashes::from_file(&path, page_size)
                     })
-                    .await
-                    .map_err(|e| FollowError::Other(e.to_string()))?
-                    .map_err(|e| FollowError::Other(format!("{db}: {e}")))?;
+                    .await?
+                    .map_err(FollowError::io(db))?;
                     if h.checksum() == a.checksum {
                         tracing::info!(db = %db, txid = a.txid, "hydrated copy verified");
                         a.hashes = Some(h);
@@ -505,7 +545,7 @@ impl Follower {
     /// by restore), keeping aside whatever the local file held.
     async fn bootstrap(&self, db: &str, generation: u64) -> Result<Applied, FollowError> {
         let dir = self.state_dir.join("bootstrap");
-        std::fs::create_dir_all(&dir).map_err(|e| FollowError::Other(e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(FollowError::io(dir.display()))?;
         let tmp = dir.join(db.replace('/', "%2F"));
         let report = restore::restore_with(
             self.store.as_ref(),
@@ -522,8 +562,8 @@ impl Follower {
         .await?;
         // Hashed and installed from the file a buffer at a time: memory does
         // not grow with the database.
-        let other = |e: std::io::Error| FollowError::Other(e.to_string());
-        let hashes = PageHashes::from_file(&tmp, report.page_size).map_err(other)?;
+        let hashes = PageHashes::from_file(&tmp, report.page_size)
+            .map_err(FollowError::io(tmp.display()))?;
         self.settle(db, false).await;
         self.keep_aside(db);
         let (rt, name, src) = (self.read_through.clone(), db.to_string(), tmp.clone());
@@ -543,7 +583,7 @@ impl Follower {
                 // That transaction holds every page: the one path here
                 // whose memory is the database's size (docs/ARCHITECTURE.md).
                 self.read_through.remove(db);
-                let image = std::fs::read(&tmp).map_err(other)?;
+                let image = std::fs::read(&tmp).map_err(FollowError::io(tmp.display()))?;
                 let ps = report.page_size as usize;
                 let pages = image
                     .chunks(ps)
@@ -580,13 +620,12 @@ impl Follower {
     /// each) on the applier's thread.
     async fn apply_view(&self, db: &str, txns: Vec<ViewTxn>) -> Result<(), FollowError> {
         let Some(applier) = self.node.applier().cloned() else {
-            return Err(FollowError::Other("no view applier".into()));
+            return Err(FollowError::NoApplier);
         };
         let name = db.to_string();
         tokio::task::spawn_blocking(move || applier.apply(&name, txns))
-            .await
-            .map_err(|e| FollowError::Other(e.to_string()))?
-            .map_err(|e| FollowError::Other(format!("applying: {e}")))
+            .await?
+            .map_err(FollowError::Apply)
     }
 
     /// Folds the view's WAL into the main file (opening the view first when
@@ -630,10 +669,12 @@ impl Follower {
         let applier = self.node.applier().cloned();
         let res = tokio::task::spawn_blocking(move || -> Result<(), FollowError> {
             if let Some(a) = &applier {
-                a.close(Some(&name))
-                    .map_err(|e| FollowError::Other(e.to_string()))?;
+                a.close(Some(&name)).map_err(FollowError::Close)?;
             }
-            let io = |e: std::io::Error| FollowError::Other(format!("{name}: applying: {e}"));
+            let io = |source| FollowError::Io {
+                what: format!("{name}: applying"),
+                source,
+            };
             // Create it underneath first: through the mount a non-primary
             // refuses creating replicated files, the daemon's own included.
             let f = std::fs::OpenOptions::new()
@@ -666,8 +707,7 @@ impl Follower {
             }
             Ok(())
         })
-        .await
-        .map_err(|e| FollowError::Other(e.to_string()))?;
+        .await?;
         res?;
         // Open the view again (it creates the -wal clients will need).
         self.settle(db, true).await;
@@ -707,7 +747,7 @@ fn lock_exclusive(path: &Path) -> Result<std::fs::File, FollowError> {
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| FollowError::Other(format!("{}: {e}", path.display())))?;
+        .map_err(FollowError::io(path.display()))?;
     let range = |start: u64, len: i64, kind: i32| libc::flock {
         l_type: kind as i16,
         l_whence: libc::SEEK_SET as i16,
