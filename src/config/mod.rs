@@ -42,21 +42,7 @@ pub struct ConfigError {
     pub fix: String,
 }
 
-/// A value that must never be printed (access and secret keys).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::remote::s3::{S3Settings, Secret};
 
 /// Every key membridge understands: name, whether secret, what it means, an example.
 /// The README's configuration table is generated from the same facts.
@@ -370,16 +356,6 @@ pub fn canonical_id(project_id: &str) -> String {
 
 pub use crate::lease::Policy;
 
-/// Connection settings for the bucket.
-#[derive(Debug, Clone)]
-pub struct S3Settings {
-    pub endpoint: String,
-    pub bucket: String,
-    pub region: String,
-    pub access_key: Secret,
-    pub secret_key: Secret,
-}
-
 /// Path classes by glob, relative to the mount dir.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClassGlobs {
@@ -421,8 +397,8 @@ impl Config {
             .map_err(|why| l.malformed("MINIO_ENDPOINT", &esrc, why))?;
         let (bucket, bsrc) = l.required("MINIO_BUCKET")?;
         validate_bucket(&bucket).map_err(|why| l.malformed("MINIO_BUCKET", &bsrc, why))?;
-        let access_key = Secret(l.required("MINIO_ACCESS_KEY")?.0);
-        let secret_key = Secret(l.required("MINIO_SECRET_KEY")?.0);
+        let access_key = Secret::new(l.required("MINIO_ACCESS_KEY")?.0);
+        let secret_key = Secret::new(l.required("MINIO_SECRET_KEY")?.0);
         let region = l
             .get("MINIO_REGION")
             .map(|v| v.0)

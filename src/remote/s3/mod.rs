@@ -40,7 +40,36 @@ use chrono::{DateTime, Utc};
 use super::mem::local_io;
 use super::retry::{Retrier, RetryPolicy};
 use super::{BoxFuture, GetResult, ObjectMeta, ObjectStore, PutMode, Result, StoreError};
-use crate::config::S3Settings;
+
+/// A value that must never be printed (access and secret keys).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Connection settings for the bucket.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key: Secret,
+    pub secret_key: Secret,
+}
 
 /// Timeouts, retries and paging of an [`S3Store`].
 #[derive(Debug, Clone, PartialEq, Eq)]
