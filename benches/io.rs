@@ -215,7 +215,9 @@ fn journaled(s: &Setup) -> String {
     .unwrap();
     let head = || -> i64 {
         journal
-            .query_row("SELECT head_txid FROM dbs WHERE name = ?1", [DB], |r| r.get(0))
+            .query_row("SELECT head_txid FROM dbs WHERE name = ?1", [DB], |r| {
+                r.get(0)
+            })
             .unwrap()
     };
     let mut rng = rand::thread_rng();

@@ -1,6 +1,12 @@
 //! membridge CLI: parse, load config, dispatch. Exit codes follow the old tool:
 //! 0 ok, 1 error, 2 refused on the primary, 3 refused on a secondary; and
 //! `doctor` exits 4 when the node works but is degraded (STATUS: DEGRADED).
+//!
+//! Over 800 lines on purpose: the argument definitions and one short function
+//! per subcommand, each only wiring (load the configuration, build the
+//! module's settings, call it, map its outcome to an exit code), kept in one
+//! place so the whole command line reads top to bottom. The work is in the
+//! library; what a subcommand prints is in `membridge::cli`.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 

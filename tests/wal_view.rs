@@ -282,12 +282,16 @@ fn a_client_served_by_the_kernel_writes_again_when_the_lease_comes_back() {
     )
     .unwrap();
     let mode = |m: &common::mount::Mount| m.status()["io"]["databases"][DB].clone();
-    wait_for("the kernel to serve the database", Duration::from_secs(10), || {
-        mode(&a) == "kernel"
-    });
+    wait_for(
+        "the kernel to serve the database",
+        Duration::from_secs(10),
+        || mode(&a) == "kernel",
+    );
     let worker = rusqlite::Connection::open(&adb).unwrap();
     worker.busy_timeout(Duration::from_millis(300)).unwrap();
-    worker.execute("INSERT INTO t(v) VALUES ('a1')", []).unwrap();
+    worker
+        .execute("INSERT INTO t(v) VALUES ('a1')", [])
+        .unwrap();
     let b = node(&env, "node-b");
     let bdb = b.dir.join(DB);
     assert!(b.run(&["leadership", "select", "node-b"]).status.success());
@@ -300,16 +304,24 @@ fn a_client_served_by_the_kernel_writes_again_when_the_lease_comes_back() {
     cli(&bdb, "INSERT INTO t(v) VALUES ('b1')").unwrap();
     assert!(a.run(&["pull"]).status.success());
     assert!(a.run(&["leadership", "select", "node-a"]).status.success());
-    wait_for("node-a to be primary again", Duration::from_secs(30), || {
-        a.status()["role"] == "primary"
-    });
+    wait_for(
+        "node-a to be primary again",
+        Duration::from_secs(30),
+        || a.status()["role"] == "primary",
+    );
     assert_eq!(mode(&a), "kernel");
     assert_eq!(rows(&worker), 2);
-    worker.execute("INSERT INTO t(v) VALUES ('a2')", []).unwrap();
-    wait_for("node-b to see the kernel-served client's commit", Duration::from_secs(30), || {
-        cli(&bdb, "SELECT count(*) FROM t").ok().as_deref() == Some("3")
-    });
+    worker
+        .execute("INSERT INTO t(v) VALUES ('a2')", [])
+        .unwrap();
+    wait_for(
+        "node-b to see the kernel-served client's commit",
+        Duration::from_secs(30),
+        || cli(&bdb, "SELECT count(*) FROM t").ok().as_deref() == Some("3"),
+    );
     drop(worker);
     let dump = |p: &Path| cli(p, ".dump").unwrap();
-    wait_for("both files equal", Duration::from_secs(30), || dump(&adb) == dump(&bdb));
+    wait_for("both files equal", Duration::from_secs(30), || {
+        dump(&adb) == dump(&bdb)
+    });
 }

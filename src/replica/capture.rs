@@ -637,16 +637,9 @@ impl Capture {
 
     fn publish(&self, db: &str, st: &DbCapture) {
         let head = st.head.head_txid;
-        self.status.update(|s| {
-            let d = s.databases.entry(db.to_string()).or_default();
-            d.head_txid = head;
-            // What the journal knew published when capture started (status
-            // starts at 0, and only a primary's uploader refreshes it).
-            d.uploaded_txid = d.uploaded_txid.max(st.head.uploaded_txid);
-            // Txids are consecutive: what is not uploaded yet is the backlog
-            // (the uploader refreshes it from the journal after each round).
-            d.backlog = head.saturating_sub(d.uploaded_txid);
-        });
+        // What the journal knew published when capture started (status
+        // starts at 0, and only a primary's uploader refreshes it).
+        self.status.committed(db, head, st.head.uploaded_txid);
     }
 
     fn wal_written(&self, st: &mut DbCapture, offset: u64, len: u64) -> Result<()> {

@@ -254,7 +254,7 @@ fn lock() -> &'static tokio::sync::Mutex<()> {
 /// The follower's part, called from its tick once the databases are applied:
 /// make every replicated file the manifest lists what it says. An error
 /// (said in a line) makes the follower poll the manifest again.
-pub async fn follow(f: &Follower, m: &Manifest) -> Result<(), String> {
+pub async fn follow(f: &Follower, m: &Manifest) -> Result<(), FilesError> {
     if m.files.is_empty() {
         return Ok(());
     }
@@ -265,9 +265,7 @@ pub async fn follow(f: &Follower, m: &Manifest) -> Result<(), String> {
     let recorder = f.node.capture().files();
     for (name, e) in &m.files {
         if recorder.replicated(name) {
-            make_local(f.store.as_ref(), &f.backing, name, e, Some(&f.invalidator))
-                .await
-                .map_err(|e| e.to_string())?;
+            make_local(f.store.as_ref(), &f.backing, name, e, Some(&f.invalidator)).await?;
         }
     }
     Ok(())

@@ -499,7 +499,7 @@ async fn flush(uploader: &tokio::sync::mpsc::Sender<Command>) -> Result<(), Outc
     }
     match rx.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err((outcome, _))) => Err(outcome),
+        Ok(Err(e)) => Err(e.outcome()),
         Err(_) => Err(Outcome::Transient),
     }
 }

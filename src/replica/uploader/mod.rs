@@ -27,11 +27,12 @@ use crate::status::Status;
 
 /// Requests from the control socket (`membridge push`).
 pub enum Command {
-    /// Publish everything and take a snapshot now; the reply says what was done.
-    Push(tokio::sync::oneshot::Sender<std::result::Result<String, String>>),
+    /// Publish everything and take a snapshot now; the reply says what was
+    /// done, or why not ([`UploadError::Refused`]: not in this role).
+    Push(tokio::sync::oneshot::Sender<std::result::Result<String, UploadError>>),
     /// Publish the backlog now, without a snapshot (a hand-over: the next
     /// primary continues this history, it needs no new starting point).
-    Flush(tokio::sync::oneshot::Sender<std::result::Result<(), (Outcome, String)>>),
+    Flush(tokio::sync::oneshot::Sender<std::result::Result<(), UploadError>>),
     /// This node took the lease at this epoch: check that the bucket's history
     /// is this node's, and bump the manifest's epoch before writes resume.
     TakeOver(
@@ -114,8 +115,8 @@ pub enum UploadError {
     Io { db: String, source: std::io::Error },
     #[error(transparent)]
     Files(#[from] super::files::FilesError),
-    #[error("{0}")]
-    Conflict(String),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
     /// The bucket is at a newer epoch than the one this node wrote under.
     #[error("fenced: {0}")]
     Fenced(String),
@@ -124,6 +125,71 @@ pub enum UploadError {
     /// Not this node's job in its current role (exit code 3 on the CLI).
     #[error("{0}")]
     Refused(String),
+}
+
+/// How the bucket, or this node's own state, disagrees with what an upload or
+/// a take-over needs: retrying as is will not help ([`Outcome::Conflict`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Conflict {
+    /// Every compare-and-swap of the manifest in a take-over lost its race.
+    #[error("manifest kept changing under us while taking over")]
+    TakeOverRaced,
+    /// Every compare-and-swap of the manifest for `db` lost its race.
+    #[error("{db}: manifest kept changing under us")]
+    ManifestRaced { db: String },
+    /// The manifest was there when its creation failed, then gone.
+    #[error("manifest vanished")]
+    ManifestVanished,
+    /// The manifest's head of `db` is not the one this node built on.
+    #[error(
+        "{db}: the manifest's head is {found:?}, this node built on {expected:?} (another writer?)"
+    )]
+    HeadMoved {
+        db: String,
+        found: Option<u64>,
+        expected: Option<u64>,
+    },
+    /// A segment's key already holds other transactions, of this epoch or
+    /// an older one.
+    #[error("{key} already holds other transactions (written by node {node}, epoch {epoch}): another primary?")]
+    SegmentTaken {
+        key: String,
+        node: String,
+        epoch: u64,
+    },
+    /// A snapshot's key already holds another image.
+    #[error("{key} already holds another image (node {node})")]
+    SnapshotTaken { key: String, node: String },
+    /// Taking over: the local copy of `db` is behind the bucket's head.
+    #[error("{db}: applied txid {applied} of the bucket's {head}: it must catch up before taking writes")]
+    Behind { db: String, applied: u64, head: u64 },
+    /// Taking over: `db` is still being hydrated from the bucket.
+    #[error("{db}: still hydrating from the bucket; taking writes once it is local")]
+    Hydrating { db: String },
+    /// Taking over: `db`'s history here does not continue the bucket's;
+    /// `local` describes this node's head.
+    #[error("{db}: the bucket is at txid {head} (generation {generation}), this node at {local}; it must catch up from the bucket before taking writes")]
+    NotOurs {
+        db: String,
+        head: u64,
+        generation: u64,
+        local: String,
+    },
+    /// Taking over: folding the secondary's view of `db` into its file failed.
+    #[error("{db}: settling the view: {why}")]
+    SettleView { db: String, why: String },
+    /// Taking over: adopting the follower's copy of the bucket's head failed.
+    #[error(transparent)]
+    Adopt(#[from] crate::replica::capture::CaptureError),
+    /// The base image could not be advanced to the wanted txid.
+    #[error(transparent)]
+    Base(BaseError),
+    /// A blocking task of the uploader panicked or was cancelled.
+    #[error("{what}: {source}")]
+    Task {
+        what: String,
+        source: tokio::task::JoinError,
+    },
 }
 
 impl UploadError {
@@ -259,22 +325,17 @@ impl Uploader {
                 let published = matches!(cmd, Command::Push(_) | Command::Flush(_));
                 match cmd {
                     Command::Push(reply) => {
-                        let res = self.push().await.map_err(|e| match e {
-                            UploadError::Refused(why) => format!("refused {why}"),
-                            e => {
-                                report(&e);
+                        let res = self.push().await.inspect_err(|e| {
+                            if !matches!(e, UploadError::Refused(_)) {
+                                report(e);
                                 self.status.metrics().upload_failure(e.is_unreachable());
-                                e.to_string()
                             }
                         });
                         let _ = reply.send(res);
                     }
                     Command::Flush(reply) => {
                         self.manifest = None;
-                        let res = self.round().await.map_err(|e| {
-                            report(&e);
-                            (e.outcome(), e.to_string())
-                        });
+                        let res = self.round().await.inspect_err(&report);
                         let _ = reply.send(res);
                     }
                     Command::TakeOver(epoch, reply) => {
@@ -394,7 +455,7 @@ impl Uploader {
                     Err(StoreError::PreconditionFailed { .. }) => {
                         manifest::load(self.store.as_ref(), &self.layout, &self.canonical_id)
                             .await?
-                            .ok_or_else(|| UploadError::Conflict("manifest vanished".into()))?
+                            .ok_or(Conflict::ManifestVanished)?
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -34,9 +34,12 @@ impl Uploader {
             let expect_head = expect.and_then(|(_, h)| h);
             let found = v.manifest.databases.get(db).map(|d| d.head_txid);
             if expect_head.is_some() && found != expect_head {
-                return Err(UploadError::Conflict(format!(
-                    "{db}: the manifest's head is {found:?}, this node built on {expect_head:?} (another writer?)"
-                )));
+                return Err(Conflict::HeadMoved {
+                    db: db.to_string(),
+                    found,
+                    expected: expect_head,
+                }
+                .into());
             }
             let mut next = v.manifest.clone();
             f(&mut next);
@@ -54,9 +57,7 @@ impl Uploader {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(UploadError::Conflict(format!(
-            "{db}: manifest kept changing under us"
-        )))
+        Err(Conflict::ManifestRaced { db: db.to_string() }.into())
     }
 
     pub(super) async fn publish_db(&mut self, h: DbHead) -> Result<()> {
@@ -274,10 +275,12 @@ impl Uploader {
                 h.epoch, h.node_id
             )))
         } else {
-            Err(UploadError::Conflict(format!(
-                "{key} already holds other transactions (written by node {}, epoch {}): another primary?",
-                h.node_id, h.epoch
-            )))
+            Err(Conflict::SegmentTaken {
+                key: key.to_string(),
+                node: h.node_id.clone(),
+                epoch: h.epoch,
+            }
+            .into())
         }
     }
 }

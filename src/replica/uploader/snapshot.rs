@@ -49,7 +49,10 @@ impl Uploader {
             let h2 = h.clone();
             tokio::task::spawn_blocking(move || advance_base(&journal, &base_dir, &h2, target))
                 .await
-                .map_err(|e| UploadError::Conflict(format!("{name}: base builder: {e}")))??;
+                .map_err(|source| Conflict::Task {
+                    what: format!("{name}: base builder"),
+                    source,
+                })??;
         }
         let h = self.journal.head(db)?.expect("head exists");
         self.publish_snapshot(&h, h.base_txid, Some(h.base_txid))
@@ -115,10 +118,11 @@ impl Uploader {
                 let got = self.store.get_range(&key, 0, 4096).await?;
                 let found = codec::SnapshotReader::parse_header(&got)?;
                 if found.db_checksum != hashes.checksum() {
-                    return Err(UploadError::Conflict(format!(
-                        "{key} already holds another image (node {})",
-                        found.node_id
-                    )));
+                    return Err(Conflict::SnapshotTaken {
+                        key: key.to_string(),
+                        node: found.node_id.clone(),
+                    }
+                    .into());
                 }
             }
             Err(e) => return Err(e.into()),
@@ -255,7 +259,7 @@ fn advance_base(journal: &Journal, base_dir: &Path, h: &DbHead, to: u64) -> Resu
     let to_path = base_path(base_dir, &h.name, to);
     materialize(journal, base_dir, h, to, &to_path).map_err(|e| match e {
         BaseError::Journal(j) => UploadError::Journal(j),
-        other => UploadError::Conflict(other.to_string()),
+        other => Conflict::Base(other).into(),
     })?;
     journal.set_base(&h.name, to)?;
     let old = base_path(base_dir, &h.name, h.base_txid);

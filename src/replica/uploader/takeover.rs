@@ -59,9 +59,7 @@ impl Uploader {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(UploadError::Conflict(
-            "manifest kept changing under us while taking over".into(),
-        ))
+        Err(Conflict::TakeOverRaced.into())
     }
 
     pub(super) fn took_over(&self, epoch: u64) -> Result<()> {
@@ -94,11 +92,12 @@ impl Uploader {
                 })
                 && self.node.all_local();
             if behind {
-                return Err(UploadError::Conflict(format!(
-                    "{db}: applied txid {} of the bucket's {}: it must catch up before taking writes",
-                    applied.unwrap_or(0),
-                    d.head_txid
-                )));
+                return Err(Conflict::Behind {
+                    db: db.clone(),
+                    applied: applied.unwrap_or(0),
+                    head: d.head_txid,
+                }
+                .into());
             }
             // The view's WAL is SQLite's own on a secondary: fold it into the
             // main file first, so the file is the head and capture starts on
@@ -114,8 +113,14 @@ impl Uploader {
                 Ok::<bool, String>(settled)
             })
             .await
-            .map_err(|e| UploadError::Conflict(e.to_string()))?
-            .map_err(|e| UploadError::Conflict(format!("{db}: settling the view: {e}")))?;
+            .map_err(|source| Conflict::Task {
+                what: format!("{db}: settling the view"),
+                source,
+            })?
+            .map_err(|why| Conflict::SettleView {
+                db: db.clone(),
+                why,
+            })?;
             if settled {
                 tracing::info!(db, ms = t.elapsed().as_millis() as u64, "view settled");
             }
@@ -156,9 +161,7 @@ impl Uploader {
             let aside = self.journal.divergent_through(db)?.is_some();
             let ours = local.as_ref().is_some_and(|j| continues(j, aside));
             if !ours && !self.node.all_local() {
-                return Err(UploadError::Conflict(format!(
-                    "{db}: still hydrating from the bucket; taking writes once it is local"
-                )));
+                return Err(Conflict::Hydrating { db: db.clone() }.into());
             }
             if !ours {
                 // A secondary being promoted: its follower's copy, if it is
@@ -168,8 +171,11 @@ impl Uploader {
                 let t = Instant::now();
                 let adopted = tokio::task::spawn_blocking(move || node.capture().adopt(&name, &d2))
                     .await
-                    .map_err(|e| UploadError::Conflict(e.to_string()))?
-                    .map_err(|e| UploadError::Conflict(e.to_string()))?;
+                    .map_err(|source| Conflict::Task {
+                        what: format!("{db}: adopting the bucket's head"),
+                        source,
+                    })?
+                    .map_err(Conflict::Adopt)?;
                 if adopted {
                     tracing::info!(db, ms = t.elapsed().as_millis() as u64, "head adopted");
                     local = self.journal.head(db)?;
@@ -178,18 +184,20 @@ impl Uploader {
             let aside = self.journal.divergent_through(db)?.is_some();
             let ours = local.as_ref().is_some_and(|j| continues(j, aside));
             if !ours {
-                return Err(UploadError::Conflict(format!(
-                    "{db}: the bucket is at txid {} (generation {}), this node at {}; \
-                     it must catch up from the bucket before taking writes",
-                    d.head_txid,
-                    d.generation,
-                    local
-                        .map(|j| format!(
-                            "{} (generation {}, base {})",
-                            j.head_txid, j.generation, j.base_txid
-                        ))
-                        .unwrap_or_else(|| "nothing".into())
-                )));
+                return Err(Conflict::NotOurs {
+                    db: db.clone(),
+                    head: d.head_txid,
+                    generation: d.generation,
+                    local: local
+                        .map(|j| {
+                            format!(
+                                "{} (generation {}, base {})",
+                                j.head_txid, j.generation, j.base_txid
+                            )
+                        })
+                        .unwrap_or_else(|| "nothing".into()),
+                }
+                .into());
             }
             starts.insert(db.clone(), local.map_or(d.head_txid, |j| j.head_txid) + 1);
         }
