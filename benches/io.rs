@@ -208,8 +208,10 @@ fn reads(c: &mut Criterion, s: &Setup, ran: &Ran) {
 fn journaled(s: &Setup) -> String {
     let conn = open(&s.db("primary"));
     conn.execute_batch("PRAGMA synchronous=NORMAL").unwrap();
+    // Beside the log file, in the daemon's state dir.
+    let log = s.primary.status()["log_file"].as_str().unwrap().to_string();
     let journal = rusqlite::Connection::open_with_flags(
-        s.primary.state.join("journal.db"),
+        Path::new(&log).with_file_name("journal.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();

@@ -23,43 +23,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::journal::Journal;
-use crate::lease::{Heartbeat, Lease, DEFAULT_HEARTBEAT_INTERVAL};
+use crate::lease::{Lease, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::remote::{Layout, ObjectStore, StoreError};
 use crate::replica::legacy::{self, LegacyManifestFields, LEGACY_DB};
 use crate::status::{LegacyStatus, Status};
 
-/// The `policy` the old tool writes into every lease.
-pub const OLD_TOOL_POLICY: &str = "primary_authoritative";
-
-/// How long the old tool's leases last unless `LEADERSHIP_LEASE_SECONDS` says
-/// otherwise.
-pub const OLD_TOOL_LEASE_SECONDS: u64 = 3600;
-
-/// Whether `lease` was written by the old tool (its policy, no membridge
-/// session, no release mark) rather than by membridge.
-pub fn written_by_old_tool(lease: &Lease) -> bool {
-    lease.policy == OLD_TOOL_POLICY && lease.session().is_none() && !lease.is_released()
-}
-
-/// Whether the holder of `lease` is an old-tool node: the old tool wrote the
-/// lease and the holder publishes no membridge heartbeat (none, or a stale
-/// one: a machine rolled back to the old tool).
-pub async fn old_tool_holder(
-    store: &dyn ObjectStore,
-    layout: &Layout,
-    lease: &Lease,
-    now: DateTime<Utc>,
-) -> Result<bool, StoreError> {
-    if !written_by_old_tool(lease) {
-        return Ok(false);
-    }
-    match store.get(&layout.node(&lease.primary_node_id)).await {
-        Ok(got) => Ok(serde_json::from_slice::<Heartbeat>(&got.body)
-            .map_or(true, |hb| hb.is_stale(now, DEFAULT_HEARTBEAT_INTERVAL))),
-        Err(StoreError::NotFound { .. }) => Ok(true),
-        Err(e) => Err(e),
-    }
-}
+pub use crate::lease::oldtool::{
+    old_tool_holder, written_by_old_tool, OLD_TOOL_LEASE_SECONDS, OLD_TOOL_POLICY,
+};
 
 /// What `doctor` and `status` say about a lease an old-tool node holds, with
 /// what to do. `node` is this node, suggested as the one to select.

@@ -25,6 +25,8 @@ pub mod http;
 pub mod journal;
 /// The leadership lease: conditional writes, renewal, fencing, heartbeats.
 pub mod lease;
+/// `manifest.json`: the bucket's head per database, changed by compare-and-swap.
+pub mod manifest;
 /// `membridge merge`: import another claude-mem database's rows by natural key.
 pub mod merge;
 /// The Prometheus text exposition of the status and its counters, at `/metrics`.

@@ -264,7 +264,7 @@ impl<B> PassthroughFs<B> {
             };
         }
         let class = self.node(ino)?.class();
-        self.io.read(&class);
+        self.io.read(super::iomode::class_index(&class));
         if replicated(&class) {
             self.repl.before_read(&class, offset, size).map_err(err)?;
         }
@@ -288,7 +288,7 @@ impl<B> PassthroughFs<B> {
             return Err(Errno::EBADF);
         }
         let class = self.node(ino)?.class();
-        self.io.wrote(&class);
+        self.io.wrote(super::iomode::class_index(&class));
         self.write_at(&class, caller.pid, fh as RawFd, data, offset, kill_suidgid)
     }
 

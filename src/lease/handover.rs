@@ -59,7 +59,7 @@ impl LeaseClient {
 
     /// `leadership select TARGET --force`: like [`LeaseClient::select`], but
     /// a valid lease held by an old-tool node (see
-    /// [`crate::coexist::old_tool_holder`]: it can neither hand over nor be
+    /// [`super::oldtool::old_tool_holder`]: it can neither hand over nor be
     /// waited for, its lease lasts an hour) is replaced at `epoch + 1` by
     /// compare-and-swap on the ETag it was read with, and audited as
     /// `select-force`. A lease held by a membridge node is never forced: that
@@ -73,7 +73,7 @@ impl LeaseClient {
             };
             let now = Utc::now();
             let old_tool =
-                crate::coexist::old_tool_holder(self.store.as_ref(), &self.layout, &v.lease, now)
+                super::oldtool::old_tool_holder(self.store.as_ref(), &self.layout, &v.lease, now)
                     .await?;
             if !old_tool {
                 return Err(LeaseError::NotAllowed(format!(
@@ -123,7 +123,7 @@ impl LeaseClient {
             let current = self.read().await?;
             if let Some(v) = &current {
                 let membridge_holder = self.seen_held(&v.lease, now)
-                    && !crate::coexist::old_tool_holder(
+                    && !super::oldtool::old_tool_holder(
                         self.store.as_ref(),
                         &self.layout,
                         &v.lease,
@@ -139,7 +139,7 @@ impl LeaseClient {
             }
             let epoch = current.as_ref().map_or(1, |v| v.lease.epoch + 1);
             let mut next = self.fresh(target, epoch, current.as_ref().map(|v| &v.lease), None);
-            next.policy = crate::coexist::OLD_TOOL_POLICY.to_string();
+            next.policy = super::oldtool::OLD_TOOL_POLICY.to_string();
             next.extra.insert(ROLLBACK_FIELD.into(), Value::Bool(true));
             next.lease_seconds = seconds;
             next.expires_at = next.issued_at + chrono::Duration::seconds(seconds as i64);
@@ -300,7 +300,7 @@ impl LeaseClient {
         };
         // An old-tool node never reads handover.json: waiting would only
         // time out (docs/MIGRATION.md, "Old-tool nodes and the lease").
-        if crate::coexist::old_tool_holder(
+        if super::oldtool::old_tool_holder(
             self.store.as_ref(),
             &self.layout,
             &current.lease,
@@ -551,12 +551,8 @@ impl LeaseClient {
             };
             match got {
                 Ok(Some(got)) => {
-                    let m = crate::replica::manifest::Manifest::parse(
-                        &key,
-                        &got.body,
-                        &self.canonical_id,
-                    )
-                    .map_err(|e| LeaseError::Malformed {
+                    let m = crate::manifest::Manifest::parse(&key, &got.body, &self.canonical_id)
+                        .map_err(|e| LeaseError::Malformed {
                         key: key.clone(),
                         why: e.to_string(),
                     })?;

@@ -80,6 +80,7 @@ mod heartbeat;
 mod keeper;
 mod leaser;
 mod object;
+pub mod oldtool;
 mod policy;
 pub(crate) mod time;
 

@@ -10,7 +10,8 @@ pub mod files;
 pub mod follower;
 pub mod hydrate;
 pub mod legacy;
-pub mod manifest;
+/// The bucket's manifest lives below both replication and the lease.
+pub use crate::manifest;
 #[cfg(test)]
 mod model;
 pub mod node;

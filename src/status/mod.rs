@@ -19,6 +19,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 pub(crate) mod counters;
+pub mod io;
 
 pub use counters::{Metrics, Object};
 
@@ -112,7 +113,7 @@ pub struct StatusDoc {
     /// Kernel passthrough and the I/O the daemon served (filled in when
     /// the document is read: the counters live in the filesystem).
     #[serde(default)]
-    pub io: crate::fs::iomode::IoDoc,
+    pub io: io::IoDoc,
     /// The old tool's copy (`sqlite/`) as this node last saw or wrote it,
     /// while the legacy layout is kept (docs/ARCHITECTURE.md, "Living beside
     /// the old tool").
@@ -189,7 +190,7 @@ pub struct Identity {
 pub struct Status {
     doc: Arc<RwLock<StatusDoc>>,
     metrics: Arc<Metrics>,
-    io: Arc<crate::fs::iomode::IoStats>,
+    io: Arc<io::IoStats>,
 }
 
 impl Status {
@@ -274,7 +275,7 @@ impl Status {
     }
 
     /// The filesystem's passthrough state and I/O counters.
-    pub fn io(&self) -> &Arc<crate::fs::iomode::IoStats> {
+    pub fn io(&self) -> &Arc<io::IoStats> {
         &self.io
     }
 
