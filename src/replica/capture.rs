@@ -902,6 +902,13 @@ impl super::tail::Tailed for Capture {
     fn wal_len(&self, db: &str) -> u64 {
         std::fs::metadata(self.backing(&format!("{db}-wal"))).map_or(0, |m| m.len())
     }
+
+    fn since_last_commit(&self) -> Option<std::time::Duration> {
+        match self.last_commit_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(now_ms().saturating_sub(ms) as u64)),
+        }
+    }
 }
 
 impl Replication for Capture {

@@ -43,8 +43,12 @@ const DB_SHARED_SIZE: i64 = 510;
 /// How long a role change waits for a client's open write transaction
 /// before it stops writers anyway (the transaction then waits for the lock).
 const WRITER_WAIT: Duration = Duration::from_secs(5);
-/// How often the tailer looks for new commits.
+/// How often the tailer looks for new commits while they come...
 pub const TICK: Duration = Duration::from_millis(5);
+/// ...and once none came for [`BUSY_FOR`]: an idle daemon stays idle, and a
+/// first commit is still journaled well within 50 ms.
+const IDLE_TICK: Duration = Duration::from_millis(20);
+const BUSY_FOR: Duration = Duration::from_secs(2);
 /// How often a database not served in passthrough is tried again.
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -89,6 +93,10 @@ struct Tail {
     /// and the daemon's own (the guard, the view applier).
     clients: HashSet<u64>,
     own: HashSet<u64>,
+    /// Opens of the main file and `-wal` on the daemon's path: while there
+    /// is one, the kernel would refuse a passthrough open, so arming waits
+    /// (without an open through the mount every retry).
+    daemon: HashSet<u64>,
     next_try: Option<Instant>,
 }
 
@@ -223,12 +231,11 @@ impl Tails {
         let Some((db, _)) = db_of(class) else {
             return;
         };
-        if !kernel {
-            return;
-        }
         let mut m = self.map.lock().unwrap();
         let t = m.entry(db.to_string()).or_default();
-        if own {
+        if !kernel {
+            t.daemon.insert(fh);
+        } else if own {
             t.own.insert(fh);
         } else {
             t.clients.insert(fh);
@@ -243,6 +250,7 @@ impl Tails {
         if let Some(t) = m.get_mut(db) {
             t.clients.remove(&fh);
             t.own.remove(&fh);
+            t.daemon.remove(&fh);
         }
     }
 
@@ -325,15 +333,15 @@ impl Tails {
     /// locked state when its clients are gone. Returns whether `db` is
     /// armed (its commits must be tailed).
     pub fn step(&self, db: &str, wal_mode: impl Fn() -> bool) -> bool {
-        let (io, clients, own, next_try) = {
+        let (io, clients, own, daemon, next_try) = {
             let mut m = self.map.lock().unwrap();
             let t = m.entry(db.to_string()).or_default();
-            (t.io(), t.clients.len(), t.own.len(), t.next_try)
+            (t.io(), t.clients.len(), t.own.len(), t.daemon.len(), t.next_try)
         };
         match io {
             Io::Armed => true,
             Io::Off if self.writers_allowed() && !self.paused() => {
-                if next_try.is_some_and(|t| Instant::now() < t) || !wal_mode() {
+                if daemon > 0 || next_try.is_some_and(|t| Instant::now() < t) || !wal_mode() {
                     return false;
                 }
                 self.arm(db, &wal_mode)
@@ -573,6 +581,8 @@ pub trait Tailed: Send + Sync + 'static {
     fn tail(&self, db: &str) -> bool;
     /// The size of the backing `-wal`.
     fn wal_len(&self, db: &str) -> u64;
+    /// How long since the last transaction was captured (None: none yet).
+    fn since_last_commit(&self) -> Option<Duration>;
 }
 
 /// Starts the tailer thread: every [`TICK`], each database is armed when it
@@ -616,7 +626,8 @@ pub fn spawn(tails: Arc<Tails>, capture: Arc<dyn Tailed>) -> std::io::Result<()>
                     }
                     tails.checkpoint(&db, &conns[&db], &|| capture.tail(&db));
                 }
-                std::thread::sleep(TICK);
+                let busy = capture.since_last_commit().is_some_and(|d| d < BUSY_FOR);
+                std::thread::sleep(if busy { TICK } else { IDLE_TICK });
             }
         })?;
     Ok(())
