@@ -336,7 +336,13 @@ impl Tails {
         let (io, clients, own, daemon, next_try) = {
             let mut m = self.map.lock().unwrap();
             let t = m.entry(db.to_string()).or_default();
-            (t.io(), t.clients.len(), t.own.len(), t.daemon.len(), t.next_try)
+            (
+                t.io(),
+                t.clients.len(),
+                t.own.len(),
+                t.daemon.len(),
+                t.next_try,
+            )
         };
         match io {
             Io::Armed => true,
