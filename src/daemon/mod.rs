@@ -160,7 +160,7 @@ fn block_signals() -> SigSet {
 }
 
 fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
-    // Before any SQLite connection of ours exists (src/replica/tail.rs).
+    // Before any SQLite connection of ours exists (src/replica/tail/).
     crate::replica::tail::install_lock_lending();
     let signals = block_signals();
     // Bound before the lease or the mount: a port in use stops here, in one line.

@@ -102,7 +102,7 @@ impl Node {
     pub fn new(node_id: &str, capture: Arc<Capture>, role: Role, status: Status) -> Node {
         let life = Lifecycle::new(node_id, role, status.clone());
         // Clients the kernel serves are stopped and let go with the role
-        // (src/replica/tail.rs); the last commits they made are captured.
+        // (src/replica/tail/); the last commits they made are captured.
         let c = capture.clone();
         life.on_writers(Box::new(move |on| match on {
             true => c.tails().start_writers(),
@@ -380,7 +380,7 @@ impl Replication for Node {
         }
     }
 
-    // Decided by the tailer's state of the database (src/replica/tail.rs).
+    // Decided by the tailer's state of the database (src/replica/tail/).
     fn kernel_io(&self, class: &PathClass, pid: u32) -> bool {
         self.capture.tails().kernel_io(class, pid)
     }

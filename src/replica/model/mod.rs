@@ -293,7 +293,7 @@ struct World<'r> {
     tmp: PathBuf,
     tmp_n: u64,
     /// Databases of primaries are served by the kernel once armed, their
-    /// commits tailed (src/replica/tail.rs), instead of reported per write.
+    /// commits tailed (src/replica/tail/), instead of reported per write.
     tailing: bool,
 }
 
