@@ -210,6 +210,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     let serving = std::thread::Builder::new()
         .name("fuse".into())
         .spawn(move || session.run())?;
+
     let backing = PathBuf::from(format!("/proc/self/fd/{}", replication.root.as_raw_fd()));
     let applier = Arc::new(
         Applier::start(&dir, &backing, &cfg.state_dir).context("starting the view applier")?,
@@ -276,6 +277,10 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     aside.mounted();
     tracing::info!(dir = %dir.display(), node = %cfg.node_id, canonical_id = %cfg.canonical_id, "mounted");
     tell_parent(&format!("ready {}", dir.display()));
+    // After the readiness pipe is closed (the watchdog must not inherit it:
+    // `mount` waits for its end), and once the session serves (the
+    // watchdog's stat of the mount is answered).
+    unmount::watch_for_death(&dir);
     serving
         .join()
         .map_err(|_| anyhow!("the FUSE session panicked"))?
