@@ -220,18 +220,7 @@ impl Tails {
     }
 
     /// May this open be served by the kernel?
-    ///
-    /// A `-shm` always: nobody needs to see its bytes (every reader writes
-    /// its read marks there, on any role), and a mapping of it through the
-    /// mount is written back through the daemon. The daemon maps it itself
-    /// (the view applier's and the checkpointer's SQLite): on a kill -9 its
-    /// last thread would wait in `munmap` for a write-back only the dead
-    /// daemon could answer, and the mount would hang its clients for good.
-    /// Served by the kernel, the mapping is the backing file's.
     pub fn kernel_io(&self, class: &PathClass, pid: u32) -> bool {
-        if matches!(class, PathClass::Sidecar(_, Sidecar::Shm)) {
-            return true;
-        }
         let Some((db, main)) = db_of(class) else {
             return false;
         };
