@@ -180,24 +180,8 @@ fn a_secondary_is_a_wal_database_for_its_clients_and_exact_after_hand_over() {
 /// writes again.
 #[test]
 fn a_client_served_by_the_kernel_is_stopped_by_a_hand_over_and_still_follows() {
-    let s3 = SeaweedFs::shared();
-    let mut env = s3.env(&s3.new_bucket("walkern"), "walkern");
-    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
-    let a = node(&env, "node-a");
-    let adb = a.dir.join(DB);
-    cli(
-        &adb,
-        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
-    )
-    .unwrap();
+    let (env, a, adb, worker) = armed_primary("walkern");
     let mode = |m: &common::mount::Mount| m.status()["io"]["databases"][DB].clone();
-    wait_for(
-        "the database to be served by the kernel",
-        Duration::from_secs(10),
-        || mode(&a) == "kernel",
-    );
-    let worker = rusqlite::Connection::open(&adb).unwrap();
-    worker.busy_timeout(Duration::from_millis(300)).unwrap();
     let _: String = worker
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .unwrap();
@@ -271,24 +255,8 @@ fn a_client_served_by_the_kernel_is_stopped_by_a_hand_over_and_still_follows() {
 /// captured and reach the other node.
 #[test]
 fn a_client_served_by_the_kernel_writes_again_when_the_lease_comes_back() {
-    let s3 = SeaweedFs::shared();
-    let mut env = s3.env(&s3.new_bucket("walback"), "walback");
-    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
-    let a = node(&env, "node-a");
-    let adb = a.dir.join(DB);
-    cli(
-        &adb,
-        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
-    )
-    .unwrap();
+    let (env, a, adb, worker) = armed_primary("walback");
     let mode = |m: &common::mount::Mount| m.status()["io"]["databases"][DB].clone();
-    wait_for(
-        "the kernel to serve the database",
-        Duration::from_secs(10),
-        || mode(&a) == "kernel",
-    );
-    let worker = rusqlite::Connection::open(&adb).unwrap();
-    worker.busy_timeout(Duration::from_millis(300)).unwrap();
     worker
         .execute("INSERT INTO t(v) VALUES ('a1')", [])
         .unwrap();
@@ -324,4 +292,34 @@ fn a_client_served_by_the_kernel_writes_again_when_the_lease_comes_back() {
     wait_for("both files equal", Duration::from_secs(30), || {
         dump(&adb) == dump(&bdb)
     });
+}
+
+/// A primary whose WAL database the kernel serves, and a client of it opened
+/// after it was armed (so the kernel serves the client too).
+fn armed_primary(
+    tag: &str,
+) -> (
+    Vec<(String, String)>,
+    common::mount::Mount,
+    std::path::PathBuf,
+    rusqlite::Connection,
+) {
+    let s3 = SeaweedFs::shared();
+    let mut env = s3.env(&s3.new_bucket(tag), tag);
+    env.push(("LEADERSHIP_LEASE_SECONDS".into(), "6".into()));
+    let a = node(&env, "node-a");
+    let adb = a.dir.join(DB);
+    cli(
+        &adb,
+        "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);",
+    )
+    .unwrap();
+    wait_for(
+        "the kernel to serve the database",
+        Duration::from_secs(10),
+        || a.status()["io"]["databases"][DB] == "kernel",
+    );
+    let worker = rusqlite::Connection::open(&adb).unwrap();
+    worker.busy_timeout(Duration::from_millis(300)).unwrap();
+    (env, a, adb, worker)
 }
