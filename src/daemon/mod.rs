@@ -222,7 +222,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
         // their commits tailed (docs/ARCHITECTURE.md, "Passthrough").
         let capture = replication.capture.capture_handle();
         let tails = capture.tails().clone();
-        tails.set_mount(&dir, status.io().clone());
+        tails.set_mount(&dir, status.io().clone(), args.threads);
         let a = applier.clone();
         tails.set_close_own(Box::new(move |db| {
             let _ = a.close(Some(db));

@@ -66,8 +66,19 @@ impl<B> PassthroughFs<B> {
         register: impl FnOnce(&OwnedFd) -> std::io::Result<B>,
     ) -> Result<Open<B>, Errno> {
         let fh = fd.as_raw_fd() as u64;
-        let wants = self.wants_kernel(class, caller, fd.as_raw_fd());
-        let opened = self.io_modes.open(&self.io, ino, fh, wants, &fd, register);
+        let mut register = Some(register);
+        let mut open = || {
+            let wants = self.wants_kernel(class, caller, fd.as_raw_fd());
+            let register = |f| register.take().expect("registered at most once")(f);
+            self.io_modes.open(&self.io, ino, fh, wants, &fd, register)
+        };
+        let mut opened = open();
+        if replicated(class) && matches!(opened, Err(Errno::EBUSY)) {
+            // The database changed hands between the question and the
+            // answer (the tailer's own open began arming it): asked again,
+            // the question now waits for the outcome.
+            opened = open();
+        }
         self.report_open(class, fh, caller, &opened);
         let open = match opened? {
             Opened::Kernel(backing) => Open::Kernel { fh, backing },

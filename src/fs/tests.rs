@@ -27,8 +27,10 @@ struct Recorder {
     calls: Mutex<Vec<String>>,
     /// check_write (and so check_create) answers EROFS, as a secondary does.
     refuse_writes: AtomicBool,
-    /// kernel_io's answer.
+    /// kernel_io's answer...
     kernel_io: AtomicBool,
+    /// ...unless answers are queued here.
+    answers: Mutex<std::collections::VecDeque<bool>>,
 }
 
 impl Recorder {
@@ -74,7 +76,8 @@ impl Replication for Recorder {
     }
     fn kernel_io(&self, c: &PathClass, pid: u32) -> bool {
         self.log(format!("kernel_io {} {pid}", c.label()));
-        self.kernel_io.load(Ordering::SeqCst)
+        let queued = self.answers.lock().unwrap().pop_front();
+        queued.unwrap_or_else(|| self.kernel_io.load(Ordering::SeqCst))
     }
     fn opened(&self, c: &PathClass, _fh: u64, pid: u32, kernel: bool) {
         self.log(format!("opened {} {pid} kernel={kernel}", c.label()));
@@ -274,12 +277,43 @@ fn an_inode_open_in_passthrough_refuses_a_daemon_path_open_with_ebusy() {
     f.repl.calls();
     let o = f.open(ROOT_CALLER, "claude-mem.db", libc::O_RDWR);
     assert_eq!(o.err(), Some(Errno::EBUSY));
-    // Refused opens are not reported as opened.
-    assert_eq!(f.repl.calls(), ["kernel_io replicated-database 4242"]);
+    // Asked twice (the second answer waits for a database changing hands);
+    // refused opens are not reported as opened.
+    assert_eq!(
+        f.repl.calls(),
+        [
+            "kernel_io replicated-database 4242",
+            "kernel_io replicated-database 4242"
+        ]
+    );
     f.release("claude-mem.db", kernel.unwrap(), libc::O_RDWR);
     // Once it closed, the daemon's path is open to it again.
     let o = f.open(ROOT_CALLER, "claude-mem.db", libc::O_RDWR);
     assert!(is_daemon(&o));
+}
+
+/// CI failure: a client asked while the database was not yet armed, and
+/// the tailer's guard opened in passthrough before the client's answer was
+/// recorded. Asked again, it joins the passthrough opens.
+#[test]
+fn an_open_that_lost_a_race_with_arming_asks_again() {
+    let f = fixture(true);
+    f.repl.kernel_io.store(true, Ordering::SeqCst);
+    let guard = f.open(ROOT_CALLER, "claude-mem.db", libc::O_RDWR);
+    assert!(is_kernel(&guard));
+    f.repl.answers.lock().unwrap().extend([false, true]);
+    f.repl.calls();
+    let o = f.open(ROOT_CALLER, "claude-mem.db", libc::O_RDWR);
+    assert!(is_kernel(&o), "{:?}", o.err());
+    assert_eq!(f.registered.load(Ordering::SeqCst), 1, "one backing file");
+    assert_eq!(
+        f.repl.calls(),
+        [
+            "kernel_io replicated-database 4242",
+            "kernel_io replicated-database 4242",
+            "opened replicated-database 4242 kernel=true",
+        ]
+    );
 }
 
 #[test]

@@ -26,8 +26,8 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::fs::class::{PathClass, Sidecar};
@@ -55,6 +55,9 @@ const IDLE_TICK: Duration = Duration::from_millis(20);
 const BUSY_FOR: Duration = Duration::from_secs(2);
 /// How often a database not served in passthrough is tried again.
 const RETRY: Duration = Duration::from_millis(200);
+/// How long an open waits for a database to leave [`Io::Arming`] or
+/// [`Io::Draining`]; past it the open fails EBUSY.
+const SETTLE_WAIT: Duration = Duration::from_secs(2);
 
 /// How the opens of one database are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +105,8 @@ struct Tail {
     /// (without an open through the mount every retry).
     daemon: HashSet<u64>,
     next_try: Option<Instant>,
+    /// The tailer is opening the guard: that open starts [`Io::Arming`].
+    arming: bool,
 }
 
 impl Tail {
@@ -115,6 +120,12 @@ impl Tail {
 #[derive(Default)]
 pub struct Tails {
     map: Mutex<HashMap<String, Tail>>,
+    /// Signalled when a database leaves [`Io::Arming`] or [`Io::Draining`].
+    settled: Condvar,
+    /// Opens waiting on [`Tails::settled`], and how many may: a FUSE thread
+    /// must stay free to answer the releases that end [`Io::Draining`].
+    waiting: AtomicUsize,
+    max_waiting: AtomicUsize,
     mount: OnceLock<PathBuf>,
     stats: OnceLock<Arc<crate::fs::iomode::IoStats>>,
     /// The tailer thread (its opens through the mount are recognised).
@@ -142,9 +153,12 @@ impl Tails {
     /// Passthrough for databases needs the mount path (the daemon's own
     /// opens go through it). Without it, every database stays on the
     /// daemon's path.
-    pub fn set_mount(&self, mount: &Path, stats: Arc<crate::fs::iomode::IoStats>) {
+    /// `threads` is the number of FUSE threads answering requests.
+    pub fn set_mount(&self, mount: &Path, stats: Arc<crate::fs::iomode::IoStats>, threads: usize) {
         let _ = self.mount.set(mount.to_path_buf());
         let _ = self.stats.set(stats);
+        self.max_waiting
+            .store(threads.saturating_sub(1), Ordering::Release);
     }
 
     fn show(&self, db: &str, io: Io) {
@@ -188,6 +202,7 @@ impl Tails {
                 dropped.push((db.clone(), t.guard.take(), t.shm.take()));
             }
         }
+        self.settled.notify_all();
         for (db, guard, shm) in dropped {
             self.show(&db, Io::Off);
             drop((guard, shm));
@@ -219,16 +234,47 @@ impl Tails {
         v
     }
 
-    /// May this open be served by the kernel?
+    /// May this open be served by the kernel? An open while the database
+    /// changes hands waits for the outcome (the inode's passthrough and
+    /// daemon opens cannot be mixed): the tailer's own open of the main file
+    /// is what starts [`Io::Arming`], and no request of the mount is needed
+    /// to finish it.
     pub fn kernel_io(&self, class: &PathClass, pid: u32) -> bool {
         let Some((db, main)) = db_of(class) else {
             return false;
         };
-        match self.io(db) {
-            Io::Armed | Io::Locked => true,
-            Io::Arming => main && self.is_tailer(pid),
-            Io::Off | Io::Draining => false,
+        let tailer = self.is_tailer(pid);
+        let deadline = Instant::now() + SETTLE_WAIT;
+        let mut m = self.map.lock().unwrap();
+        loop {
+            let t = m.entry(db.to_string()).or_default();
+            match t.io() {
+                Io::Armed | Io::Locked => return true,
+                Io::Off if tailer && main && t.arming => {
+                    t.io = Some(Io::Arming);
+                    return true;
+                }
+                Io::Arming if tailer => return main,
+                Io::Off => return false,
+                Io::Arming | Io::Draining => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || !self.take_wait_slot() {
+                        return false;
+                    }
+                    m = self.settled.wait_timeout(m, left).unwrap().0;
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
         }
+    }
+
+    fn take_wait_slot(&self) -> bool {
+        let slots = self.max_waiting.load(Ordering::Acquire);
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < slots).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     pub fn opened(&self, class: &PathClass, fh: u64, kernel: bool, own: bool) {
@@ -357,6 +403,7 @@ impl Tails {
                 self.arm(db, &wal_mode)
             }
             Io::Locked if clients == 0 => {
+                tracing::info!(db = %db, "the last client served by the kernel closed: the database goes back to the daemon's path");
                 self.set_io(db, Io::Draining);
                 if let Some(f) = self.close_own.get() {
                     f(db);
@@ -384,9 +431,10 @@ impl Tails {
                     t.io = Some(Io::Off);
                     t.shm.take()
                 };
+                self.settled.notify_all();
                 self.show(db, Io::Off);
                 drop(shm);
-                tracing::info!(db = %db, "the last client served by the kernel closed: the database is on the daemon's path again");
+                tracing::debug!(db = %db, "on the daemon's path again");
                 false
             }
             _ => false,
@@ -448,34 +496,60 @@ impl Tails {
             .entry(db.to_string())
             .or_default()
             .io = Some(io);
+        self.settled.notify_all();
         self.show(db, io);
     }
 
+    /// Arming failed. A guard opened in passthrough keeps the inode's mode
+    /// until its release is answered, so opens wait ([`Io::Draining`]) till
+    /// then rather than be refused.
     fn retry_later(&self, db: &str, guard: Option<File>) {
-        {
+        let io = {
             let mut m = self.map.lock().unwrap();
             let t = m.entry(db.to_string()).or_default();
-            t.io = Some(Io::Off);
+            t.arming = false;
             t.next_try = Some(Instant::now() + RETRY);
-        }
-        self.show(db, Io::Off);
+            let io = match t.own.is_empty() {
+                true => Io::Off,
+                false => Io::Draining,
+            };
+            t.io = Some(io);
+            io
+        };
+        self.settled.notify_all();
+        self.show(db, io);
         drop(guard);
     }
 
-    /// Guard, then pin, then passthrough. Every open through the mount is
-    /// made with no lock of ours held: the FUSE threads answering it take
-    /// them.
+    /// Guard, then pin, then passthrough. The wal-index is opened first:
+    /// the guard's open is the tailer's last request of its own mount, since
+    /// clients' opens wait while the database is arming and may take every
+    /// FUSE thread. No lock of ours is held across an open through the
+    /// mount: the FUSE threads answering it take them.
     fn arm(&self, db: &str, wal_mode: &dyn Fn() -> bool) -> bool {
         let Some(mount) = self.mount.get() else {
             return false;
         };
-        self.set_io(db, Io::Arming);
-        let guard = match OpenOptions::new()
+        let shm = match open_shm(mount, db) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(db, error = %e, "cannot open the wal-index to pin the WAL");
+                self.retry_later(db, None);
+                return false;
+            }
+        };
+        self.map
+            .lock()
+            .unwrap()
+            .entry(db.to_string())
+            .or_default()
+            .arming = true;
+        let guard = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
-            .open(mount.join(db))
-        {
+            .open(mount.join(db));
+        let guard = match guard {
             Ok(f) => f,
             Err(e) => {
                 tracing::debug!(db, error = %e, "cannot open the database for the guard");
@@ -483,29 +557,24 @@ impl Tails {
                 return false;
             }
         };
-        let fh_is_kernel = {
-            let m = self.map.lock().unwrap();
-            m.get(db).is_some_and(|t| !t.own.is_empty())
-        };
         // A client opened it on the daemon's path first: the inode takes
         // no passthrough open until that client closes.
-        if !fh_is_kernel {
+        let in_passthrough = {
+            let mut m = self.map.lock().unwrap();
+            let t = m.entry(db.to_string()).or_default();
+            t.arming = false;
+            t.io() == Io::Arming && !t.own.is_empty()
+        };
+        if !in_passthrough {
             self.retry_later(db, Some(guard));
             return false;
         }
+        self.show(db, Io::Arming);
         if ofd_lock(&guard, libc::F_RDLCK, DB_SHARED_FIRST, DB_SHARED_SIZE).is_err() || !wal_mode()
         {
             self.retry_later(db, Some(guard));
             return false;
         }
-        let shm = match open_shm(mount, db) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(db, error = %e, "cannot open the wal-index to pin the WAL");
-                self.retry_later(db, Some(guard));
-                return false;
-            }
-        };
         if let Err(e) = pin(&shm) {
             tracing::warn!(db, error = %e, "cannot pin the WAL");
             self.retry_later(db, Some(guard));
@@ -518,6 +587,7 @@ impl Tails {
         t.pinned = true;
         t.io = Some(Io::Armed);
         drop(m);
+        self.settled.notify_all();
         self.show(db, Io::Armed);
         tracing::info!(
             db,
@@ -719,5 +789,77 @@ fn ofd_lock_wait(f: &File, typ: i32, start: i64, len: i64) -> std::io::Result<()
             }
             _ => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_while(io: Io, then: Io) -> (bool, Duration) {
+        let tails = Arc::new(Tails::default());
+        tails.max_waiting.store(3, Ordering::Release);
+        tails.set_io("a.db", io);
+        let t = tails.clone();
+        let opener = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let k = t.kernel_io(&PathClass::Database("a.db".into()), 4242);
+            (k, t0.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        tails.set_io("a.db", then);
+        opener.join().unwrap()
+    }
+
+    /// CI failure: a client opening the database while the tailer armed it
+    /// was answered EBUSY (SQLite: "unable to open database file"), since
+    /// the guard's open was already a passthrough one.
+    #[test]
+    fn an_open_while_arming_waits_for_the_outcome() {
+        let (kernel, waited) = open_while(Io::Arming, Io::Armed);
+        assert!(kernel, "armed: the client is served by the kernel too");
+        assert!(waited >= Duration::from_millis(80), "{waited:?}");
+        let (kernel, _) = open_while(Io::Arming, Io::Off);
+        assert!(!kernel, "arming failed: the daemon's path");
+    }
+
+    /// The tailer's own open of the main file is what starts arming; a
+    /// client's open before it takes the daemon's path (and arming waits).
+    #[test]
+    fn only_the_tailers_open_of_the_main_file_starts_arming() {
+        let tails = Tails::default();
+        let main = PathClass::Database("a.db".into());
+        tails
+            .map
+            .lock()
+            .unwrap()
+            .entry("a.db".into())
+            .or_default()
+            .arming = true;
+        assert!(!tails.kernel_io(&main, 4242));
+        assert_eq!(tails.io("a.db"), Io::Off);
+        tails.tid.store(77, Ordering::Release);
+        let wal = PathClass::Sidecar("a.db".into(), Sidecar::Wal);
+        assert!(!tails.kernel_io(&wal, 77));
+        assert!(tails.kernel_io(&main, 77));
+        assert_eq!(tails.io("a.db"), Io::Arming);
+    }
+
+    /// With every slot taken, an open does not wait: a FUSE thread must be
+    /// left to answer the releases that end draining.
+    #[test]
+    fn opens_wait_only_while_a_fuse_thread_is_left() {
+        let tails = Tails::default();
+        tails.set_io("a.db", Io::Draining);
+        let t0 = Instant::now();
+        assert!(!tails.kernel_io(&PathClass::Database("a.db".into()), 4242));
+        assert!(t0.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
+    fn an_open_while_draining_waits_for_the_daemons_path() {
+        let (kernel, waited) = open_while(Io::Draining, Io::Off);
+        assert!(!kernel);
+        assert!(waited >= Duration::from_millis(80), "{waited:?}");
     }
 }
