@@ -181,6 +181,13 @@ enum Cmd {
         #[arg(long, conflicts_with = "dry_run")]
         dismiss: bool,
     },
+    /// Spawned by the daemon: aborts its FUSE connection once it is dead
+    #[command(name = "__watchdog", hide = true)]
+    Watchdog {
+        pid: i32,
+        minor: u32,
+        unique: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -340,6 +347,14 @@ fn run(cli: Cli) -> Result<(), String> {
                 dir.clone().unwrap_or_else(default_dir),
                 *create_bucket,
             )
+        }
+        Cmd::Watchdog { pid, minor, unique } => {
+            let id = daemon::watchdog::MountId {
+                minor: *minor,
+                unique: *unique,
+            };
+            daemon::watchdog::run(*pid, id);
+            Ok(())
         }
         Cmd::Leadership { cmd } => leadership(&load(&cli)?, cmd),
         Cmd::Nodes => nodes(&load(&cli)?),

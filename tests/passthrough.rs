@@ -500,6 +500,75 @@ fn kill_9_then_mount_again_recovers() {
     assert_eq!(integrity_and_count(&db), ("ok".into(), 100));
 }
 
+/// The kernel hands a new mount the FUSE device number an unmounted one
+/// just gave back: a watchdog of the old mount, started late by a test as
+/// if it had only now seen its daemon die, must leave the new one alone;
+/// the new mount's own aborts it.
+#[test]
+fn a_watchdog_aborts_its_own_mount_and_no_later_one() {
+    let minor_of = |m: &Mount| libc::minor(fs::metadata(&m.dir).unwrap().dev());
+    let a = Mount::with_files(env(), &[]);
+    let old = watchdog_args(a.pid()).expect("the daemon has a watchdog");
+    a.unmount();
+    let mut b = Mount::with_files(env(), &[]);
+    for _ in 0..3 {
+        if minor_of(&b).to_string() == old[0] {
+            break;
+        }
+        b.unmount();
+        b = Mount::with_files(env(), &[]);
+    }
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        c.wait().unwrap();
+        c.id().to_string()
+    };
+    let watchdog = |args: &[String]| {
+        let st = Command::new(common::mount::BIN)
+            .arg("__watchdog")
+            .arg(&dead)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    watchdog(&old);
+    assert!(b.is_mounted());
+    assert!(
+        fs::read(b.dir.join(".membridge/status.json")).is_ok(),
+        "left alone"
+    );
+    let own = watchdog_args(b.pid()).expect("the daemon has a watchdog");
+    watchdog(&own);
+    // At once ENOTCONN; moments later the daemon, cut off, unmounts.
+    let cut_off = match fs::read(b.dir.join(".membridge/status.json")) {
+        Err(e) => errno_of(e) == libc::ENOTCONN,
+        Ok(_) => !b.is_mounted(),
+    };
+    assert!(cut_off, "the mount's own watchdog aborted it");
+    b.mount(); // clears the aborted mount
+    b.unmount();
+}
+
+/// The arguments after `__watchdog PID` of the watchdog watching `pid`.
+fn watchdog_args(pid: i32) -> Option<Vec<String>> {
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let cmd = fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let at = args.iter().position(|a| a == "__watchdog")?;
+        (args.get(at + 1)? == &pid.to_string()).then(|| {
+            args[at + 2..]
+                .iter()
+                .filter(|a| !a.is_empty())
+                .cloned()
+                .collect()
+        })
+    })
+}
+
 #[test]
 fn sigterm_unmounts_cleanly() {
     let m = Mount::with_files(env(), &[]);

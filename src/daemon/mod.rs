@@ -280,7 +280,7 @@ fn serve(cfg: &Config, args: &MountArgs) -> Result<()> {
     // After the readiness pipe is closed (the watchdog must not inherit it:
     // `mount` waits for its end), and once the session serves (the
     // watchdog's stat of the mount is answered).
-    unmount::watch_for_death(&dir);
+    watchdog::spawn(&dir);
     serving
         .join()
         .map_err(|_| anyhow!("the FUSE session panicked"))?
@@ -715,6 +715,7 @@ fn start_replication(
 
 mod control;
 mod unmount;
+pub mod watchdog;
 
 use unmount::UNMOUNT_PAUSE;
 pub use unmount::{read_status, unmount};

@@ -9,51 +9,6 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::fs::mount;
 
-/// Run by `sh` beside the daemon: once the daemon is dead (gone, or a
-/// zombie whose last thread cannot finish), abort its FUSE connection if its
-/// mount (this device) is still there.
-const WATCHDOG: &str = r#"
-pid=$1; minor=$2; conn=/sys/fs/fuse/connections/$minor
-while :; do
-  st=$(cut -d' ' -f3 /proc/$pid/stat 2>/dev/null)
-  case "$st" in ''|Z|X) break ;; esac
-  sleep 0.5
-done
-awk -v d="0:$minor" '$3 == d { found = 1 } END { exit !found }' /proc/self/mountinfo || exit 0
-[ -e "$conn/abort" ] || mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null
-[ -e "$conn/abort" ] && echo 1 > "$conn/abort"
-"#;
-
-/// The daemon's own threads make requests of its own mount (the view
-/// applier's and the checkpointer's SQLite, arming the guard). Killed in the
-/// middle of one, its last thread waits for an answer only the daemon could
-/// give, the process never finishes exiting, the connection is never
-/// aborted, and every client of the mount hangs. A watchdog process beside
-/// it aborts the connection once the daemon is dead, as
-/// `/sys/fs/fuse/connections/N/abort` allows; clients then get ENOTCONN,
-/// as after any daemon crash.
-pub(super) fn watch_for_death(dir: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    use std::os::unix::process::CommandExt;
-    let Ok(meta) = std::fs::metadata(dir) else {
-        return;
-    };
-    let minor = libc::minor(meta.dev());
-    let spawned = std::process::Command::new("sh")
-        .args(["-c", WATCHDOG, "membridge-watchdog"])
-        .arg(std::process::id().to_string())
-        .arg(minor.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .env_remove(super::READY_FD_ENV)
-        .process_group(0)
-        .spawn();
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "no watchdog for the FUSE connection: a crash of this daemon may leave the mount hanging");
-    }
-}
-
 /// `membridge unmount`: unmount, then wait for the daemon to finish its work.
 pub fn unmount(dir: &Path, lazy: bool) -> Result<()> {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
