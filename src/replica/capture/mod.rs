@@ -629,14 +629,8 @@ impl super::tail::Tailed for Capture {
         }
     }
 
-    fn wal_frames(&self, db: &str) -> u64 {
-        use crate::sqlite::wal::{FRAME_HEADER_LEN, WAL_HEADER_LEN};
-        let len = std::fs::metadata(self.backing(&format!("{db}-wal"))).map_or(0, |m| m.len());
-        let st = self.dbs.lock().unwrap().get(db).cloned();
-        let page = st
-            .and_then(|st| st.lock().unwrap().tracker.header().map(|h| h.page_size))
-            .unwrap_or(4096);
-        len.saturating_sub(WAL_HEADER_LEN as u64) / (u64::from(page) + FRAME_HEADER_LEN as u64)
+    fn wal_len(&self, db: &str) -> u64 {
+        std::fs::metadata(self.backing(&format!("{db}-wal"))).map_or(0, |m| m.len())
     }
 
     fn since_last_commit(&self) -> Option<std::time::Duration> {

@@ -13,15 +13,13 @@
 //!   the main file in ways the daemon would not see;
 //! - the **pin**, a read lock on the wal-index's read-mark 1 byte: a writer
 //!   restarts the WAL only once it holds every read-mark lock, so frames stay
-//!   in `-wal` until the tailer has read them. Its mark also bounds what any
-//!   checkpoint may copy; the tailer alone moves it, while it copies, so
-//!   clients' own checkpoints find nothing to do. The tailer starts the WAL
-//!   over itself, under the write lock, once it has caught up;
+//!   in `-wal` until the tailer has read them. It is released for a moment
+//!   each time the tailer has caught up, so the WAL can restart at all;
 //! - the **write lock** (wal-index byte 120), held while the node is not
 //!   primary and clients it served in passthrough are still open: their
 //!   writes wait (SQLITE_BUSY) instead of reaching the file. The view
 //!   applier, which must write meanwhile, is lent the lock
-//!   ([`lend`]).
+//!   ([`lend_write_lock`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -36,7 +34,7 @@ use crate::fs::class::{PathClass, Sidecar};
 
 mod lend;
 pub use lend::install_lock_lending;
-use lend::{lend, lend_once};
+use lend::lend_write_lock;
 
 /// wal-index lock bytes (SQLITE_NOTES.md: byte 120 + lock number).
 const SHM_WRITE: i64 = 120;
@@ -196,7 +194,7 @@ impl Tails {
                     continue;
                 }
                 if let Some(s) = &t.shm {
-                    lend(s, SHM_WRITE, false);
+                    lend_write_lock(s, false);
                 }
                 t.write_locked = false;
                 t.pinned = false;
@@ -337,7 +335,7 @@ impl Tails {
             });
             final_tail(&db);
             if let Some(shm) = &shm {
-                unpin(shm);
+                let _ = ofd_lock(shm, libc::F_UNLCK, SHM_READ1, 1);
             }
             let mut m = self.map.lock().unwrap();
             if let Some(t) = m.get_mut(&db) {
@@ -345,7 +343,7 @@ impl Tails {
                 t.write_locked = locked;
                 t.io = Some(Io::Locked);
                 if let (true, Some(shm)) = (locked, &shm) {
-                    lend(shm, SHM_WRITE, true);
+                    lend_write_lock(shm, true);
                 }
             }
             drop(m);
@@ -363,7 +361,7 @@ impl Tails {
                 continue;
             }
             let Some(shm) = t.shm.clone() else { continue };
-            match pin(&shm, false) {
+            match ofd_lock(&shm, libc::F_RDLCK, SHM_READ1, 1) {
                 Ok(()) => t.pinned = true,
                 Err(e) => {
                     tracing::warn!(db = %db, error = %e, "cannot pin the WAL; writers stay locked out");
@@ -371,7 +369,7 @@ impl Tails {
                 }
             }
             if t.write_locked {
-                lend(&shm, SHM_WRITE, false);
+                lend_write_lock(&shm, false);
                 let _ = ofd_lock(&shm, libc::F_UNLCK, SHM_WRITE, 1);
                 t.write_locked = false;
             }
@@ -425,7 +423,7 @@ impl Tails {
                     let t = m.get_mut(db).expect("entry exists");
                     if t.write_locked {
                         if let Some(s) = &t.shm {
-                            lend(s, SHM_WRITE, false);
+                            lend_write_lock(s, false);
                             let _ = ofd_lock(s, libc::F_UNLCK, SHM_WRITE, 1);
                         }
                         t.write_locked = false;
@@ -464,7 +462,7 @@ impl Tails {
                     return;
                 }
                 let Ok(shm) = open_shm(dir, db) else { return };
-                if pin(&shm, true).is_err() {
+                if ofd_lock(&shm, libc::F_RDLCK, SHM_READ1, 1).is_err() {
                     return;
                 }
                 let mut m = self.map.lock().unwrap();
@@ -483,7 +481,7 @@ impl Tails {
                     (t.guard.take(), t.shm.take())
                 };
                 if let Some(s) = &shm {
-                    lend(s, SHM_WRITE, false);
+                    lend_write_lock(s, false);
                 }
                 drop((guard, shm));
             }
@@ -577,7 +575,7 @@ impl Tails {
             self.retry_later(db, Some(guard));
             return false;
         }
-        if let Err(e) = pin(&shm, true) {
+        if let Err(e) = pin(&shm) {
             tracing::warn!(db, error = %e, "cannot pin the WAL");
             self.retry_later(db, Some(guard));
             return false;
@@ -598,82 +596,34 @@ impl Tails {
         true
     }
 
-    /// Copies the WAL into the database beside the writers (a PASSIVE
-    /// checkpoint), the pin's mark moved up for it: the pin is made
-    /// exclusive (only when no client reads at that mark) and lent to the
-    /// tailer's own connection, which moves the mark as any checkpointer
-    /// does and, unlocking it, turns it back into the pin before it copies.
-    /// Clients' own checkpoints then find nothing left to copy below the
-    /// mark, so they cost no fsync.
-    pub fn copy_wal(&self, db: &str, conn: &rusqlite::Connection) -> bool {
-        let Some(shm) = self.armed_shm(db) else {
-            return false;
-        };
-        // The schema read first: a read transaction's lock on the lent
-        // mark would give it back too early.
-        if let Err(e) = conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0)) {
-            tracing::debug!(db, error = %e, "WAL copy postponed");
-            return false;
-        }
-        if ofd_lock(&shm, libc::F_WRLCK, SHM_READ1, 1).is_err() {
-            return false; // a client reads at the pin's mark: next time
-        }
-        lend_once(&shm, SHM_READ1, true);
-        let res: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            });
-        // Given back when the checkpoint had moved the mark, before it
-        // copied; else (nothing to copy) here.
-        lend_once(&shm, SHM_READ1, false);
-        let _ = ofd_lock(&shm, libc::F_RDLCK, SHM_READ1, 1);
-        match res {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!(db, error = %e, "WAL copy postponed");
-                false
-            }
-        }
-    }
-
-    fn armed_shm(&self, db: &str) -> Option<Arc<File>> {
-        let m = self.map.lock().unwrap();
-        match m.get(db) {
-            Some(t) if t.io() == Io::Armed => t.shm.clone(),
-            _ => None,
-        }
-    }
-
-    /// Starts a long WAL over once the tailer has caught up, as SQLite's
-    /// auto-checkpoint would have (the pin keeps clients from doing it),
-    /// under the write lock so that no commit lands between the last read
-    /// and the truncation; the pin is let go for that moment. Run after
-    /// [`Tails::copy_wal`], it has little left to copy, so writers wait
-    /// for little more than an fsync.
+    /// After the tailer caught up with a long WAL: checkpoint it and start
+    /// it over, as SQLite's auto-checkpoint would (the pin keeps clients'
+    /// checkpoints from restarting it). Writers are held off throughout, so
+    /// `catch_up` reads the last frames before they move into the main file;
+    /// the pin is let go for the checkpoint, which waits for readers.
     pub fn checkpoint(&self, db: &str, conn: &rusqlite::Connection, catch_up: &dyn Fn() -> bool) {
-        let Some(shm) = self.armed_shm(db) else {
-            return;
-        };
-        // A writer running flat out holds the write lock most of the time:
-        // the gaps between its transactions are looked for, for a while.
-        let deadline = Instant::now() + WRITE_LOCK_WAIT;
-        while ofd_lock(&shm, libc::F_WRLCK, SHM_WRITE, 1).is_err() {
-            if Instant::now() >= deadline {
-                return; // a long write transaction is open: next time
+        let shm = {
+            let m = self.map.lock().unwrap();
+            match m.get(db) {
+                Some(t) if t.io() == Io::Armed => t.shm.clone(),
+                _ => None,
             }
-            std::thread::sleep(Duration::from_micros(50));
+        };
+        let Some(shm) = shm else { return };
+        if ofd_lock(&shm, libc::F_WRLCK, SHM_WRITE, 1).is_err() {
+            return; // a write transaction is open: next time
         }
         if catch_up() {
-            lend(&shm, SHM_WRITE, true);
-            unpin(&shm);
+            lend_write_lock(&shm, true);
+            let _ = ofd_lock(&shm, libc::F_UNLCK, SHM_READ1, 1);
             let res: rusqlite::Result<(i64, i64, i64)> =
                 conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 });
-            if let Err(e) = pin(&shm, true) {
+            if let Err(e) = pin(&shm) {
                 tracing::warn!(db, error = %e, "cannot pin the WAL again");
             }
-            lend(&shm, SHM_WRITE, false);
+            lend_write_lock(&shm, false);
             match res {
                 Ok((0, _, _)) => tracing::debug!(db, "WAL checkpointed and truncated"),
                 Ok(_) => tracing::debug!(db, "WAL checkpoint postponed: a reader is behind"),
@@ -696,15 +646,9 @@ impl Tails {
     }
 }
 
-/// The WAL length, in frames, past which the tailer starts it over: each
-/// time costs the next writer an fsync of the new WAL header, so it is done
-/// less often than SQLite's own auto-checkpoint would (1,000 pages).
-const CHECKPOINT_FRAMES: u64 = 4000;
-/// The new frames past which they are copied into the database beside the
-/// writers (SQLite's own auto-checkpoint: 1,000 pages).
-const COPY_FRAMES: u64 = 1000;
-/// How long a checkpoint looks for a moment between two write transactions.
-const WRITE_LOCK_WAIT: Duration = Duration::from_millis(20);
+/// The WAL size past which the tailer checkpoints (SQLite's default
+/// auto-checkpoint: 1,000 pages).
+const CHECKPOINT_BYTES: u64 = 4 << 20;
 
 /// What the tailer needs of capture.
 pub trait Tailed: Send + Sync + 'static {
@@ -715,8 +659,8 @@ pub trait Tailed: Send + Sync + 'static {
     /// Capture what was committed since the last call; true when caught up
     /// with the file (false: an error, logged).
     fn tail(&self, db: &str) -> bool;
-    /// The length of the backing `-wal`, in frames.
-    fn wal_frames(&self, db: &str) -> u64;
+    /// The size of the backing `-wal`.
+    fn wal_len(&self, db: &str) -> u64;
     /// How long since the last transaction was captured (None: none yet).
     fn since_last_commit(&self) -> Option<Duration>;
 }
@@ -730,8 +674,6 @@ pub fn spawn(tails: Arc<Tails>, capture: Arc<dyn Tailed>) -> std::io::Result<()>
             // SAFETY: gettid has no preconditions and cannot fail.
             tails.tid.store(unsafe { libc::gettid() }, Ordering::Release);
             let mut conns: HashMap<String, rusqlite::Connection> = HashMap::new();
-            // The WAL's length, in frames, when it was last copied.
-            let mut copied: HashMap<String, u64> = HashMap::new();
             loop {
                 if tails.paused() {
                     conns.clear();
@@ -748,12 +690,7 @@ pub fn spawn(tails: Arc<Tails>, capture: Arc<dyn Tailed>) -> std::io::Result<()>
                     if !tails.writers_allowed() || !capture.tail(&db) {
                         continue;
                     }
-                    let frames = capture.wal_frames(&db);
-                    let copied = copied.entry(db.clone()).or_default();
-                    if frames < *copied {
-                        *copied = 0; // started over
-                    }
-                    if frames - *copied < COPY_FRAMES && frames < CHECKPOINT_FRAMES {
+                    if capture.wal_len(&db) < CHECKPOINT_BYTES {
                         continue;
                     }
                     if !conns.contains_key(&db) {
@@ -767,12 +704,7 @@ pub fn spawn(tails: Arc<Tails>, capture: Arc<dyn Tailed>) -> std::io::Result<()>
                             }
                         }
                     }
-                    if tails.copy_wal(&db, &conns[&db]) {
-                        *copied = frames;
-                    }
-                    if frames >= CHECKPOINT_FRAMES {
-                        tails.checkpoint(&db, &conns[&db], &|| capture.tail(&db));
-                    }
+                    tails.checkpoint(&db, &conns[&db], &|| capture.tail(&db));
                 }
                 let busy = capture.since_last_commit().is_some_and(|d| d < BUSY_FOR);
                 std::thread::sleep(if busy { TICK } else { IDLE_TICK });
@@ -816,17 +748,10 @@ fn open_shm(mount: &Path, db: &str) -> std::io::Result<File> {
     Ok(f)
 }
 
-/// The pin: a read lock on read-mark 1. `wait`: wait out a writer
-/// restarting the WAL (it holds every read-mark lock for a moment).
-fn pin(shm: &File, wait: bool) -> std::io::Result<()> {
-    match wait {
-        true => ofd_lock_wait(shm, libc::F_RDLCK, SHM_READ1, 1),
-        false => ofd_lock(shm, libc::F_RDLCK, SHM_READ1, 1),
-    }
-}
-
-fn unpin(shm: &File) {
-    let _ = ofd_lock(shm, libc::F_UNLCK, SHM_READ1, 1);
+/// The pin: a read lock on read-mark 1. Waits out a writer restarting the
+/// WAL (it holds every read-mark lock for a moment).
+fn pin(shm: &File) -> std::io::Result<()> {
+    ofd_lock_wait(shm, libc::F_RDLCK, SHM_READ1, 1)
 }
 
 fn flock(typ: i32, start: i64, len: i64) -> libc::flock {
@@ -929,65 +854,6 @@ mod tests {
         let t0 = Instant::now();
         assert!(!tails.kernel_io(&PathClass::Database("a.db".into()), 4242));
         assert!(t0.elapsed() < Duration::from_millis(50));
-    }
-
-    fn sqlite3(db: &Path, sql: &str) -> String {
-        let out = std::process::Command::new("sqlite3")
-            .arg(db)
-            .arg(sql)
-            .output()
-            .expect("the sqlite3 command-line tool");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn shm_u32(dir: &Path, at: usize) -> u32 {
-        let b = std::fs::read(dir.join("a.db-shm")).unwrap();
-        u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
-    }
-
-    /// The tailer's copy moves the pin's mark and copies the WAL beside
-    /// the writers; the pin is a read lock again after it, so clients read,
-    /// and still cannot start the WAL over. The client is another process
-    /// (the sqlite3 tool), as on a mount.
-    #[test]
-    fn copying_the_wal_moves_the_pins_mark_and_keeps_the_pin() {
-        install_lock_lending();
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("a.db");
-        sqlite3(&db, "PRAGMA journal_mode=WAL; CREATE TABLE t(x);");
-        let tails = Tails::default();
-        tails.writers.store(true, Ordering::Release);
-        tails.model_tick("a.db", dir.path());
-        assert_eq!(tails.io("a.db"), Io::Armed);
-        let inserts = "PRAGMA wal_autocheckpoint=0;".to_string()
-            + &"INSERT INTO t VALUES (randomblob(3000));".repeat(50);
-        sqlite3(&db, &inserts);
-        let mx_frame = shm_u32(dir.path(), 16);
-        assert!(mx_frame >= 50, "{mx_frame} frames");
-        assert_eq!(shm_u32(dir.path(), 96), 0, "nothing copied yet");
-        let conn = checkpointer(Some(&dir.path().to_path_buf()), "a.db").unwrap();
-        assert!(tails.copy_wal("a.db", &conn));
-        assert_eq!(shm_u32(dir.path(), 104), mx_frame, "read-mark 1 moved");
-        assert_eq!(shm_u32(dir.path(), 96), mx_frame, "every frame copied");
-        assert_eq!(sqlite3(&db, "SELECT count(*) FROM t"), "50");
-        // Busy: the pin holds the WAL, which stays as it is.
-        let ck = sqlite3(
-            &db,
-            "PRAGMA busy_timeout=100; PRAGMA wal_checkpoint(TRUNCATE);",
-        );
-        assert!(ck.ends_with(&format!("1|{mx_frame}|0")), "{ck}");
-        assert!(
-            std::fs::metadata(dir.path().join("a.db-wal"))
-                .unwrap()
-                .len()
-                > 0
-        );
-        assert_eq!(shm_u32(dir.path(), 16), mx_frame);
     }
 
     #[test]
