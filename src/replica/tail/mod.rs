@@ -465,12 +465,7 @@ impl Tails {
                 if ofd_lock(&shm, libc::F_RDLCK, SHM_READ1, 1).is_err() {
                     return;
                 }
-                let mut m = self.map.lock().unwrap();
-                let t = m.entry(db.to_string()).or_default();
-                t.guard = Some(Arc::new(guard));
-                t.shm = Some(Arc::new(shm));
-                t.pinned = true;
-                t.io = Some(Io::Armed);
+                self.set_armed(db, guard, shm);
             }
             Io::Locked => {
                 let (guard, shm) = {
@@ -580,20 +575,26 @@ impl Tails {
             self.retry_later(db, Some(guard));
             return false;
         }
-        let mut m = self.map.lock().unwrap();
-        let t = m.entry(db.to_string()).or_default();
-        t.guard = Some(Arc::new(guard));
-        t.shm = Some(Arc::new(shm));
-        t.pinned = true;
-        t.io = Some(Io::Armed);
-        drop(m);
-        self.settled.notify_all();
-        self.show(db, Io::Armed);
+        self.set_armed(db, guard, shm);
         tracing::info!(
             db,
             "served by the kernel: commits are captured from the WAL"
         );
         true
+    }
+
+    /// Guarded and pinned: opens of `db` may pass through from now on.
+    fn set_armed(&self, db: &str, guard: File, shm: File) {
+        {
+            let mut m = self.map.lock().unwrap();
+            let t = m.entry(db.to_string()).or_default();
+            t.guard = Some(Arc::new(guard));
+            t.shm = Some(Arc::new(shm));
+            t.pinned = true;
+            t.io = Some(Io::Armed);
+        }
+        self.settled.notify_all();
+        self.show(db, Io::Armed);
     }
 
     /// After the tailer caught up with a long WAL: checkpoint it and start
